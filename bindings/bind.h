@@ -1,0 +1,113 @@
+// bind: the one boundary mechanism between Lua and C++: the error trampoline, argument
+// readers (positional or a trailing options table), tensor userdata and memory accounting.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/Scalar.h>
+#include <lua.hpp>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace qatlab {
+
+// A wrong argument or a failed precondition: becomes a Lua error "<fn>: <message>".
+struct BindError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+[[noreturn]] void bind_fail(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// -- functions -----------------------------------------------------------------------
+// Every bound function is a plain `int f(lua_State*)` registered through bind_register,
+// which wraps it in the trampoline: C++ exceptions become Lua errors prefixed with the
+// Lua-visible name, raised after every C++ object of the call is destroyed; a CUDA
+// out-of-memory error triggers a full GC + cache flush and one retry.
+struct BindFn {
+    const char * name;   // Lua key in the module table
+    lua_CFunction fn;
+};
+// Sets t[name] = trampoline(fn) for each entry; `prefix` ("torch.", "Tensor.") names errors.
+void bind_register(lua_State * L, int table_idx, const char * prefix, const BindFn * fns);
+void bind_push_function(lua_State * L, const char * full_name, lua_CFunction fn);
+
+// -- arguments -----------------------------------------------------------------------
+// PyTorch-style calls: positional arguments, then optionally one trailing options table
+// (a table with string keys), e.g. t:sum(2, {keepdim = true}) or torch.sum(t, {dim = 2}).
+class Args {
+public:
+    explicit Args(lua_State * L, int first = 1);
+    // Stack index of argument `pos` (1-based among positional) or option `name`; 0 if absent.
+    int find(int pos, const char * name);
+    int npos() const { return npos_; }
+    lua_State * L;
+
+    at::Tensor & tensor(int pos, const char * name);
+    at::Tensor * opt_tensor(int pos, const char * name);
+    double number(int pos, const char * name);
+    double opt_number(int pos, const char * name, double def);
+    int64_t integer(int pos, const char * name);
+    int64_t opt_integer(int pos, const char * name, int64_t def);
+    bool opt_bool(int pos, const char * name, bool def);
+    std::string opt_string(int pos, const char * name, const char * def);
+    // A 1-based (negative from the end) dimension of a tensor with `ndim` dims → 0-based.
+    int64_t dim(int pos, const char * name, int64_t ndim);
+    int64_t opt_dim(int pos, const char * name, int64_t ndim, int64_t def);
+    bool has(int pos, const char * name) { return find(pos, name) != 0; }
+    // Options: dtype, device (strings or userdata-free names: "float32", "cuda:0").
+    bool opt_dtype(int pos, const char * name, at::ScalarType & out);
+    bool opt_device(int pos, const char * name, c10::Device & out);
+    // Sizes: varargs numbers from `pos` on, or one table at `pos`.
+    std::vector<int64_t> sizes(int pos, const char * name);
+    // Dims list: one number or a table of numbers → 0-based.
+    std::vector<int64_t> dims(int pos, const char * name, int64_t ndim);
+    c10::Scalar scalar(int pos, const char * name);
+    // Error if the options table holds keys no reader asked for (typo protection).
+    void finish();
+
+private:
+    int first_, npos_, opts_ = 0;
+    std::vector<const char *> used_;
+};
+
+// -- conversions ---------------------------------------------------------------------
+at::ScalarType dtype_parse(const char * s);         // "float32", "torch.float32", "float", ...
+c10::Device device_parse(const char * s);           // "cpu", "cuda", "cuda:1"
+int64_t dim_wrap(int64_t d, int64_t ndim);          // 1-based/negative Lua dim → 0-based
+c10::Scalar scalar_from_lua(lua_State * L, int idx);// integral doubles stay integral
+bool is_options_table(lua_State * L, int idx);
+
+// -- tensors -------------------------------------------------------------------------
+#define QATLAB_TENSOR_MT "qatlab.Tensor"
+void tensor_push(lua_State * L, at::Tensor t);       // undefined → nil
+at::Tensor * tensor_test(lua_State * L, int idx);    // nullptr when not a tensor
+at::Tensor & tensor_check(lua_State * L, int idx, const char * what);
+// A tensor argument, or a number/bool converted to a 0-dim tensor like `like`.
+at::Tensor tensor_or_scalar(lua_State * L, int idx, const at::Tensor * like);
+void tensor_release(at::Tensor & t);                 // drop storage accounting, reset
+
+// Live bytes held by tensor userdata (each storage once), per device kind, and GC control.
+struct MemStats {
+    int64_t cpu_live = 0, cuda_live = 0;
+    int64_t cpu_peak = 0, cuda_peak = 0;
+    int64_t cpu_threshold = 0, cuda_threshold = 0;
+    int64_t collections = 0;
+};
+MemStats & mem_stats();
+void mem_set_floor(int64_t bytes);
+void mem_collect(lua_State * L);                     // full GC now (and CUDA cache flush)
+
+// -- defaults set by the host (--device, set_default_dtype) ---------------------------
+c10::Device & default_device();
+at::ScalarType & default_dtype();
+at::TensorOptions default_options();
+
+// -- modules -------------------------------------------------------------------------
+// package.preload registrations for every built-in module (torch, log, ...).
+void bind_open_all(lua_State * L);
+int luaopen_torch(lua_State * L);
+int luaopen_log(lua_State * L);
+void tensor_open_metatable(lua_State * L);           // the Tensor metatable with __gc
+void tensor_open_methods(lua_State * L, int torch_table); // methods, operators, slicing
+void torch_open_functions(lua_State * L, int t);     // torch.* functions into table t
+void torch_open_ops(lua_State * L, int t, int methods); // shared ops: torch.f and t:f
+
+} // namespace qatlab

@@ -1,0 +1,527 @@
+// bind_core: the error trampoline, argument readers, tensor userdata and the accounting of
+// tensor memory that Lua's GC cannot see.
+#include "bindings/bind.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <cmath>
+#include <cstdarg>
+#include <cstring>
+#include <unordered_map>
+#ifdef QATLAB_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace qatlab {
+
+void bind_fail(const char * fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    throw BindError(buf);
+}
+
+// -- trampoline -------------------------------------------------------------------------
+
+static void msg_copy(char * dst, size_t cap, const char * src) {
+    // c10 messages may end with newlines or carry a context block: keep it, trimmed.
+    size_t n = strlen(src);
+    while (n > 0 && (src[n - 1] == '\n' || src[n - 1] == ' ')) n--;
+    if (n >= cap) n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+static int bind_trampoline(lua_State * L) {
+    lua_CFunction fn = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(2));
+    char msg[2048];
+    msg[0] = 0;
+    const int base = lua_gettop(L);
+    bool retried = false;
+again:
+    {
+        bool oom = false;
+        try {
+            return fn(L);
+        } catch (const c10::OutOfMemoryError & e) {
+            oom = !retried;
+            msg_copy(msg, sizeof(msg), e.what_without_backtrace());
+        } catch (const c10::Error & e) {
+            msg_copy(msg, sizeof(msg), e.what_without_backtrace());
+        } catch (const std::exception & e) {
+            msg_copy(msg, sizeof(msg), e.what());
+        } catch (...) {
+            throw;  // a Lua error unwinding through us: let it pass
+        }
+        if (oom) {
+            // Tensors that Lua no longer references may still hold device memory.
+            lua_settop(L, base);
+            mem_collect(L);
+            retried = true;
+            goto again;
+        }
+    }
+    // Every C++ object of the call is gone: raising a Lua error now is safe.
+    lua_pushstring(L, lua_tostring(L, lua_upvalueindex(1)));
+    lua_pushstring(L, ": ");
+    lua_pushstring(L, msg);
+    lua_concat(L, 3);
+    return lua_error(L);
+}
+
+void bind_push_function(lua_State * L, const char * full_name, lua_CFunction fn) {
+    lua_pushstring(L, full_name);
+    lua_pushlightuserdata(L, (void *)fn);
+    lua_pushcclosure(L, bind_trampoline, 2);
+}
+
+void bind_register(lua_State * L, int table_idx, const char * prefix, const BindFn * fns) {
+    table_idx = table_idx < 0 ? lua_gettop(L) + table_idx + 1 : table_idx;
+    std::string full;
+    for (const BindFn * f = fns; f->name; f++) {
+        full.assign(prefix).append(f->name);
+        bind_push_function(L, full.c_str(), f->fn);
+        lua_setfield(L, table_idx, f->name);
+    }
+}
+
+// -- conversions ------------------------------------------------------------------------
+
+at::ScalarType dtype_parse(const char * s) {
+    if (strncmp(s, "torch.", 6) == 0) s += 6;
+    struct { const char * name; at::ScalarType t; } static const names[] = {
+        {"float32", at::kFloat}, {"float", at::kFloat}, {"float16", at::kHalf}, {"half", at::kHalf},
+        {"bfloat16", at::kBFloat16}, {"bf16", at::kBFloat16}, {"float64", at::kDouble},
+        {"double", at::kDouble}, {"int8", at::kChar}, {"uint8", at::kByte}, {"byte", at::kByte},
+        {"int16", at::kShort}, {"short", at::kShort}, {"int32", at::kInt}, {"int", at::kInt},
+        {"int64", at::kLong}, {"long", at::kLong}, {"bool", at::kBool},
+    };
+    for (auto & n : names)
+        if (strcmp(s, n.name) == 0) return n.t;
+    bind_fail("unknown dtype '%s' (expected float32, float16, bfloat16, float64, int8, uint8, "
+              "int16, int32, int64 or bool)", s);
+}
+
+c10::Device device_parse(const char * s) {
+    try {
+        return c10::Device(std::string(s));
+    } catch (const c10::Error &) {
+        bind_fail("unknown device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", s);
+    }
+}
+
+int64_t dim_wrap(int64_t d, int64_t ndim) {
+    int64_t n = ndim == 0 ? 1 : ndim;  // a 0-dim tensor accepts dim 1 or -1, as PyTorch's 0/-1
+    if (d >= 1 && d <= n) return d - 1;
+    if (d < 0 && d >= -n) return n + d;
+    if (d == 0) bind_fail("dim 0 is invalid: dims are 1-based in qatlab (1..%lld, or -1 for the last)",
+                          (long long)n);
+    bind_fail("dim %lld out of range for a tensor of %lld dims (expected 1..%lld or -%lld..-1)",
+              (long long)d, (long long)ndim, (long long)n, (long long)n);
+}
+
+c10::Scalar scalar_from_lua(lua_State * L, int idx) {
+    int t = lua_type(L, idx);
+    if (t == LUA_TNUMBER) {
+        double v = lua_tonumber(L, idx);
+        if (std::floor(v) == v && std::fabs(v) < 9.2e18) return c10::Scalar((int64_t)v);
+        return c10::Scalar(v);
+    }
+    if (t == LUA_TBOOLEAN) return c10::Scalar((bool)lua_toboolean(L, idx));
+    bind_fail("expected a number or boolean, got %s", lua_typename(L, t));
+}
+
+bool is_options_table(lua_State * L, int idx) {
+    if (lua_type(L, idx) != LUA_TTABLE || lua_objlen(L, idx) > 0) return false;
+    if (lua_getmetatable(L, idx)) {  // size tables and other typed tables are values
+        lua_pop(L, 1);
+        return false;
+    }
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        bool str = lua_type(L, -2) == LUA_TSTRING;
+        lua_pop(L, 1);
+        if (str) {
+            lua_pop(L, 1);
+            return true;
+        }
+    }
+    return false;
+}
+
+// -- Args -----------------------------------------------------------------------------
+
+Args::Args(lua_State * L_, int first) : L(L_), first_(first) {
+    int top = lua_gettop(L);
+    npos_ = top - first + 1;
+    if (npos_ > 0 && is_options_table(L, top)) {
+        opts_ = top;
+        npos_--;
+    }
+    if (npos_ < 0) npos_ = 0;
+}
+
+int Args::find(int pos, const char * name) {
+    if (pos > 0 && pos <= npos_) {
+        int idx = first_ + pos - 1;
+        if (!lua_isnil(L, idx)) return idx;
+    }
+    if (opts_ && name) {
+        lua_checkstack(L, 4);
+        lua_getfield(L, opts_, name);
+        used_.push_back(name);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        return lua_gettop(L);
+    }
+    return 0;
+}
+
+static const char * arg_label(char * buf, size_t n, int pos, const char * name) {
+    if (name && pos > 0) snprintf(buf, n, "argument #%d (%s)", pos, name);
+    else if (name) snprintf(buf, n, "option '%s'", name);
+    else snprintf(buf, n, "argument #%d", pos);
+    return buf;
+}
+
+at::Tensor & Args::tensor(int pos, const char * name) {
+    int idx = find(pos, name);
+    at::Tensor * t = idx ? tensor_test(L, idx) : nullptr;
+    if (!t) {
+        char b[96];
+        bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name),
+                  idx ? luaL_typename(L, idx) : "nothing");
+    }
+    return *t;
+}
+
+at::Tensor * Args::opt_tensor(int pos, const char * name) {
+    int idx = find(pos, name);
+    if (!idx) return nullptr;
+    at::Tensor * t = tensor_test(L, idx);
+    if (!t) {
+        char b[96];
+        bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
+    }
+    return t;
+}
+
+double Args::number(int pos, const char * name) {
+    int idx = find(pos, name);
+    if (!idx || lua_type(L, idx) != LUA_TNUMBER) {
+        char b[96];
+        bind_fail("%s: expected a number, got %s", arg_label(b, sizeof b, pos, name),
+                  idx ? luaL_typename(L, idx) : "nothing");
+    }
+    return lua_tonumber(L, idx);
+}
+
+double Args::opt_number(int pos, const char * name, double def) {
+    return has(pos, name) ? number(pos, name) : def;
+}
+
+int64_t Args::integer(int pos, const char * name) {
+    double v = number(pos, name);
+    if (std::floor(v) != v) {
+        char b[96];
+        bind_fail("%s: expected an integer, got %g", arg_label(b, sizeof b, pos, name), v);
+    }
+    return (int64_t)v;
+}
+
+int64_t Args::opt_integer(int pos, const char * name, int64_t def) {
+    return has(pos, name) ? integer(pos, name) : def;
+}
+
+bool Args::opt_bool(int pos, const char * name, bool def) {
+    int idx = find(pos, name);
+    if (!idx) return def;
+    if (lua_type(L, idx) != LUA_TBOOLEAN) {
+        char b[96];
+        bind_fail("%s: expected a boolean, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
+    }
+    return lua_toboolean(L, idx);
+}
+
+std::string Args::opt_string(int pos, const char * name, const char * def) {
+    int idx = find(pos, name);
+    if (!idx) return def ? def : "";
+    if (lua_type(L, idx) != LUA_TSTRING) {
+        char b[96];
+        bind_fail("%s: expected a string, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
+    }
+    return lua_tostring(L, idx);
+}
+
+int64_t Args::dim(int pos, const char * name, int64_t ndim) {
+    return dim_wrap(integer(pos, name), ndim);
+}
+
+int64_t Args::opt_dim(int pos, const char * name, int64_t ndim, int64_t def) {
+    return has(pos, name) ? dim(pos, name, ndim) : def;
+}
+
+bool Args::opt_dtype(int pos, const char * name, at::ScalarType & out) {
+    int idx = find(pos, name);
+    if (!idx) return false;
+    if (lua_type(L, idx) != LUA_TSTRING) {
+        char b[96];
+        bind_fail("%s: expected a dtype name such as 'float32', got %s", arg_label(b, sizeof b, pos, name),
+                  luaL_typename(L, idx));
+    }
+    out = dtype_parse(lua_tostring(L, idx));
+    return true;
+}
+
+bool Args::opt_device(int pos, const char * name, c10::Device & out) {
+    int idx = find(pos, name);
+    if (!idx) return false;
+    if (lua_type(L, idx) != LUA_TSTRING) {
+        char b[96];
+        bind_fail("%s: expected a device name such as 'cuda:0', got %s", arg_label(b, sizeof b, pos, name),
+                  luaL_typename(L, idx));
+    }
+    out = device_parse(lua_tostring(L, idx));
+    return true;
+}
+
+static int64_t size_at(lua_State * L, int idx, int i) {
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        bind_fail("size #%d: expected a number, got %s", i, luaL_typename(L, idx));
+    double v = lua_tonumber(L, idx);
+    if (std::floor(v) != v || v < -1) bind_fail("size #%d: expected a non-negative integer, got %g", i, v);
+    return (int64_t)v;
+}
+
+std::vector<int64_t> Args::sizes(int pos, const char * name) {
+    std::vector<int64_t> out;
+    int idx = find(pos, name);
+    if (!idx) return out;
+    if (lua_type(L, idx) == LUA_TTABLE) {
+        int n = (int)lua_objlen(L, idx);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            out.push_back(size_at(L, -1, i));
+            lua_pop(L, 1);
+        }
+        return out;
+    }
+    for (int p = pos; p <= npos_; p++) out.push_back(size_at(L, first_ + p - 1, p - pos + 1));
+    return out;
+}
+
+std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
+    std::vector<int64_t> out;
+    int idx = find(pos, name);
+    if (!idx) return out;
+    if (lua_type(L, idx) == LUA_TTABLE) {
+        int n = (int)lua_objlen(L, idx);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            if (lua_type(L, -1) != LUA_TNUMBER) bind_fail("dims: entry %d is not a number", i);
+            out.push_back(dim_wrap((int64_t)lua_tonumber(L, -1), ndim));
+            lua_pop(L, 1);
+        }
+        return out;
+    }
+    out.push_back(dim(pos, name, ndim));
+    return out;
+}
+
+c10::Scalar Args::scalar(int pos, const char * name) {
+    int idx = find(pos, name);
+    if (!idx) {
+        char b[96];
+        bind_fail("%s: expected a number, got nothing", arg_label(b, sizeof b, pos, name));
+    }
+    return scalar_from_lua(L, idx);
+}
+
+void Args::finish() {
+    if (!opts_) return;
+    lua_pushnil(L);
+    while (lua_next(L, opts_)) {
+        lua_pop(L, 1);
+        const char * key = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : nullptr;
+        bool known = false;
+        for (const char * u : used_)
+            if (key && strcmp(u, key) == 0) known = true;
+        if (!known) {
+            std::string list;
+            for (const char * u : used_) list.append(list.empty() ? "" : ", ").append(u);
+            std::string k = key ? key : "(non-string key)";
+            lua_pop(L, 1);
+            bind_fail("unknown option '%s' (this call takes: %s)", k.c_str(),
+                      list.empty() ? "no options" : list.c_str());
+        }
+    }
+}
+
+// -- memory accounting -----------------------------------------------------------------
+// Each storage is counted once however many userdata (views) hold it. A full GC runs when
+// live bytes pass max(floor, 2 x live after the last GC), per device kind.
+
+namespace {
+struct StorageRef {
+    int64_t users;
+    int64_t bytes;
+    bool cuda;
+};
+std::unordered_map<const void *, StorageRef> & storage_refs() {
+    static std::unordered_map<const void *, StorageRef> m;
+    return m;
+}
+int64_t mem_floor = 64ll << 20;
+} // namespace
+
+MemStats & mem_stats() {
+    static MemStats s{0, 0, 0, 0, 64ll << 20, 64ll << 20, 0};
+    return s;
+}
+
+void mem_set_floor(int64_t bytes) {
+    mem_floor = bytes;
+    MemStats & s = mem_stats();
+    s.cpu_threshold = std::max(bytes, 2 * s.cpu_live);
+    s.cuda_threshold = std::max(bytes, 2 * s.cuda_live);
+}
+
+void mem_collect(lua_State * L) {
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    MemStats & s = mem_stats();
+    s.collections++;
+    s.cpu_threshold = std::max(mem_floor, 2 * s.cpu_live);
+    s.cuda_threshold = std::max(mem_floor, 2 * s.cuda_live);
+#ifdef QATLAB_WITH_CUDA
+    c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+}
+
+static void mem_track(const at::Tensor & t, lua_State * L) {
+    if (!t.has_storage()) return;
+    const void * key = t.storage().unsafeGetStorageImpl();
+    auto & refs = storage_refs();
+    auto it = refs.find(key);
+    if (it != refs.end()) {
+        it->second.users++;
+        return;
+    }
+    bool cuda = t.is_cuda();
+    int64_t bytes = (int64_t)t.storage().nbytes();
+    refs.emplace(key, StorageRef{1, bytes, cuda});
+    MemStats & s = mem_stats();
+    if (cuda) {
+        s.cuda_live += bytes;
+        s.cuda_peak = std::max(s.cuda_peak, s.cuda_live);
+        if (s.cuda_live > s.cuda_threshold) mem_collect(L);
+    } else {
+        s.cpu_live += bytes;
+        s.cpu_peak = std::max(s.cpu_peak, s.cpu_live);
+        if (s.cpu_live > s.cpu_threshold) mem_collect(L);
+    }
+}
+
+static void mem_untrack(const at::Tensor & t) {
+    if (!t.defined() || !t.has_storage()) return;
+    auto & refs = storage_refs();
+    auto it = refs.find(t.storage().unsafeGetStorageImpl());
+    if (it == refs.end()) return;
+    if (--it->second.users > 0) return;
+    MemStats & s = mem_stats();
+    (it->second.cuda ? s.cuda_live : s.cpu_live) -= it->second.bytes;
+    refs.erase(it);
+}
+
+// -- tensor userdata --------------------------------------------------------------------
+
+void tensor_push(lua_State * L, at::Tensor t) {
+    if (!t.defined()) {
+        lua_pushnil(L);
+        return;
+    }
+    void * p = lua_newuserdata(L, sizeof(at::Tensor));
+    at::Tensor * ud = new (p) at::Tensor(std::move(t));
+    luaL_getmetatable(L, QATLAB_TENSOR_MT);
+    lua_setmetatable(L, -2);
+    // The new userdata is on the stack, so a collection here cannot free it.
+    mem_track(*ud, L);
+}
+
+at::Tensor * tensor_test(lua_State * L, int idx) {
+    void * p = lua_touserdata(L, idx);
+    if (!p || !lua_getmetatable(L, idx)) return nullptr;
+    luaL_getmetatable(L, QATLAB_TENSOR_MT);
+    bool same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    return same ? (at::Tensor *)p : nullptr;
+}
+
+at::Tensor & tensor_check(lua_State * L, int idx, const char * what) {
+    at::Tensor * t = tensor_test(L, idx);
+    if (!t) bind_fail("%s: expected a Tensor, got %s", what, luaL_typename(L, idx));
+    if (!t->defined()) bind_fail("%s: the tensor was freed (t:free() was called on it)", what);
+    return *t;
+}
+
+at::Tensor tensor_or_scalar(lua_State * L, int idx, const at::Tensor * like) {
+    if (at::Tensor * t = tensor_test(L, idx)) {
+        if (!t->defined()) bind_fail("the tensor was freed (t:free() was called on it)");
+        return *t;
+    }
+    int ty = lua_type(L, idx);
+    if (ty != LUA_TNUMBER && ty != LUA_TBOOLEAN)
+        bind_fail("expected a Tensor or a number, got %s", luaL_typename(L, idx));
+    c10::Scalar s = scalar_from_lua(L, idx);
+    // A wrapped number takes part in type promotion as a Python scalar does; it stays on the
+    // CPU (ATen accepts 0-dim CPU operands with CUDA tensors, with no copy to the device).
+    at::Tensor w = at::scalar_to_tensor(s);
+    w.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return w;
+}
+
+void tensor_release(at::Tensor & t) {
+    mem_untrack(t);
+    t.reset();
+}
+
+// __gc: must never raise; runs once per userdata.
+static int tensor_gc(lua_State * L) {
+    at::Tensor * t = (at::Tensor *)lua_touserdata(L, 1);
+    if (t) {
+        mem_untrack(*t);
+        t->~Tensor();
+    }
+    return 0;
+}
+
+void tensor_open_metatable(lua_State * L) {
+    luaL_newmetatable(L, QATLAB_TENSOR_MT);
+    lua_pushcfunction(L, tensor_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "Tensor");
+    lua_setfield(L, -2, "__name");
+    lua_pop(L, 1);
+}
+
+// -- defaults -----------------------------------------------------------------------------
+
+c10::Device & default_device() {
+    static c10::Device d(at::kCPU);
+    return d;
+}
+
+at::ScalarType & default_dtype() {
+    static at::ScalarType t = at::kFloat;
+    return t;
+}
+
+at::TensorOptions default_options() {
+    return at::TensorOptions().dtype(default_dtype()).device(default_device());
+}
+
+} // namespace qatlab

@@ -1,0 +1,587 @@
+// torch_module: the `torch` Lua module: creation, seeding, grad modes, autograd.grad,
+// linalg, files (safetensors), defaults, memory and CUDA queries. Ops live in torch_ops.
+#include "bindings/bind.h"
+#include "lib/safetensors.h"
+#include "lib/tensor_print.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/version.h>
+#include <cmath>
+#include <cstring>
+#ifdef QATLAB_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace qatlab {
+
+void tensor_open_methods(lua_State * L, int torch_table);
+
+namespace {
+
+// Factory options: dtype, device, requires_grad from the options table.
+at::TensorOptions factory_options(Args & a, at::ScalarType def_dtype) {
+    at::ScalarType dt = def_dtype;
+    c10::Device dev = default_device();
+    a.opt_dtype(0, "dtype", dt);
+    a.opt_device(0, "device", dev);
+    return at::TensorOptions().dtype(dt).device(dev);
+}
+
+at::Tensor finish_factory(Args & a, at::Tensor t) {
+    bool rg = a.opt_bool(0, "requires_grad", false);
+    a.finish();
+    if (rg) t.requires_grad_(true);
+    return t;
+}
+
+// -- torch.tensor: nested Lua tables → tensor --------------------------------------------
+// Numbers become the default dtype (float32) unless dtype is given: Lua has one number type,
+// so integer-valued data such as token ids ask for {dtype='int64'}. Booleans become bool.
+
+void infer_shape(lua_State * L, int idx, std::vector<int64_t> & shape, bool & boolean) {
+    lua_pushvalue(L, idx);
+    for (;;) {
+        int ty = lua_type(L, -1);
+        if (ty == LUA_TTABLE) {
+            int64_t n = (int64_t)lua_objlen(L, -1);
+            shape.push_back(n);
+            if (n == 0) break;
+            lua_rawgeti(L, -1, 1);
+            lua_remove(L, -2);
+        } else {
+            boolean = ty == LUA_TBOOLEAN;
+            break;
+        }
+    }
+    lua_pop(L, 1);
+}
+
+void fill_values(lua_State * L, int idx, const std::vector<int64_t> & shape, size_t d, std::vector<double> & out) {
+    if (d == shape.size()) {
+        int ty = lua_type(L, idx);
+        if (ty == LUA_TNUMBER) out.push_back(lua_tonumber(L, idx));
+        else if (ty == LUA_TBOOLEAN) out.push_back(lua_toboolean(L, idx) ? 1.0 : 0.0);
+        else if (at::Tensor * t = tensor_test(L, idx); t && t->numel() == 1) out.push_back(t->item<double>());
+        else bind_fail("expected a number at depth %zu, got %s", d + 1, luaL_typename(L, idx));
+        return;
+    }
+    if (lua_type(L, idx) != LUA_TTABLE || (int64_t)lua_objlen(L, idx) != shape[d])
+        bind_fail("ragged nested table: expected %lld entries at depth %zu, got %s", (long long)shape[d], d + 1,
+                  lua_type(L, idx) == LUA_TTABLE ? std::to_string(lua_objlen(L, idx)).c_str() : luaL_typename(L, idx));
+    lua_checkstack(L, 4);
+    for (int64_t i = 1; i <= shape[d]; i++) {
+        lua_rawgeti(L, idx, (int)i);
+        fill_values(L, lua_gettop(L), shape, d + 1, out);
+        lua_pop(L, 1);
+    }
+}
+
+int f_tensor(lua_State * L) {
+    Args a(L);
+    int di = a.find(1, "data");
+    if (!di) bind_fail("argument #1 (data): expected a number or a nested table of numbers");
+    if (at::Tensor * t = tensor_test(L, di)) {  // torch.tensor(t): a detached copy
+        at::TensorOptions o = factory_options(a, t->scalar_type());
+        tensor_push(L, finish_factory(a, t->detach().to(o, false, true)));
+        return 1;
+    }
+    std::vector<int64_t> shape;
+    bool boolean = false;
+    infer_shape(L, di, shape, boolean);
+    std::vector<double> vals;
+    fill_values(L, di, shape, 0, vals);
+    at::TensorOptions o = factory_options(a, boolean ? at::kBool : default_dtype());
+    at::Tensor t = at::from_blob(vals.data(), shape, at::TensorOptions().dtype(at::kDouble)).to(o, false, true);
+    tensor_push(L, finish_factory(a, t));
+    return 1;
+}
+
+// zeros/ones/empty/rand/randn(size...) and full(size, value).
+int factory(lua_State * L, int kind) {
+    Args a(L);
+    std::vector<int64_t> s = a.sizes(1, "size");
+    if (kind == 5) {  // full(size, value): the value is the last positional
+        if (lua_type(L, 1) != LUA_TTABLE) bind_fail("full: argument #1 (size) must be a table, e.g. torch.full({2, 3}, 7)");
+        s = a.sizes(1, "size");
+    }
+    at::TensorOptions o = factory_options(a, default_dtype());
+    at::Tensor t;
+    switch (kind) {
+    case 0: t = at::zeros(s, o); break;
+    case 1: t = at::ones(s, o); break;
+    case 2: t = at::empty(s, o); break;
+    case 3: t = at::rand(s, o); break;
+    case 4: t = at::randn(s, o); break;
+    case 5: {
+        c10::Scalar v = a.scalar(2, "fill_value");
+        if (!a.has(0, "dtype") && v.isBoolean()) o = o.dtype(at::kBool);
+        t = at::full(s, v, o);
+        break;
+    }
+    }
+    tensor_push(L, finish_factory(a, t));
+    return 1;
+}
+int f_zeros(lua_State * L) { return factory(L, 0); }
+int f_ones(lua_State * L) { return factory(L, 1); }
+int f_empty(lua_State * L) { return factory(L, 2); }
+int f_rand(lua_State * L) { return factory(L, 3); }
+int f_randn(lua_State * L) { return factory(L, 4); }
+int f_full(lua_State * L) { return factory(L, 5); }
+
+// zeros_like(t) and friends keep t's dtype and device unless told otherwise.
+int like(lua_State * L, int kind) {
+    Args a(L);
+    at::Tensor & t = a.tensor(1, "input");
+    at::ScalarType dt = t.scalar_type();
+    c10::Device dev = t.device();
+    a.opt_dtype(0, "dtype", dt);
+    a.opt_device(0, "device", dev);
+    at::TensorOptions o = at::TensorOptions().dtype(dt).device(dev);
+    at::Tensor r;
+    switch (kind) {
+    case 0: r = at::zeros(t.sizes(), o); break;
+    case 1: r = at::ones(t.sizes(), o); break;
+    case 2: r = at::empty(t.sizes(), o); break;
+    case 3: r = at::rand(t.sizes(), o); break;
+    case 4: r = at::randn(t.sizes(), o); break;
+    case 5: r = at::full(t.sizes(), a.scalar(2, "fill_value"), o); break;
+    }
+    tensor_push(L, finish_factory(a, r));
+    return 1;
+}
+int f_zeros_like(lua_State * L) { return like(L, 0); }
+int f_ones_like(lua_State * L) { return like(L, 1); }
+int f_empty_like(lua_State * L) { return like(L, 2); }
+int f_rand_like(lua_State * L) { return like(L, 3); }
+int f_randn_like(lua_State * L) { return like(L, 4); }
+int f_full_like(lua_State * L) { return like(L, 5); }
+
+// arange(end) / arange(start, end[, step]): int64 when every bound is integral, as PyTorch.
+int f_arange(lua_State * L) {
+    Args a(L);
+    double start = 0, end, step = 1;
+    if (a.has(2, "end")) {
+        start = a.number(1, "start");
+        end = a.number(2, "end");
+        step = a.opt_number(3, "step", 1);
+    } else {
+        end = a.number(1, "end");
+    }
+    if (step == 0) bind_fail("step must be non-zero");
+    bool integral = std::floor(start) == start && std::floor(end) == end && std::floor(step) == step;
+    at::TensorOptions o = factory_options(a, integral ? at::kLong : default_dtype());
+    tensor_push(L, finish_factory(a, at::arange(start, end, step, o)));
+    return 1;
+}
+
+int f_linspace(lua_State * L) {
+    Args a(L);
+    double s = a.number(1, "start"), e = a.number(2, "end");
+    int64_t n = a.integer(3, "steps");
+    at::TensorOptions o = factory_options(a, default_dtype());
+    tensor_push(L, finish_factory(a, at::linspace(s, e, n, o)));
+    return 1;
+}
+
+int f_eye(lua_State * L) {
+    Args a(L);
+    int64_t n = a.integer(1, "n");
+    int64_t m = a.opt_integer(2, "m", n);
+    at::TensorOptions o = factory_options(a, default_dtype());
+    tensor_push(L, finish_factory(a, at::eye(n, m, o)));
+    return 1;
+}
+
+// randint(high, size) or randint(low, high, size): values in [low, high), int64.
+int f_randint(lua_State * L) {
+    Args a(L);
+    int64_t low = 0, high;
+    std::vector<int64_t> s;
+    if (a.has(3, "size")) {
+        low = a.integer(1, "low");
+        high = a.integer(2, "high");
+        s = a.sizes(3, "size");
+    } else {
+        high = a.integer(1, "high");
+        s = a.sizes(2, "size");
+    }
+    if (high <= low) bind_fail("high (%lld) must be greater than low (%lld)", (long long)high, (long long)low);
+    at::TensorOptions o = factory_options(a, at::kLong);
+    tensor_push(L, finish_factory(a, at::randint(low, high, s, o)));
+    return 1;
+}
+
+int f_randperm(lua_State * L) {
+    Args a(L);
+    int64_t n = a.integer(1, "n");
+    at::TensorOptions o = factory_options(a, at::kLong);
+    tensor_push(L, finish_factory(a, at::randperm(n, o)));
+    return 1;
+}
+
+int f_multinomial(lua_State * L) {
+    Args a(L);
+    at::Tensor & p = a.tensor(1, "input");
+    int64_t n = a.integer(2, "num_samples");
+    bool repl = a.opt_bool(3, "replacement", false);
+    a.finish();
+    tensor_push(L, at::multinomial(p, n, repl));
+    return 1;
+}
+
+// -- lists of tensors ------------------------------------------------------------------------
+
+std::vector<at::Tensor> tensor_list(lua_State * L, int idx, const char * what) {
+    if (lua_type(L, idx) != LUA_TTABLE) bind_fail("%s: expected a table of tensors, got %s", what, luaL_typename(L, idx));
+    std::vector<at::Tensor> ts;
+    int n = (int)lua_objlen(L, idx);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        at::Tensor * t = tensor_test(L, -1);
+        if (!t) bind_fail("%s: entry %d is %s, expected a Tensor", what, i, luaL_typename(L, -1));
+        ts.push_back(*t);
+        lua_pop(L, 1);
+    }
+    return ts;
+}
+
+int f_cat(lua_State * L, bool stack) {
+    Args a(L);
+    int li = a.find(1, "tensors");
+    if (!li) bind_fail("argument #1 (tensors): expected a table of tensors");
+    std::vector<at::Tensor> ts = tensor_list(L, li, "tensors");
+    if (ts.empty()) bind_fail("tensors: expected a non-empty table of tensors");
+    int64_t nd = ts[0].dim() + (stack ? 1 : 0);
+    int64_t d = a.opt_dim(2, "dim", nd, 0);
+    a.finish();
+    for (size_t i = 1; i < ts.size(); i++)
+        if (ts[i].device() != ts[0].device())
+            bind_fail("tensor %zu is on %s but tensor 1 is on %s", i + 1, ts[i].device().str().c_str(),
+                      ts[0].device().str().c_str());
+    tensor_push(L, stack ? at::stack(ts, d) : at::cat(ts, d));
+    return 1;
+}
+int f_cat_(lua_State * L) { return f_cat(L, false); }
+int f_stack(lua_State * L) { return f_cat(L, true); }
+
+// einsum('ij,jk->ik', a, b) or einsum('ij,jk->ik', {a, b}).
+int f_einsum(lua_State * L) {
+    const char * eq = luaL_checkstring(L, 1);
+    std::vector<at::Tensor> ts;
+    if (lua_type(L, 2) == LUA_TTABLE && !tensor_test(L, 2)) ts = tensor_list(L, 2, "operands");
+    else
+        for (int i = 2; i <= lua_gettop(L); i++) ts.push_back(tensor_check(L, i, "operand"));
+    tensor_push(L, at::einsum(eq, ts));
+    return 1;
+}
+
+// -- grad modes and autograd.grad ----------------------------------------------------------
+
+// torch.no_grad(fn, ...) runs fn with grad mode off and returns its results.
+int grad_mode_call(lua_State * L, bool enabled) {
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    int base = lua_gettop(L);
+    int status;
+    {
+        at::AutoGradMode guard(enabled);
+        status = lua_pcall(L, base - 1, LUA_MULTRET, 0);
+    }
+    if (status != 0) return lua_error(L);  // re-raise after the guard has restored the mode
+    return lua_gettop(L);
+}
+int f_no_grad(lua_State * L) { return grad_mode_call(L, false); }
+int f_enable_grad(lua_State * L) { return grad_mode_call(L, true); }
+int f_is_grad_enabled(lua_State * L) { lua_pushboolean(L, at::GradMode::is_enabled()); return 1; }
+int f_set_grad_enabled(lua_State * L) { at::GradMode::set_enabled(lua_toboolean(L, 1)); return 0; }
+
+std::vector<at::Tensor> one_or_list(lua_State * L, int idx, const char * what) {
+    if (at::Tensor * t = tensor_test(L, idx)) return {*t};
+    return tensor_list(L, idx, what);
+}
+
+// torch.autograd.grad(outputs, inputs, {grad_outputs=, retain_graph=, create_graph=, allow_unused=})
+int f_autograd_grad(lua_State * L) {
+    Args a(L);
+    int oi = a.find(1, "outputs"), ii = a.find(2, "inputs");
+    if (!oi || !ii) bind_fail("expected (outputs, inputs[, options])");
+    std::vector<at::Tensor> outs = one_or_list(L, oi, "outputs");
+    std::vector<at::Tensor> ins = one_or_list(L, ii, "inputs");
+    std::vector<at::Tensor> gouts;
+    if (int gi = a.find(3, "grad_outputs")) gouts = one_or_list(L, gi, "grad_outputs");
+    bool create = a.opt_bool(0, "create_graph", false);
+    bool retain = a.opt_bool(0, "retain_graph", create);
+    bool allow_unused = a.opt_bool(0, "allow_unused", false);
+    a.finish();
+    for (size_t i = 0; i < outs.size(); i++)
+        if (!outs[i].requires_grad()) bind_fail("output %zu does not require grad", i + 1);
+    auto gs = torch::autograd::grad(outs, ins, gouts, retain, create, allow_unused);
+    lua_createtable(L, (int)gs.size(), 0);
+    for (size_t i = 0; i < gs.size(); i++) {
+        tensor_push(L, gs[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
+// -- linalg -------------------------------------------------------------------------------------
+
+int f_svd(lua_State * L) {
+    Args a(L);
+    at::Tensor & A = a.tensor(1, "A");
+    bool full = a.opt_bool(2, "full_matrices", true);
+    a.finish();
+    auto r = at::linalg_svd(A, full);
+    tensor_push(L, std::get<0>(r));
+    tensor_push(L, std::get<1>(r));
+    tensor_push(L, std::get<2>(r));
+    return 3;
+}
+
+int f_linalg_norm(lua_State * L) {
+    Args a(L);
+    at::Tensor & A = a.tensor(1, "A");
+    int oi = a.find(2, "ord");
+    bool has_dim = a.has(3, "dim");
+    std::vector<int64_t> dims = has_dim ? a.dims(3, "dim", A.dim()) : std::vector<int64_t>{};
+    bool keepdim = a.opt_bool(4, "keepdim", false);
+    at::OptionalIntArrayRef od = has_dim ? at::OptionalIntArrayRef(dims) : std::nullopt;
+    at::Tensor r;
+    if (oi && lua_type(L, oi) == LUA_TSTRING) {
+        std::string ord = lua_tostring(L, oi);
+        a.finish();
+        if (ord == "inf" || ord == "-inf") r = at::linalg_norm(A, c10::Scalar(ord == "inf" ? INFINITY : -INFINITY), od, keepdim);
+        else r = at::linalg_norm(A, ord, od, keepdim);
+    } else {
+        std::optional<c10::Scalar> ord;
+        if (oi) ord = c10::Scalar(lua_tonumber(L, oi));
+        a.finish();
+        r = at::linalg_norm(A, ord, od, keepdim);
+    }
+    tensor_push(L, r);
+    return 1;
+}
+
+// -- files ------------------------------------------------------------------------------------
+
+// torch.save(path, {name = tensor, ...}[, {metadata = {k = 'v'}}])
+int f_save(lua_State * L) {
+    Args a(L, 1);
+    const char * path = luaL_checkstring(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    NamedTensors ts;
+    lua_pushnil(L);
+    while (lua_next(L, 2)) {
+        if (lua_type(L, -2) != LUA_TSTRING) bind_fail("%s: keys must be tensor names (strings), got a %s key", path, luaL_typename(L, -2));
+        at::Tensor * t = tensor_test(L, -1);
+        if (!t) bind_fail("%s: value of '%s' is %s, expected a Tensor", path, lua_tostring(L, -2), luaL_typename(L, -1));
+        ts.emplace_back(lua_tostring(L, -2), *t);
+        lua_pop(L, 1);
+    }
+    std::sort(ts.begin(), ts.end(), [](auto & x, auto & y) { return x.first < y.first; });
+    std::map<std::string, std::string> meta;
+    if (lua_gettop(L) >= 3 && lua_type(L, 3) == LUA_TTABLE) {
+        lua_getfield(L, 3, "metadata");
+        if (lua_type(L, -1) == LUA_TTABLE) {
+            int mi = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, mi)) {
+                if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
+                    bind_fail("%s: metadata must map strings to strings", path);
+                lua_pushvalue(L, -1);
+                meta[lua_tostring(L, -3)] = lua_tostring(L, -1);
+                lua_pop(L, 2);
+            }
+        }
+        lua_pop(L, 1);
+    }
+    safetensors_save(path, ts, meta);
+    return 0;
+}
+
+// torch.load(path[, {device=}]) → {name = tensor}, metadata
+int f_load(lua_State * L) {
+    const char * path = luaL_checkstring(L, 1);
+    Args a(L, 2);
+    c10::Device dev(at::kCPU);
+    bool move = a.opt_device(0, "device", dev);
+    a.finish();
+    SafetensorsFile f = safetensors_load(path);
+    lua_createtable(L, 0, (int)f.tensors.size());
+    for (auto & [name, t] : f.tensors) {
+        tensor_push(L, move ? t.to(dev) : t);
+        lua_setfield(L, -2, name.c_str());
+    }
+    lua_createtable(L, 0, (int)f.metadata.size());
+    for (auto & [k, v] : f.metadata) {
+        lua_pushlstring(L, v.data(), v.size());
+        lua_setfield(L, -2, k.c_str());
+    }
+    return 2;
+}
+
+// -- defaults, seeds, memory, devices ----------------------------------------------------
+
+int f_manual_seed(lua_State * L) {
+    double s = luaL_checknumber(L, 1);
+    if (s < 0 || std::floor(s) != s) bind_fail("seed must be a non-negative integer, got %g", s);
+    at::manual_seed((uint64_t)s);
+    return 0;
+}
+
+int f_set_default_device(lua_State * L) { default_device() = device_parse(luaL_checkstring(L, 1)); return 0; }
+int f_get_default_device(lua_State * L) { lua_pushstring(L, default_device().str().c_str()); return 1; }
+int f_set_default_dtype(lua_State * L) {
+    at::ScalarType t = dtype_parse(luaL_checkstring(L, 1));
+    if (!at::isFloatingType(t)) bind_fail("the default dtype must be a floating-point type");
+    default_dtype() = t;
+    return 0;
+}
+int f_get_default_dtype(lua_State * L) { lua_pushstring(L, dtype_name(default_dtype(), true).c_str()); return 1; }
+int f_set_num_threads(lua_State * L) { at::set_num_threads((int)luaL_checkinteger(L, 1)); return 0; }
+int f_get_num_threads(lua_State * L) { lua_pushinteger(L, at::get_num_threads()); return 1; }
+int f_is_tensor(lua_State * L) { lua_pushboolean(L, tensor_test(L, 1) != nullptr); return 1; }
+
+int f_memory_stats(lua_State * L) {
+    MemStats & s = mem_stats();
+    lua_createtable(L, 0, 8);
+    auto set = [&](const char * k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); };
+    set("cpu_live_bytes", (double)s.cpu_live);
+    set("cpu_peak_bytes", (double)s.cpu_peak);
+    set("cuda_live_bytes", (double)s.cuda_live);
+    set("cuda_peak_bytes", (double)s.cuda_peak);
+    set("gc_threshold_cpu", (double)s.cpu_threshold);
+    set("gc_threshold_cuda", (double)s.cuda_threshold);
+    set("collections", (double)s.collections);
+    return 1;
+}
+
+int f_reset_peak(lua_State * L) {
+    MemStats & s = mem_stats();
+    s.cpu_peak = s.cpu_live;
+    s.cuda_peak = s.cuda_live;
+    return 0;
+}
+
+int f_collect(lua_State * L) { mem_collect(L); return 0; }
+int f_set_gc_floor(lua_State * L) { mem_set_floor((int64_t)luaL_checknumber(L, 1)); return 0; }
+
+int f_set_printoptions(lua_State * L) {
+    Args a(L);
+    PrintOptions & o = print_options();
+    o.precision = (int)a.opt_integer(0, "precision", o.precision);
+    o.threshold = a.opt_integer(0, "threshold", o.threshold);
+    o.edgeitems = a.opt_integer(0, "edgeitems", o.edgeitems);
+    o.linewidth = a.opt_integer(0, "linewidth", o.linewidth);
+    if (a.has(0, "sci_mode")) o.sci_mode = a.opt_bool(0, "sci_mode", false) ? 1 : 0;
+    a.finish();
+    return 0;
+}
+
+int f_cuda_is_available(lua_State * L) { lua_pushboolean(L, at::detail::getCUDAHooks().getNumGPUs() > 0); return 1; }
+int f_cuda_device_count(lua_State * L) { lua_pushinteger(L, at::detail::getCUDAHooks().getNumGPUs()); return 1; }
+int f_cuda_synchronize(lua_State * L) {
+#ifdef QATLAB_WITH_CUDA
+    if (at::detail::getCUDAHooks().getNumGPUs() > 0) at::cuda::device_synchronize();
+#endif
+    return 0;
+}
+int f_cuda_empty_cache(lua_State * L) {
+#ifdef QATLAB_WITH_CUDA
+    c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+    return 0;
+}
+// Bytes allocated / reserved by the CUDA caching allocator on the current device.
+int f_cuda_memory(lua_State * L) {
+    lua_createtable(L, 0, 4);
+#ifdef QATLAB_WITH_CUDA
+    if (at::detail::getCUDAHooks().getNumGPUs() > 0) {
+        auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+        auto agg = [](const auto & a) { return (double)a[0].current; };
+        auto peak = [](const auto & a) { return (double)a[0].peak; };
+        lua_pushnumber(L, agg(st.allocated_bytes)); lua_setfield(L, -2, "allocated_bytes");
+        lua_pushnumber(L, peak(st.allocated_bytes)); lua_setfield(L, -2, "peak_allocated_bytes");
+        lua_pushnumber(L, agg(st.reserved_bytes)); lua_setfield(L, -2, "reserved_bytes");
+    }
+#endif
+    return 1;
+}
+
+const BindFn functions[] = {
+    {"tensor", f_tensor}, {"zeros", f_zeros}, {"ones", f_ones}, {"empty", f_empty}, {"rand", f_rand},
+    {"randn", f_randn}, {"full", f_full}, {"zeros_like", f_zeros_like}, {"ones_like", f_ones_like},
+    {"empty_like", f_empty_like}, {"rand_like", f_rand_like}, {"randn_like", f_randn_like},
+    {"full_like", f_full_like}, {"arange", f_arange}, {"linspace", f_linspace}, {"eye", f_eye},
+    {"randint", f_randint}, {"randperm", f_randperm}, {"multinomial", f_multinomial},
+    {"cat", f_cat_}, {"stack", f_stack}, {"einsum", f_einsum},
+    {"no_grad", f_no_grad}, {"enable_grad", f_enable_grad}, {"is_grad_enabled", f_is_grad_enabled},
+    {"set_grad_enabled", f_set_grad_enabled},
+    {"save", f_save}, {"load", f_load}, {"manual_seed", f_manual_seed},
+    {"set_default_device", f_set_default_device}, {"get_default_device", f_get_default_device},
+    {"set_default_dtype", f_set_default_dtype}, {"get_default_dtype", f_get_default_dtype},
+    {"set_num_threads", f_set_num_threads}, {"get_num_threads", f_get_num_threads},
+    {"is_tensor", f_is_tensor}, {"memory_stats", f_memory_stats}, {"reset_peak_memory_stats", f_reset_peak},
+    {"collect", f_collect}, {"set_gc_floor", f_set_gc_floor}, {"set_printoptions", f_set_printoptions},
+    {nullptr, nullptr},
+};
+
+const BindFn autograd_fns[] = {{"grad", f_autograd_grad}, {nullptr, nullptr}};
+const BindFn linalg_fns[] = {{"svd", f_svd}, {"norm", f_linalg_norm}, {nullptr, nullptr}};
+const BindFn cuda_fns[] = {
+    {"is_available", f_cuda_is_available}, {"device_count", f_cuda_device_count},
+    {"synchronize", f_cuda_synchronize}, {"empty_cache", f_cuda_empty_cache}, {"memory", f_cuda_memory},
+    {nullptr, nullptr},
+};
+
+void sub_module(lua_State * L, int t, const char * name, const char * prefix, const BindFn * fns) {
+    lua_newtable(L);
+    bind_register(L, -1, prefix, fns);
+    lua_setfield(L, t, name);
+}
+
+} // namespace
+
+int luaopen_torch(lua_State * L) {
+    lua_newtable(L);
+    int t = lua_gettop(L);
+    bind_register(L, t, "torch.", functions);
+    tensor_open_methods(L, t);
+    sub_module(L, t, "autograd", "torch.autograd.", autograd_fns);
+    sub_module(L, t, "linalg", "torch.linalg.", linalg_fns);
+    sub_module(L, t, "cuda", "torch.cuda.", cuda_fns);
+    static const char * dtypes[] = {"float32", "float16", "bfloat16", "float64", "int8", "uint8",
+                                    "int16", "int32", "int64", "bool"};
+    for (const char * d : dtypes) {
+        lua_pushstring(L, d);
+        lua_setfield(L, t, d);
+    }
+    struct { const char * alias, * name; } static const aliases[] = {
+        {"float", "float32"}, {"half", "float16"}, {"double", "float64"}, {"long", "int64"}, {"int", "int32"},
+        {"short", "int16"},
+    };
+    for (auto & al : aliases) {
+        lua_pushstring(L, al.name);
+        lua_setfield(L, t, al.alias);
+    }
+    lua_pushstring(L, TORCH_VERSION);
+    lua_setfield(L, t, "version");
+    return 1;
+}
+
+void bind_open_all(lua_State * L) {
+    tensor_open_metatable(L);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_torch);
+    lua_setfield(L, -2, "torch");
+    lua_pushcfunction(L, luaopen_log);
+    lua_setfield(L, -2, "log");
+    lua_pop(L, 2);
+}
+
+} // namespace qatlab

@@ -1,0 +1,243 @@
+// main: the qatlab command line: run, -e, repl, version, and --help for each; logging set-up.
+// Exit status: 0 ok, 1 script error (message + traceback), 2 bad command line.
+#include "host/host.h"
+#include "bindings/bind.h"
+
+#include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <cxxopts.hpp>
+#include <luajit.h>
+#include "lib/logging.h"
+#include <torch/version.h>
+#include <cstring>
+#include <iostream>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifdef QATLAB_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+using namespace qatlab;
+
+namespace {
+
+const char * USAGE =
+    "qatlab — quantization-aware training experiments in Lua on LibTorch\n"
+    "\n"
+    "usage:\n"
+    "  qatlab run SCRIPT.lua [options] [-- script args]   run a script\n"
+    "  qatlab SCRIPT.lua [options] [-- script args]       same as run\n"
+    "  qatlab -e 'lua code' [options]                     run a chunk of code\n"
+    "  qatlab repl [options]                              interactive prompt\n"
+    "  qatlab version                                     versions and CUDA devices\n"
+    "  qatlab COMMAND --help                              help on a command\n"
+    "\n"
+    "Scripts read --set values from `args` (local args = ...) and require modules:\n"
+    "torch, log, qatlab, and the Lua toolkit in scripts/.\n";
+
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+int print_version() {
+    std::cout << "qatlab " << QATLAB_VERSION << "\n";
+    std::cout << "LibTorch " << TORCH_VERSION << "\n";
+    std::cout << LUAJIT_VERSION << "\n";
+    int n = at::detail::getCUDAHooks().getNumGPUs();
+    std::cout << "CUDA devices: " << n << "\n";
+#ifdef QATLAB_WITH_CUDA
+    for (int i = 0; i < n; i++) {
+        auto * p = at::cuda::getDeviceProperties(i);
+        std::cout << "  cuda:" << i << " " << p->name << ", " << (p->totalGlobalMem >> 20) << " MiB, sm_"
+                  << p->major << p->minor << "\n";
+    }
+#endif
+    return 0;
+}
+
+std::string device_resolve(const std::string & d) {
+    int n = at::detail::getCUDAHooks().getNumGPUs();
+    if (d == "auto") return n > 0 ? "cuda:0" : "cpu";
+    if (d == "cpu") return d;
+    if (d == "cuda" || d.rfind("cuda:", 0) == 0) {
+        int idx = d == "cuda" ? 0 : atoi(d.c_str() + 5);
+        if (d != "cuda" && (d.size() == 5 || strspn(d.c_str() + 5, "0123456789") != d.size() - 5))
+            throw UsageError("--device '" + d + "': expected auto, cpu, cuda or cuda:N");
+        if (idx >= n)
+            throw UsageError("--device " + d + ": " + std::to_string(n) +
+                             " CUDA device(s) seen (this LibTorch " +
+                             (at::hasCUDA() ? "has CUDA" : "is a CPU build") + "); use --device cpu or auto");
+        return "cuda:" + std::to_string(idx);
+    }
+    throw UsageError("--device '" + d + "': expected auto, cpu, cuda or cuda:N");
+}
+
+void logging_setup(const std::string & level, const std::string & out_dir) {
+    LogLevel lv;
+    if (!log_level_parse(level, lv))
+        throw UsageError("--log-level '" + level + "': expected trace, debug, info, warn, error, critical or off");
+    log_set_level(lv);
+    log_setup(out_dir.empty() ? "" : out_dir + "/qatlab.log");
+}
+
+void mkdir_p(const std::string & dir) {
+    std::string cur;
+    for (size_t i = 0; i <= dir.size(); i++) {
+        if (i == dir.size() || dir[i] == '/') {
+            if (!cur.empty() && mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
+                throw UsageError("--out " + dir + ": cannot create '" + cur + "': " + strerror(errno));
+        }
+        if (i < dir.size()) cur += dir[i];
+    }
+}
+
+// Options shared by run, -e and repl.
+void options_add_common(cxxopts::Options & o) {
+    o.add_options()
+        ("set", "set args.KEY = VALUE (typed: number, true/false, string; KEY may be dotted)",
+         cxxopts::value<std::vector<std::string>>())
+        ("device", "default device: auto, cpu, cuda, cuda:N", cxxopts::value<std::string>()->default_value("auto"))
+        ("seed", "seed torch and math.random", cxxopts::value<long long>())
+        ("threads", "intra-op CPU threads", cxxopts::value<int>())
+        ("out", "output directory (created; log copied to OUT/qatlab.log)", cxxopts::value<std::string>())
+        ("log-level", "trace, debug, info, warn, error, critical, off",
+         cxxopts::value<std::string>()->default_value("info"))
+        ("h,help", "show this help");
+}
+
+// --set values may hold commas, which cxxopts would split: take them out first.
+std::vector<std::string> take_sets(std::vector<std::string> & args) {
+    std::vector<std::string> sets, rest;
+    for (size_t i = 0; i < args.size(); i++) {
+        if (args[i] == "--set") {
+            if (i + 1 >= args.size()) throw UsageError("--set needs a key=value after it");
+            sets.push_back(args[++i]);
+        } else if (args[i].rfind("--set=", 0) == 0) {
+            sets.push_back(args[i].substr(6));
+        } else {
+            rest.push_back(args[i]);
+        }
+    }
+    args = rest;
+    return sets;
+}
+
+int run_command(const std::string & cmd, std::vector<std::string> args) {
+    // Everything after "--" belongs to the script.
+    std::vector<std::string> script_args;
+    for (size_t i = 0; i < args.size(); i++)
+        if (args[i] == "--") {
+            script_args.assign(args.begin() + i + 1, args.end());
+            args.resize(i);
+            break;
+        }
+    std::vector<std::string> sets = take_sets(args);
+
+    cxxopts::Options o("qatlab " + cmd,
+                       cmd == "run"    ? "Run a Lua script: qatlab run SCRIPT.lua [options] [-- script args]"
+                       : cmd == "repl" ? "Interactive Lua prompt with torch loaded on require"
+                                       : "Run a chunk of Lua code: qatlab -e 'code' [options]");
+    options_add_common(o);
+    if (cmd == "run") {
+        o.add_options()("script", "the Lua script", cxxopts::value<std::string>());
+        o.parse_positional({"script"});
+        o.positional_help("SCRIPT.lua");
+    } else if (cmd == "-e") {
+        o.add_options()("e", "Lua code", cxxopts::value<std::string>());
+        o.parse_positional({"e"});
+    }
+    std::vector<const char *> argv{"qatlab"};
+    for (auto & a : args) argv.push_back(a.c_str());
+    cxxopts::ParseResult r;
+    try {
+        r = o.parse((int)argv.size(), argv.data());
+    } catch (const cxxopts::exceptions::exception & e) {
+        throw UsageError(std::string(e.what()) + " (see qatlab " + cmd + " --help)");
+    }
+    if (r.count("help")) {
+        std::cout << o.help() << std::endl;
+        return 0;
+    }
+    for (const auto & u : r.unmatched()) throw UsageError("unexpected argument '" + u + "'");
+
+    HostOptions ho;
+    if (r.count("set")) {
+        auto extra = r["set"].as<std::vector<std::string>>();
+        sets.insert(sets.end(), extra.begin(), extra.end());
+    }
+    for (const std::string & s : sets) {
+        SetValue v;
+        std::string err;
+        if (!set_value_parse(s, v, err)) throw UsageError(err);
+        ho.sets.push_back(v);
+    }
+    ho.script_args = script_args;
+    ho.device = device_resolve(r["device"].as<std::string>());
+    if (r.count("seed")) ho.seed = r["seed"].as<long long>();
+    if (r.count("threads")) {
+        ho.threads = r["threads"].as<int>();
+        if (ho.threads < 1) throw UsageError("--threads must be at least 1");
+    }
+    if (r.count("out")) {
+        ho.out_dir = r["out"].as<std::string>();
+        mkdir_p(ho.out_dir);
+    }
+    logging_setup(r["log-level"].as<std::string>(), ho.out_dir);
+
+    if (cmd == "run") {
+        if (!r.count("script")) throw UsageError("run needs a script: qatlab run SCRIPT.lua");
+        ho.script = r["script"].as<std::string>();
+        if (access(ho.script.c_str(), R_OK) != 0)
+            throw UsageError("cannot read script '" + ho.script + "': " + strerror(errno));
+        HostVm vm(ho);
+        return vm.run_file(ho.script);
+    }
+    if (cmd == "-e") {
+        if (!r.count("e")) throw UsageError("-e needs Lua code: qatlab -e 'print(1)'");
+        HostVm vm(ho);
+        return vm.run_string(r["e"].as<std::string>(), "=(command line)");
+    }
+    HostVm vm(ho);
+    return vm.repl();
+}
+
+int dispatch(int argc, char ** argv) {
+    std::vector<std::string> args(argv + 1, argv + argc);
+    if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+        std::cout << USAGE;
+        return args.empty() ? 2 : 0;
+    }
+    std::string cmd = args[0];
+    if (cmd == "version" || cmd == "--version") {
+        if (args.size() > 1 && (args[1] == "--help" || args[1] == "-h")) {
+            std::cout << "usage: qatlab version\nPrints the versions of qatlab, LibTorch and LuaJIT and the CUDA devices seen.\n";
+            return 0;
+        }
+        if (args.size() > 1) throw UsageError("version takes no arguments");
+        return print_version();
+    }
+    if (cmd == "run" || cmd == "repl") return run_command(cmd, {args.begin() + 1, args.end()});
+    if (cmd == "-e" || cmd.rfind("-e", 0) == 0) {
+        std::vector<std::string> rest(args.begin() + 1, args.end());
+        if (cmd.size() > 2) rest.insert(rest.begin(), cmd.substr(2));
+        return run_command("-e", rest);
+    }
+    if (cmd.size() > 4 && cmd.compare(cmd.size() - 4, 4, ".lua") == 0) return run_command("run", args);
+    throw UsageError("unknown command '" + cmd + "' (expected run, repl, version, -e; see qatlab --help)");
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    try {
+        int rc = dispatch(argc, argv);
+        log_shutdown();
+        return rc;
+    } catch (const UsageError & e) {
+        std::cerr << "qatlab: " << e.what() << std::endl;
+        return 2;
+    } catch (const std::exception & e) {  // the host itself failed (never a script error)
+        std::cerr << "qatlab: " << e.what() << std::endl;
+        return 1;
+    }
+}
