@@ -192,11 +192,12 @@ static const char * arg_label(char * buf, size_t n, int pos, const char * name) 
 at::Tensor & Args::tensor(int pos, const char * name) {
     int idx = find(pos, name);
     at::Tensor * t = idx ? tensor_test(L, idx) : nullptr;
-    if (!t) {
-        char b[96];
+    char b[96];
+    if (!t)
         bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name),
                   idx ? luaL_typename(L, idx) : "nothing");
-    }
+    if (!t->defined())
+        bind_fail("%s: the tensor was freed (t:free() was called on it)", arg_label(b, sizeof b, pos, name));
     return *t;
 }
 
@@ -204,10 +205,10 @@ at::Tensor * Args::opt_tensor(int pos, const char * name) {
     int idx = find(pos, name);
     if (!idx) return nullptr;
     at::Tensor * t = tensor_test(L, idx);
-    if (!t) {
-        char b[96];
-        bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
-    }
+    char b[96];
+    if (!t) bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
+    if (!t->defined())
+        bind_fail("%s: the tensor was freed (t:free() was called on it)", arg_label(b, sizeof b, pos, name));
     return t;
 }
 
@@ -227,7 +228,7 @@ double Args::opt_number(int pos, const char * name, double def) {
 
 int64_t Args::integer(int pos, const char * name) {
     double v = number(pos, name);
-    if (std::floor(v) != v) {
+    if (std::floor(v) != v || std::fabs(v) >= 9.2e18) {  // also NaN, inf and beyond int64
         char b[96];
         bind_fail("%s: expected an integer, got %g", arg_label(b, sizeof b, pos, name), v);
     }
@@ -294,7 +295,7 @@ static int64_t size_at(lua_State * L, int idx, int i) {
     if (lua_type(L, idx) != LUA_TNUMBER)
         bind_fail("size #%d: expected a number, got %s", i, luaL_typename(L, idx));
     double v = lua_tonumber(L, idx);
-    if (std::floor(v) != v || v < -1) bind_fail("size #%d: expected a non-negative integer, got %g", i, v);
+    if (std::floor(v) != v || v < -1 || v >= 9.2e18) bind_fail("size #%d: expected a non-negative integer, got %g", i, v);
     return (int64_t)v;
 }
 
@@ -323,8 +324,10 @@ std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
         int n = (int)lua_objlen(L, idx);
         for (int i = 1; i <= n; i++) {
             lua_rawgeti(L, idx, i);
-            if (lua_type(L, -1) != LUA_TNUMBER) bind_fail("dims: entry %d is not a number", i);
-            out.push_back(dim_wrap((int64_t)lua_tonumber(L, -1), ndim));
+            double v = lua_tonumber(L, -1);
+            if (lua_type(L, -1) != LUA_TNUMBER || std::floor(v) != v || std::fabs(v) >= 9.2e18)
+                bind_fail("dims: entry %d is not an integer", i);
+            out.push_back(dim_wrap((int64_t)v, ndim));
             lua_pop(L, 1);
         }
         return out;

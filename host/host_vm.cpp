@@ -11,6 +11,7 @@
 #include <iostream>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <time.h>
 
 namespace qatlab {
 
@@ -150,6 +151,14 @@ static void interrupt_signal(int sig) {
     if (g_signal_L) lua_sethook(g_signal_L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
+// qatlab.time(): monotonic wall-clock seconds, for timing runs (os.clock is CPU time).
+static int host_time(lua_State * L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + 1e-9 * (lua_Number)ts.tv_nsec);
+    return 1;
+}
+
 // -- the VM -------------------------------------------------------------------------------
 
 HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
@@ -176,6 +185,8 @@ HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
     lua_newtable(L_);
     auto setstr = [&](const char * k, const std::string & v) { lua_pushstring(L_, v.c_str()); lua_setfield(L_, -2, k); };
     setstr("version", QATLAB_VERSION);
+    lua_pushcfunction(L_, host_time);
+    lua_setfield(L_, -2, "time");
     setstr("device", opt.device);
     setstr("scripts_dir", host_scripts_dir());
     if (!opt.out_dir.empty()) setstr("out", opt.out_dir);

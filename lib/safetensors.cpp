@@ -154,7 +154,7 @@ struct TensorEntry {
 };
 
 // A non-negative integer that fits int64; nlohmann keeps large positives unsigned and the rest signed.
-bool json_to_index(const json & v, uint64_t & out) {
+bool index_parse(const json & v, uint64_t & out) {
     if (v.is_number_unsigned()) {
         out = v.get<uint64_t>();
         return out <= uint64_t(INT64_MAX);
@@ -191,7 +191,7 @@ TensorEntry entry_parse(const std::string & path, const std::string & name, cons
     int64_t numel = 1;
     for (const auto & d : *sh) {
         uint64_t n;
-        if (!json_to_index(d, n)) load_fail(path, key, shape_expect + json_excerpt(*sh));
+        if (!index_parse(d, n)) load_fail(path, key, shape_expect + json_excerpt(*sh));
         e.shape.push_back(int64_t(n));
         if (__builtin_mul_overflow(numel, int64_t(n), &numel))
             load_fail(path, key, "shape: expected an element count that fits in 64 bits, found " +
@@ -205,8 +205,8 @@ TensorEntry entry_parse(const std::string & path, const std::string & name, cons
     auto off = v.find("data_offsets");
     if (off == v.end()) load_fail(path, key, "expected data_offsets, found none");
     const std::string off_expect = "data_offsets: expected [begin, end] with 0 <= begin <= end, found ";
-    if (!off->is_array() || off->size() != 2 || !json_to_index((*off)[0], e.begin) ||
-        !json_to_index((*off)[1], e.end) || e.end < e.begin)
+    if (!off->is_array() || off->size() != 2 || !index_parse((*off)[0], e.begin) ||
+        !index_parse((*off)[1], e.end) || e.end < e.begin)
         load_fail(path, key, off_expect + json_excerpt(*off));
 
     if (e.end - e.begin != uint64_t(nbytes))

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# setup: installs what qatlab needs (Debian packages; LibTorch from the PyTorch wheel), builds
+# it with CMake + Ninja, then runs the main experiment or the whole test suite. Idempotent.
+#
+#   bash scripts/setup.sh run [qatlab run options...]   set up, build, run the main experiment
+#   bash scripts/setup.sh test [ctest options...]       set up, build, run every test (CTest)
+#   bash scripts/setup.sh build                         set up and build only
+#
+# Torch: a python3 that already imports torch (a GPU box) is used as is; otherwise
+# torch==2.13.0 (CPU) goes into the project-local .venv. QATLAB_BUILD_DIR overrides build/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${QATLAB_BUILD_DIR:-$ROOT/build}"
+MODE="${1:-build}"
+[ $# -gt 0 ] && shift
+MAIN_EXPERIMENT="experiments/quickstart_charlm.lua"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+case "$MODE" in
+  run|test|build) ;;
+  -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) die "unknown mode '$MODE' (expected run, test or build)" ;;
+esac
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+
+# -- Debian packages ----------------------------------------------------------------------
+PKGS=(g++ cmake ninja-build pkg-config libspdlog-dev libcxxopts-dev libgtest-dev
+      nlohmann-json3-dev lua-busted)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# Either LuaJIT dev package will do (they conflict; both are GC64 on amd64).
+if ! pkg-config --exists luajit 2>/dev/null; then missing+=(libluajit2-5.1-dev); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# -- Python with torch ------------------------------------------------------------------------
+# The venv sees the system's packages, so a torch that is already installed is reused.
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+if [ ! -x "$PY" ]; then
+  say "creating $VENV"
+  if ! python3 -m venv --system-site-packages "$VENV" 2>/dev/null; then
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-venv python3-pip >/dev/null
+    rm -rf "$VENV"
+    python3 -m venv --system-site-packages "$VENV"
+  fi
+fi
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  say "installing torch==2.13.0 (CPU) into $VENV"
+  "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+fi
+if ! "$PY" -c 'import safetensors' 2>/dev/null; then
+  "$PY" -m pip install -q --disable-pip-version-check safetensors
+fi
+TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+
+# -- build ----------------------------------------------------------------------------------
+if [ ! -f "$BUILD/build.ninja" ]; then
+  say "configuring $BUILD"
+  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DQATLAB_TEST_PYTHON="$PY" >/dev/null
+fi
+JOBS="$(nproc 2>/dev/null || echo 2)"
+say "building ($JOBS jobs)"
+cmake --build "$BUILD" -j "$JOBS"
+
+case "$MODE" in
+  run)  exec "$BUILD/qatlab" run "$ROOT/$MAIN_EXPERIMENT" "$@" ;;
+  test) cd "$BUILD" && exec ctest --output-on-failure -j "$JOBS" "$@" ;;
+  build) say "built $BUILD/qatlab" ;;
+esac

@@ -1,0 +1,55 @@
+-- helper: shared assertions and subprocess helpers for the Lua specs.
+-- Tensor comparisons report the worst element; sh() runs the host as a subprocess.
+local torch = require 'torch'
+
+local M = {}
+
+M.bin = os.getenv('QATLAB_BIN') or 'qatlab'
+M.python = os.getenv('QATLAB_PYTHON') or 'python3'
+M.source_dir = os.getenv('QATLAB_SOURCE_DIR') or '.'
+
+-- assert that a and b (tensors, or a tensor and a nested table) agree within atol + rtol*|b|.
+function M.close(a, b, atol, rtol)
+  atol, rtol = atol or 1e-6, rtol or 1e-5
+  if not torch.is_tensor(b) then b = torch.tensor(b, {dtype = 'float64'}) end
+  a, b = a:double(), b:double()
+  assert(a:size() == b:size(), ('shape mismatch: %s vs %s'):format(tostring(a:size()), tostring(b:size())))
+  local err = (a - b):abs() - (b:abs() * rtol + atol)
+  local worst = err:numel() > 0 and err:max():item() or -1
+  assert(worst <= 0, ('tensors differ by %g beyond tolerance\n%s\n%s'):format(worst, tostring(a), tostring(b)))
+  return true
+end
+
+-- shell quote
+function M.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Runs a command; returns exit code, stdout, stderr.
+function M.sh(cmd)
+  local tmp = os.tmpname()
+  local out = io.popen(cmd .. ' 2>' .. tmp .. '; echo "__rc=$?"')
+  local text = out:read('*a')
+  out:close()
+  local f = io.open(tmp); local err = f:read('*a'); f:close(); os.remove(tmp)
+  local rc = tonumber(text:match('__rc=(%d+)%s*$'))
+  text = text:gsub('__rc=%d+%s*$', '')
+  return rc, text, err
+end
+
+-- Runs `qatlab <args>`; returns exit code, stdout, stderr.
+function M.host(args) return M.sh(M.q(M.bin) .. ' ' .. args) end
+
+-- Runs Python code with the project's torch; returns its stdout (asserts success).
+function M.py(code)
+  local rc, out, err = M.sh(M.q(M.python) .. ' -c ' .. M.q(code))
+  assert(rc == 0, 'python failed: ' .. err)
+  return out
+end
+
+function M.tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  assert(os.execute('mkdir -p ' .. M.q(d)) == 0)
+  return d
+end
+
+return M
