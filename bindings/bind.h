@@ -70,7 +70,8 @@ private:
 
 // -- conversions ---------------------------------------------------------------------
 at::ScalarType dtype_parse(const char * s);         // "float32", "torch.float32", "float", ...
-c10::Device device_parse(const char * s);           // "cpu", "cuda", "cuda:1"
+c10::Device device_parse(const char * s);           // "cpu", "cuda", "cuda:1"; must be available
+void device_check_available(const c10::Device & d); // error for a CUDA device with no GPU behind it
 int64_t dim_wrap(int64_t d, int64_t ndim);          // 1-based/negative Lua dim → 0-based
 c10::Scalar scalar_from_lua(lua_State * L, int idx);// integral doubles stay integral
 bool is_options_table(lua_State * L, int idx);

@@ -3,6 +3,7 @@
 #include "bindings/bind.h"
 
 #include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/util/Exception.h>
 #include <cmath>
 #include <cstdarg>
@@ -105,11 +106,24 @@ at::ScalarType dtype_parse(const char * s) {
 }
 
 c10::Device device_parse(const char * s) {
+    c10::Device d(at::kCPU);
     try {
-        return c10::Device(std::string(s));
+        d = c10::Device(std::string(s));
     } catch (const c10::Error &) {
         bind_fail("unknown device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", s);
     }
+    device_check_available(d);
+    return d;
+}
+
+void device_check_available(const c10::Device & d) {
+    if (!d.is_cuda()) return;
+    int n = (int)at::detail::getCUDAHooks().getNumGPUs();
+    if (n == 0)
+        bind_fail("device '%s' is not available: no CUDA GPU is visible (or this is a CPU-only build)",
+                  d.str().c_str());
+    if (d.has_index() && d.index() >= n)
+        bind_fail("device '%s' is not available: %d CUDA device(s) visible", d.str().c_str(), n);
 }
 
 int64_t dim_wrap(int64_t d, int64_t ndim) {
@@ -493,12 +507,11 @@ void tensor_release(at::Tensor & t) {
 }
 
 // __gc: must never raise; runs once per userdata.
+// Scripts can reach it (getmetatable(t).__gc(t)), so it checks the type and leaves an
+// undefined tensor behind: a second call, or a later use, finds a freed tensor, never a
+// destroyed one. An undefined at::Tensor holds no reference, so Lua may drop its bytes as is.
 static int tensor_gc(lua_State * L) {
-    at::Tensor * t = (at::Tensor *)lua_touserdata(L, 1);
-    if (t) {
-        mem_untrack(*t);
-        t->~Tensor();
-    }
+    if (at::Tensor * t = tensor_test(L, 1)) tensor_release(*t);
     return 0;
 }
 

@@ -48,6 +48,10 @@ void infer_shape(lua_State * L, int idx, std::vector<int64_t> & shape, bool & bo
         int ty = lua_type(L, -1);
         if (ty == LUA_TTABLE) {
             int64_t n = (int64_t)lua_objlen(L, -1);
+            if (shape.size() >= 64) {  // also stops a table that contains itself
+                lua_pop(L, 1);
+                bind_fail("nested table is more than 64 levels deep (does it contain itself?)");
+            }
             shape.push_back(n);
             if (n == 0) break;
             lua_rawgeti(L, -1, 1);
@@ -85,6 +89,7 @@ int f_tensor(lua_State * L) {
     int di = a.find(1, "data");
     if (!di) bind_fail("argument #1 (data): expected a number or a nested table of numbers");
     if (at::Tensor * t = tensor_test(L, di)) {  // torch.tensor(t): a detached copy
+        if (!t->defined()) bind_fail("argument #1 (data): the tensor was freed (t:free() was called on it)");
         at::TensorOptions o = factory_options(a, t->scalar_type());
         tensor_push(L, finish_factory(a, t->detach().to(o, false, true)));
         return 1;
@@ -244,6 +249,7 @@ std::vector<at::Tensor> tensor_list(lua_State * L, int idx, const char * what) {
         lua_rawgeti(L, idx, i);
         at::Tensor * t = tensor_test(L, -1);
         if (!t) bind_fail("%s: entry %d is %s, expected a Tensor", what, i, luaL_typename(L, -1));
+        if (!t->defined()) bind_fail("%s: entry %d was freed (t:free() was called on it)", what, i);
         ts.push_back(*t);
         lua_pop(L, 1);
     }
@@ -428,7 +434,7 @@ int f_load(lua_State * L) {
 
 int f_manual_seed(lua_State * L) {
     double s = luaL_checknumber(L, 1);
-    if (s < 0 || std::floor(s) != s) bind_fail("seed must be a non-negative integer, got %g", s);
+    if (!(s >= 0) || std::floor(s) != s || s >= 1.8e19) bind_fail("seed must be a non-negative integer, got %g", s);
     at::manual_seed((uint64_t)s);
     return 0;
 }

@@ -3,6 +3,7 @@
 #include "bindings/bind.h"
 
 #include <ATen/ATen.h>
+#include <cmath>
 
 namespace qatlab {
 namespace {
@@ -705,14 +706,16 @@ int op_flip(lua_State * L) {
 int op_roll(lua_State * L) {
     Args a(L);
     SELF(a);
-    std::vector<int64_t> shifts = a.sizes(2, "shifts");
-    // sizes() rejects negatives below -1, so read shifts as plain integers
-    shifts.clear();
+    // shifts may be negative, so they are read as plain integers (not as sizes)
+    std::vector<int64_t> shifts;
     int si = a.find(2, "shifts");
     if (si && lua_type(L, si) == LUA_TTABLE) {
         for (int i = 1; i <= (int)lua_objlen(L, si); i++) {
             lua_rawgeti(L, si, i);
-            shifts.push_back((int64_t)lua_tonumber(L, -1));
+            double v = lua_tonumber(L, -1);
+            if (lua_type(L, -1) != LUA_TNUMBER || std::floor(v) != v || std::fabs(v) >= 9.2e18)
+                bind_fail("shifts: entry %d is not an integer", i);
+            shifts.push_back((int64_t)v);
             lua_pop(L, 1);
         }
     } else {

@@ -171,6 +171,7 @@ int t_type_as(lua_State * L) {
 
 int convert_device(lua_State * L, c10::Device dev) {
     at::Tensor & self = tensor_check(L, 1, "self");
+    device_check_available(dev);
     if (self.device() == dev) {
         lua_settop(L, 1);
         return 1;
@@ -275,6 +276,7 @@ int t_new_filled(lua_State * L, int kind) {
     std::vector<int64_t> s;
     int si = a.find(2, "size");
     if (si && lua_type(L, si) == LUA_TTABLE) s = a.sizes(2, "size");
+    else if (si && kind != 2) s = a.sizes(2, "size");  // new_zeros(2, 3): varargs sizes
     else if (si) s = {a.integer(2, "size")};
     c10::Scalar fill = kind == 2 ? a.scalar(3, "fill_value") : c10::Scalar(kind);
     at::ScalarType dt = self.scalar_type();
@@ -391,12 +393,24 @@ int64_t index_wrap(int64_t i, int64_t n, int64_t dim) {
     return i0;
 }
 
+// An integer index or range bound at stack index idx (a number with an integral value).
+int64_t slice_int(lua_State * L, int idx, const char * what) {
+    double v = lua_tonumber(L, idx);
+    if (lua_type(L, idx) != LUA_TNUMBER || std::floor(v) != v || std::fabs(v) >= 9.2e18)
+        bind_fail("%s: expected an integer, got %s", what,
+                  lua_type(L, idx) == LUA_TNUMBER ? std::to_string(v).c_str() : luaL_typename(L, idx));
+    return (int64_t)v;
+}
+
 at::Tensor slice_apply(lua_State * L, const at::Tensor & t, int key) {
     if (lua_type(L, key) == LUA_TNUMBER) {
         if (t.dim() == 0) bind_fail("cannot index a 0-dim tensor");
-        return t.select(0, index_wrap((int64_t)lua_tonumber(L, key), t.size(0), 0));
+        return t.select(0, index_wrap(slice_int(L, key, "index"), t.size(0), 0));
     }
-    if (at::Tensor * idx = tensor_test(L, key)) return at::index(t, {c10::optional<at::Tensor>(*idx)});
+    if (at::Tensor * idx = tensor_test(L, key)) {
+        if (!idx->defined()) bind_fail("index: the tensor was freed (t:free() was called on it)");
+        return at::index(t, {c10::optional<at::Tensor>(*idx)});
+    }
     if (lua_type(L, key) != LUA_TTABLE) bind_fail("expected a number, a table of slices or a tensor as index, got %s", luaL_typename(L, key));
     at::Tensor r = t;
     int n = (int)lua_objlen(L, key);
@@ -406,16 +420,16 @@ at::Tensor slice_apply(lua_State * L, const at::Tensor & t, int key) {
         lua_rawgeti(L, key, i);
         int ty = lua_type(L, -1);
         if (ty == LUA_TNUMBER) {
-            r = r.select(d, index_wrap((int64_t)lua_tonumber(L, -1), r.size(d), i - 1));
+            r = r.select(d, index_wrap(slice_int(L, -1, "index"), r.size(d), i - 1));
         } else if (ty == LUA_TSTRING && strcmp(lua_tostring(L, -1), ":") == 0) {
             d++;
         } else if (ty == LUA_TTABLE) {
             int m = (int)lua_objlen(L, -1);
             int64_t size = r.size(d);
             int64_t first = 1, last = size, step = 1;
-            if (m >= 1) { lua_rawgeti(L, -1, 1); first = (int64_t)lua_tonumber(L, -1); lua_pop(L, 1); }
-            if (m >= 2) { lua_rawgeti(L, -1, 2); last = (int64_t)lua_tonumber(L, -1); lua_pop(L, 1); }
-            if (m >= 3) { lua_rawgeti(L, -1, 3); step = (int64_t)lua_tonumber(L, -1); lua_pop(L, 1); }
+            if (m >= 1) { lua_rawgeti(L, -1, 1); first = slice_int(L, -1, "range start"); lua_pop(L, 1); }
+            if (m >= 2) { lua_rawgeti(L, -1, 2); last = slice_int(L, -1, "range end"); lua_pop(L, 1); }
+            if (m >= 3) { lua_rawgeti(L, -1, 3); step = slice_int(L, -1, "range step"); lua_pop(L, 1); }
             if (step < 1) bind_fail("slice step must be positive, got %lld", (long long)step);
             int64_t f0 = first < 0 ? size + first : first - 1;
             int64_t l0 = last < 0 ? size + last : last - 1;
@@ -453,7 +467,11 @@ int t_newindex(lua_State * L) {
         return 0;
     }
     if (at::Tensor * idx = tensor_test(L, 2)) {
-        at::Tensor v = tensor_or_scalar(L, 3, &self);
+        if (!idx->defined()) bind_fail("index: the tensor was freed (t:free() was called on it)");
+        // A number takes self's dtype (as Python's t[idx] = 9); a tensor value must match it.
+        at::Tensor * vt = tensor_test(L, 3);
+        at::Tensor v = vt ? tensor_or_scalar(L, 3, &self)
+                          : at::scalar_tensor(scalar_from_lua(L, 3), self.options());
         self.index_put_({c10::optional<at::Tensor>(*idx)}, v);
         return 0;
     }

@@ -89,6 +89,9 @@ void mkdir_p(const std::string & dir) {
         }
         if (i < dir.size()) cur += dir[i];
     }
+    struct stat st;
+    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+        throw UsageError("--out " + dir + ": exists and is not a directory");
 }
 
 // Options shared by run, -e and repl.
