@@ -456,6 +456,11 @@ static void mem_untrack(const at::Tensor & t) {
 
 // -- tensor userdata --------------------------------------------------------------------
 
+// The metatable, kept in the registry under an integer key and by address: both checks
+// below run on every call, and a string-keyed registry lookup costs more than the op.
+static int tensor_mt_ref = LUA_NOREF;
+static const void * tensor_mt_ptr = nullptr;
+
 void tensor_push(lua_State * L, at::Tensor t) {
     if (!t.defined()) {
         lua_pushnil(L);
@@ -463,7 +468,7 @@ void tensor_push(lua_State * L, at::Tensor t) {
     }
     void * p = lua_newuserdata(L, sizeof(at::Tensor));
     at::Tensor * ud = new (p) at::Tensor(std::move(t));
-    luaL_getmetatable(L, QATLAB_TENSOR_MT);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, tensor_mt_ref);
     lua_setmetatable(L, -2);
     // The new userdata is on the stack, so a collection here cannot free it.
     mem_track(*ud, L);
@@ -472,9 +477,8 @@ void tensor_push(lua_State * L, at::Tensor t) {
 at::Tensor * tensor_test(lua_State * L, int idx) {
     void * p = lua_touserdata(L, idx);
     if (!p || !lua_getmetatable(L, idx)) return nullptr;
-    luaL_getmetatable(L, QATLAB_TENSOR_MT);
-    bool same = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
+    bool same = lua_topointer(L, -1) == tensor_mt_ptr;
+    lua_pop(L, 1);
     return same ? (at::Tensor *)p : nullptr;
 }
 
@@ -521,7 +525,8 @@ void tensor_open_metatable(lua_State * L) {
     lua_setfield(L, -2, "__gc");
     lua_pushliteral(L, "Tensor");
     lua_setfield(L, -2, "__name");
-    lua_pop(L, 1);
+    tensor_mt_ptr = lua_topointer(L, -1);
+    tensor_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 // -- defaults -----------------------------------------------------------------------------

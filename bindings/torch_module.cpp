@@ -579,15 +579,4 @@ int luaopen_torch(lua_State * L) {
     return 1;
 }
 
-void bind_open_all(lua_State * L) {
-    tensor_open_metatable(L);
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, luaopen_torch);
-    lua_setfield(L, -2, "torch");
-    lua_pushcfunction(L, luaopen_log);
-    lua_setfield(L, -2, "log");
-    lua_pop(L, 2);
-}
-
 } // namespace qatlab

@@ -1,0 +1,27 @@
+// bind_modules: the list of built-in Lua modules, registered in package.preload so that
+// `require 'name'` loads them on demand and nothing is put in the globals.
+#include "bindings/bind.h"
+
+namespace qatlab {
+
+// One line per module: the name scripts require, and its luaopen function.
+static const struct {
+    const char * name;
+    lua_CFunction open;
+} modules[] = {
+    {"torch", luaopen_torch},
+    {"log", luaopen_log},
+};
+
+void bind_open_all(lua_State * L) {
+    tensor_open_metatable(L);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    for (const auto & m : modules) {
+        lua_pushcfunction(L, m.open);
+        lua_setfield(L, -2, m.name);
+    }
+    lua_pop(L, 2);
+}
+
+} // namespace qatlab
