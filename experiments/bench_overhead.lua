@@ -101,7 +101,8 @@ local startup_p = time_cmd(cfg.python .. " -c 'import torch'")
 os.remove(empty)
 
 -- Report -------------------------------------------------------------------------------------
-print(('\nper-op time, median ns/op over %d x %d calls, 1 thread, torch %s'):format(cfg.repeats, cfg.iters, torch.version))
+print(('\nper-op time, median ns/op over %d x %d calls, 1 thread, torch %s')
+  :format(cfg.repeats, cfg.iters, torch.version))
 print('| op | C++ | Lua (qatlab) | Python | Lua overhead | Python overhead | ratio |')
 print('|---|---:|---:|---:|---:|---:|---:|')
 local worst = 0
@@ -117,5 +118,6 @@ for _, op in ipairs(ops) do
   end
 end
 print(('\nworst overhead ratio Lua/Python: %.2f (target <= 0.5)'):format(worst))
-print(('start-up: qatlab run empty.lua %.3f s; with require torch %.3f s; python3 -c "import torch" %.3f s (target < 0.3 s)')
+print(('start-up: qatlab run empty.lua %.3f s; with require torch %.3f s; '
+  .. 'python3 -c "import torch" %.3f s (target < 0.3 s)')
   :format(startup_q, startup_t, startup_p))
