@@ -35,8 +35,23 @@ static void msg_copy(char * dst, size_t cap, const char * src) {
     dst[n] = 0;
 }
 
+// Bound calls nested inside one another (torch.no_grad(f) where f calls torch.no_grad...,
+// log.info of a value whose __tostring logs) each take C stack, and LuaJIT does not count
+// them: past a limit the call fails with a Lua error instead of overflowing the C stack.
+static int bind_depth = 0;
+static const int bind_depth_max = 200;
+namespace {
+struct DepthGuard {  // also undone when a Lua error unwinds through the frame
+    DepthGuard() { bind_depth++; }
+    ~DepthGuard() { bind_depth--; }
+};
+} // namespace
+
 static int bind_trampoline(lua_State * L) {
     lua_CFunction fn = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(2));
+    if (bind_depth >= bind_depth_max)
+        return luaL_error(L, "%s: C stack overflow (more than %d bound calls nested inside each other)",
+                          lua_tostring(L, lua_upvalueindex(1)), bind_depth_max);
     char msg[2048];
     msg[0] = 0;
     const int base = lua_gettop(L);
@@ -44,6 +59,7 @@ static int bind_trampoline(lua_State * L) {
 again:
     {
         bool oom = false;
+        DepthGuard depth;
         try {
             return fn(L);
         } catch (const c10::OutOfMemoryError & e) {
@@ -352,9 +368,11 @@ std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
 
 c10::Scalar Args::scalar(int pos, const char * name) {
     int idx = find(pos, name);
-    if (!idx) {
+    int ty = idx ? lua_type(L, idx) : LUA_TNONE;
+    if (ty != LUA_TNUMBER && ty != LUA_TBOOLEAN) {
         char b[96];
-        bind_fail("%s: expected a number, got nothing", arg_label(b, sizeof b, pos, name));
+        bind_fail("%s: expected a number, got %s", arg_label(b, sizeof b, pos, name),
+                  idx ? luaL_typename(L, idx) : "nothing");
     }
     return scalar_from_lua(L, idx);
 }
@@ -370,7 +388,14 @@ void Args::finish() {
             if (key && strcmp(u, key) == 0) known = true;
         if (!known) {
             std::string list;
-            for (const char * u : used_) list.append(list.empty() ? "" : ", ").append(u);
+            std::vector<const char *> seen;
+            for (const char * u : used_) {
+                bool dup = false;
+                for (const char * v : seen) dup = dup || strcmp(u, v) == 0;
+                if (dup) continue;
+                seen.push_back(u);
+                list.append(list.empty() ? "" : ", ").append(u);
+            }
             std::string k = key ? key : "(non-string key)";
             lua_pop(L, 1);
             bind_fail("unknown option '%s' (this call takes: %s)", k.c_str(),

@@ -4,6 +4,10 @@
 
 namespace qatlab {
 
+int luaopen_gguf(lua_State * L);
+int luaopen_tokenizers(lua_State * L);
+int luaopen_nn(lua_State * L);
+
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
     const char * name;
@@ -11,6 +15,9 @@ static const struct {
 } modules[] = {
     {"torch", luaopen_torch},
     {"log", luaopen_log},
+    {"gguf", luaopen_gguf},
+    {"tokenizers", luaopen_tokenizers},
+    {"nn", luaopen_nn},
 };
 
 void bind_open_all(lua_State * L) {

@@ -37,7 +37,8 @@ int log_at(lua_State * L) {
 
 int l_set_level(lua_State * L) {
     LogLevel lv;
-    const char * s = luaL_checkstring(L, 1);
+    if (lua_type(L, 1) != LUA_TSTRING) bind_fail("expected a level name such as 'info', got %s", luaL_typename(L, 1));
+    const char * s = lua_tostring(L, 1);
     if (!log_level_parse(s, lv))
         bind_fail("unknown level '%s' (expected trace, debug, info, warn, error, critical or off)", s);
     log_set_level(lv);

@@ -1,6 +1,7 @@
 // torch_module: the `torch` Lua module: creation, seeding, grad modes, autograd.grad,
-// linalg, files (safetensors), defaults, memory and CUDA queries. Ops live in torch_ops.
+// linalg, files (safetensors, torch.save .pt), defaults, memory and CUDA queries. Ops live in torch_ops.
 #include "bindings/bind.h"
+#include "lib/pt_reader.h"
 #include "lib/safetensors.h"
 #include "lib/tensor_print.h"
 
@@ -21,6 +22,20 @@ namespace qatlab {
 void tensor_open_methods(lua_State * L, int torch_table);
 
 namespace {
+
+// Plain argument checks that raise through the trampoline, so errors carry "torch.<name>:"
+// (luaL_check* would name the C closure '?').
+const char * arg_string(lua_State * L, int idx, const char * what) {
+    if (lua_type(L, idx) != LUA_TSTRING)
+        bind_fail("argument #%d (%s): expected a string, got %s", idx, what, luaL_typename(L, idx));
+    return lua_tostring(L, idx);
+}
+
+double arg_number(lua_State * L, int idx, const char * what) {
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        bind_fail("argument #%d (%s): expected a number, got %s", idx, what, luaL_typename(L, idx));
+    return lua_tonumber(L, idx);
+}
 
 // Factory options: dtype, device, requires_grad from the options table.
 at::TensorOptions factory_options(Args & a, at::ScalarType def_dtype) {
@@ -277,7 +292,7 @@ int f_stack(lua_State * L) { return f_cat(L, true); }
 
 // einsum('ij,jk->ik', a, b) or einsum('ij,jk->ik', {a, b}).
 int f_einsum(lua_State * L) {
-    const char * eq = luaL_checkstring(L, 1);
+    const char * eq = arg_string(L, 1, "equation");
     std::vector<at::Tensor> ts;
     if (lua_type(L, 2) == LUA_TTABLE && !tensor_test(L, 2)) ts = tensor_list(L, 2, "operands");
     else
@@ -290,7 +305,8 @@ int f_einsum(lua_State * L) {
 
 // torch.no_grad(fn, ...) runs fn with grad mode off and returns its results.
 int grad_mode_call(lua_State * L, bool enabled) {
-    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (lua_type(L, 1) != LUA_TFUNCTION)
+        bind_fail("argument #1 (fn): expected a function, got %s", luaL_typename(L, 1));
     int base = lua_gettop(L);
     int status;
     {
@@ -377,8 +393,9 @@ int f_linalg_norm(lua_State * L) {
 // torch.save(path, {name = tensor, ...}[, {metadata = {k = 'v'}}])
 int f_save(lua_State * L) {
     Args a(L, 1);
-    const char * path = luaL_checkstring(L, 1);
-    luaL_checktype(L, 2, LUA_TTABLE);
+    const char * path = arg_string(L, 1, "path");
+    if (lua_type(L, 2) != LUA_TTABLE)
+        bind_fail("argument #2 (tensors): expected a table of tensors, got %s", luaL_typename(L, 2));
     NamedTensors ts;
     lua_pushnil(L);
     while (lua_next(L, 2)) {
@@ -409,13 +426,91 @@ int f_save(lua_State * L) {
     return 0;
 }
 
-// torch.load(path[, {device=}]) → {name = tensor}, metadata
+// torch.None: a light userdata standing for Python's None inside loaded tables (nil makes holes).
+char none_sentinel;
+
+// Pushes one unpickled value. A container met twice becomes one shared table, as in Python;
+// `cache` (a stack index) maps node addresses to tables. Depth is bounded by pt_load.
+void pt_push(lua_State * L, const PtValue & v, const c10::Device * dev, int cache) {
+    if (!lua_checkstack(L, 8)) bind_fail("Lua stack exhausted converting a loaded value");
+    switch (v.kind) {
+    case PtValue::Kind::None: lua_pushlightuserdata(L, &none_sentinel); return;
+    case PtValue::Kind::Bool: lua_pushboolean(L, v.boolean); return;
+    case PtValue::Kind::Int: lua_pushnumber(L, (double)v.integer); return;
+    case PtValue::Kind::Float: lua_pushnumber(L, v.number); return;
+    case PtValue::Kind::String: case PtValue::Kind::Bytes: case PtValue::Kind::Global:
+        lua_pushlstring(L, v.str.data(), v.str.size());
+        return;
+    case PtValue::Kind::Tensor: tensor_push(L, dev ? v.tensor.to(*dev) : v.tensor); return;
+    default: break;
+    }
+    lua_pushlightuserdata(L, v.node.get());
+    lua_rawget(L, cache);
+    if (!lua_isnil(L, -1)) return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    const int t = lua_gettop(L);
+    lua_pushlightuserdata(L, v.node.get());
+    lua_pushvalue(L, t);
+    lua_rawset(L, cache);
+    if (v.kind == PtValue::Kind::Dict) {
+        // An OrderedDict's BUILD state (_metadata) is left out: it is not an entry.
+        for (const auto & [k, x] : v.entries()) {
+            if (k.kind == PtValue::Kind::Float && std::isnan(k.number)) bind_fail("a dict key is NaN");
+            pt_push(L, k, dev, cache);
+            pt_push(L, x, dev, cache);
+            lua_rawset(L, t);
+        }
+        return;
+    }
+    const auto & items = v.items();
+    if (v.kind == PtValue::Kind::Object) {  // {__class = 'mod.name', args = {...}, state = ...}
+        lua_pushlstring(L, v.str.data(), v.str.size());
+        lua_setfield(L, t, "__class");
+        lua_createtable(L, (int)items.size(), 0);
+        for (size_t i = 0; i < items.size(); i++) {
+            pt_push(L, items[i], dev, cache);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        lua_setfield(L, t, "args");
+        if (const PtValue * st = v.state()) {
+            pt_push(L, *st, dev, cache);
+            lua_setfield(L, t, "state");
+        }
+        return;
+    }
+    for (size_t i = 0; i < items.size(); i++) {
+        pt_push(L, items[i], dev, cache);
+        lua_rawseti(L, t, (int)i + 1);
+    }
+}
+
+// A torch.save file by its first bytes, or by its name when those are damaged (a clearer error
+// from the zip reader than from the safetensors one).
+bool is_pt_file(const std::string & path) {
+    auto ends = [&](const char * x) {
+        const size_t n = strlen(x);
+        return path.size() >= n && path.compare(path.size() - n, n, x) == 0;
+    };
+    return pt_file_is_torch(path) || ends(".pt") || ends(".pth");
+}
+
+// torch.load(path[, {device=}]): a torch.save (.pt, zip) file → its value (dicts and lists as
+// tables, tensors, numbers, strings, booleans, torch.None); a safetensors file → {name = tensor},
+// metadata. The format is told by the file's first bytes.
 int f_load(lua_State * L) {
-    const char * path = luaL_checkstring(L, 1);
+    const char * path = arg_string(L, 1, "path");
     Args a(L, 2);
     c10::Device dev(at::kCPU);
     bool move = a.opt_device(0, "device", dev);
     a.finish();
+    if (is_pt_file(path)) {
+        PtValue v = pt_load(path);
+        lua_newtable(L);
+        const int cache = lua_gettop(L);
+        pt_push(L, v, move ? &dev : nullptr, cache);
+        return 1;
+    }
     SafetensorsFile f = safetensors_load(path);
     lua_createtable(L, 0, (int)f.tensors.size());
     for (auto & [name, t] : f.tensors) {
@@ -430,25 +525,48 @@ int f_load(lua_State * L) {
     return 2;
 }
 
+// torch.load_state_dict(path[, {device=}]) → {name = tensor}: nested dicts of a .pt file are
+// flattened to "a.b.c" names (non-tensor values dropped); a safetensors file as is.
+int f_load_state_dict(lua_State * L) {
+    const char * path = arg_string(L, 1, "path");
+    Args a(L, 2);
+    c10::Device dev(at::kCPU);
+    bool move = a.opt_device(0, "device", dev);
+    a.finish();
+    NamedTensors ts = is_pt_file(path) ? pt_state_dict(pt_load(path)) : safetensors_load(path).tensors;
+    lua_createtable(L, 0, (int)ts.size());
+    for (auto & [name, t] : ts) {
+        lua_pushlstring(L, name.data(), name.size());
+        tensor_push(L, move ? t.to(dev) : t);
+        lua_rawset(L, -3);
+    }
+    return 1;
+}
+
 // -- defaults, seeds, memory, devices ----------------------------------------------------
 
 int f_manual_seed(lua_State * L) {
-    double s = luaL_checknumber(L, 1);
+    double s = arg_number(L, 1, "seed");
     if (!(s >= 0) || std::floor(s) != s || s >= 1.8e19) bind_fail("seed must be a non-negative integer, got %g", s);
     at::manual_seed((uint64_t)s);
     return 0;
 }
 
-int f_set_default_device(lua_State * L) { default_device() = device_parse(luaL_checkstring(L, 1)); return 0; }
+int f_set_default_device(lua_State * L) { default_device() = device_parse(arg_string(L, 1, "device")); return 0; }
 int f_get_default_device(lua_State * L) { lua_pushstring(L, default_device().str().c_str()); return 1; }
 int f_set_default_dtype(lua_State * L) {
-    at::ScalarType t = dtype_parse(luaL_checkstring(L, 1));
+    at::ScalarType t = dtype_parse(arg_string(L, 1, "dtype"));
     if (!at::isFloatingType(t)) bind_fail("the default dtype must be a floating-point type");
     default_dtype() = t;
     return 0;
 }
 int f_get_default_dtype(lua_State * L) { lua_pushstring(L, dtype_name(default_dtype(), true).c_str()); return 1; }
-int f_set_num_threads(lua_State * L) { at::set_num_threads((int)luaL_checkinteger(L, 1)); return 0; }
+int f_set_num_threads(lua_State * L) {
+    double n = arg_number(L, 1, "n");
+    if (!(n >= 1 && n <= 4096) || std::floor(n) != n) bind_fail("n: expected an integer in 1..4096, got %g", n);
+    at::set_num_threads((int)n);
+    return 0;
+}
 int f_get_num_threads(lua_State * L) { lua_pushinteger(L, at::get_num_threads()); return 1; }
 int f_is_tensor(lua_State * L) { lua_pushboolean(L, tensor_test(L, 1) != nullptr); return 1; }
 
@@ -474,7 +592,12 @@ int f_reset_peak(lua_State * L) {
 }
 
 int f_collect(lua_State * L) { mem_collect(L); return 0; }
-int f_set_gc_floor(lua_State * L) { mem_set_floor((int64_t)luaL_checknumber(L, 1)); return 0; }
+int f_set_gc_floor(lua_State * L) {
+    double b = arg_number(L, 1, "bytes");
+    if (!(b >= 0 && b < 9.2e18)) bind_fail("bytes: expected a non-negative number, got %g", b);
+    mem_set_floor((int64_t)b);
+    return 0;
+}
 
 int f_set_printoptions(lua_State * L) {
     Args a(L);
@@ -527,7 +650,7 @@ const BindFn functions[] = {
     {"cat", f_cat_}, {"stack", f_stack}, {"einsum", f_einsum},
     {"no_grad", f_no_grad}, {"enable_grad", f_enable_grad}, {"is_grad_enabled", f_is_grad_enabled},
     {"set_grad_enabled", f_set_grad_enabled},
-    {"save", f_save}, {"load", f_load}, {"manual_seed", f_manual_seed},
+    {"save", f_save}, {"load", f_load}, {"load_state_dict", f_load_state_dict}, {"manual_seed", f_manual_seed},
     {"set_default_device", f_set_default_device}, {"get_default_device", f_get_default_device},
     {"set_default_dtype", f_set_default_dtype}, {"get_default_dtype", f_get_default_dtype},
     {"set_num_threads", f_set_num_threads}, {"get_num_threads", f_get_num_threads},
@@ -576,6 +699,8 @@ int luaopen_torch(lua_State * L) {
     }
     lua_pushstring(L, TORCH_VERSION);
     lua_setfield(L, t, "version");
+    lua_pushlightuserdata(L, &none_sentinel);
+    lua_setfield(L, t, "None");
     return 1;
 }
 

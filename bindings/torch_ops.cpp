@@ -288,7 +288,7 @@ int op_reduce(lua_State * L, Red kind) {
         r = has_dim ? at::mean(self, dims, keepdim, dtype) : at::mean(self, dtype);
         break;
     case RED_PROD:
-        if (dims.size() > 1) bind_fail("prod takes one dim, got %zu", dims.size());
+        if (has_dim && dims.size() != 1) bind_fail("prod takes one dim, got %zu", dims.size());
         r = has_dim ? at::prod(self, dims[0], keepdim, dtype) : at::prod(self, dtype);
         break;
     case RED_AMAX: r = at::amax(self, dims, keepdim); break;
@@ -538,7 +538,11 @@ int op_squeeze(lua_State * L) {
 int op_unsqueeze(lua_State * L) {
     Args a(L);
     SELF(a);
-    int64_t d = dim_wrap(a.integer(2, "dim"), self.dim() + 1);
+    int64_t n = self.dim() + 1, d = a.integer(2, "dim");
+    if (d != 0 && (d > n || d < -n))  // say the tensor's own dims, not n
+        bind_fail("dim %lld out of range to unsqueeze a tensor of %lld dims (expected 1..%lld or -%lld..-1)",
+                  (long long)d, (long long)self.dim(), (long long)n, (long long)n);
+    d = dim_wrap(d, n);
     a.finish();
     tensor_push(L, self.unsqueeze(d));
     return 1;
@@ -586,6 +590,15 @@ int op_repeat(lua_State * L) {
     SELF(a);
     std::vector<int64_t> s = a.sizes(2, "repeats");
     tensor_push(L, self.repeat(s));
+    return 1;
+}
+
+// `repeat` is a Lua keyword, so t:tile(...) (PyTorch's tile) is the readable spelling.
+int op_tile(lua_State * L) {
+    Args a(L);
+    SELF(a);
+    std::vector<int64_t> s = a.sizes(2, "dims");
+    tensor_push(L, at::tile(self, s));
     return 1;
 }
 
@@ -864,7 +877,7 @@ const BindFn ops[] = {
     {"view", op_view}, {"reshape", op_reshape}, {"permute", op_permute}, {"transpose", op_transpose},
     {"t", op_t}, {"squeeze", op_squeeze}, {"unsqueeze", op_unsqueeze}, {"flatten", op_flatten},
     {"unflatten", op_unflatten}, {"expand", op_expand}, {"expand_as", op_expand_as},
-    {"repeat", op_repeat}, {"contiguous", op_contiguous}, {"clone", op_clone}, {"narrow", op_narrow},
+    {"repeat", op_repeat}, {"tile", op_tile}, {"contiguous", op_contiguous}, {"clone", op_clone}, {"narrow", op_narrow},
     {"select", op_select}, {"chunk", op_chunk}, {"split", op_split}, {"unbind", op_unbind},
     {"tril", op_tril}, {"triu", op_triu}, {"flip", op_flip}, {"roll", op_roll},
     {"index_select", op_index_select}, {"gather", op_gather}, {"masked_select", op_masked_select},

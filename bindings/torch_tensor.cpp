@@ -449,8 +449,23 @@ at::Tensor slice_apply(lua_State * L, const at::Tensor & t, int key) {
 
 void t_set_property(lua_State * L, at::Tensor & self, const char * k) {
     if (strcmp(k, "grad") == 0) {
-        if (lua_isnil(L, 3)) self.mutable_grad() = at::Tensor();
-        else self.mutable_grad() = tensor_check(L, 3, "grad");
+        if (lua_isnil(L, 3)) {
+            self.mutable_grad() = at::Tensor();
+            return;
+        }
+        at::Tensor & g = tensor_check(L, 3, "grad");
+        // As PyTorch's setter: a grad must match the tensor, or backward would accumulate
+        // into it by broadcasting (silently wrong) or fail later.
+        if (g.sizes() != self.sizes())
+            bind_fail("assigned grad has a different size (%s) than the tensor (%s)",
+                      c10::str(g.sizes()).c_str(), c10::str(self.sizes()).c_str());
+        if (g.scalar_type() != self.scalar_type())
+            bind_fail("assigned grad has dtype %s but the tensor has %s", c10::toString(g.scalar_type()),
+                      c10::toString(self.scalar_type()));
+        if (g.device() != self.device())
+            bind_fail("assigned grad is on %s but the tensor is on %s", g.device().str().c_str(),
+                      self.device().str().c_str());
+        self.mutable_grad() = g;
     } else if (strcmp(k, "requires_grad") == 0) {
         self.requires_grad_(lua_toboolean(L, 3));
     } else if (strcmp(k, "data") == 0) {
@@ -549,8 +564,18 @@ ARITH(add, at::add(x, y))
 ARITH(sub, at::sub(x, y))
 ARITH(mul, at::mul(x, y))
 ARITH(div, at::div(x, y))
-ARITH(pow, at::pow(x, y))
 ARITH(mod, at::remainder(x, y))
+
+// t ^ 2 takes pow's scalar-exponent form: its backward is one multiply, not a where().
+int t_pow(lua_State * L) {
+    if (lua_type(L, 2) == LUA_TNUMBER && tensor_test(L, 1)) {
+        tensor_push(L, at::pow(tensor_check(L, 1, "self"), scalar_from_lua(L, 2)));
+        return 1;
+    }
+    at::Tensor x = operand(L, 1, 2), y = operand(L, 2, 1);
+    tensor_push(L, at::pow(x, y));
+    return 1;
+}
 
 int t_unm(lua_State * L) { tensor_push(L, at::neg(tensor_check(L, 1, "self"))); return 1; }
 
@@ -568,6 +593,7 @@ int t_eq(lua_State * L) {
 }
 
 int size_tostring(lua_State * L) {
+    luaL_checktype(L, 1, LUA_TTABLE);  // reachable from scripts through getmetatable(size)
     std::string s = "torch.Size([";
     int n = (int)lua_objlen(L, 1);
     for (int i = 1; i <= n; i++) {
@@ -582,6 +608,10 @@ int size_tostring(lua_State * L) {
 
 // Size tables compare by value (t:size() == u:size()).
 int size_eq(lua_State * L) {
+    if (lua_type(L, 1) != LUA_TTABLE || lua_type(L, 2) != LUA_TTABLE) {
+        lua_pushboolean(L, lua_rawequal(L, 1, 2));
+        return 1;
+    }
     int n = (int)lua_objlen(L, 1);
     bool eq = n == (int)lua_objlen(L, 2);
     for (int i = 1; eq && i <= n; i++) {

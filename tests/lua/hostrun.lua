@@ -23,30 +23,25 @@ end
 -- A shell command line that runs the host with `args` (already shell-quoted as needed).
 function M.cmd(args) return h.q(h.bin) .. ' ' .. args end
 
--- Runs shell commands in parallel, `jobs` at a time; returns a list of {rc=, out=, err=}
--- in the order given. Stdin is /dev/null unless a command redirects it itself.
+-- Runs shell commands in parallel, at most `jobs` at a time (a pool: a slow command does not
+-- hold the others back); returns a list of {rc=, out=, err=} in the order given. Stdin is
+-- /dev/null unless a command redirects it itself.
 function M.many(cmds, jobs)
   jobs = jobs or 4
   local dir = h.tmpdir()
-  local results = {}
-  for first = 1, #cmds, jobs do
-    local parts = {}
-    for i = first, math.min(first + jobs - 1, #cmds) do
-      local base = dir .. '/' .. i
-      -- a redirection inside the command (a REPL's input) overrides the outer /dev/null
-      parts[#parts + 1] = ('{ ( %s ) </dev/null >%s 2>%s; echo $? >%s; } &'):format(
-        cmds[i], h.q(base .. '.out'), h.q(base .. '.err'), h.q(base .. '.rc'))
-    end
-    parts[#parts + 1] = 'wait'
-    os.execute(table.concat(parts, ' '))
+  for i, c in ipairs(cmds) do
+    local base = dir .. '/' .. i
+    M.spit(base .. '.sh', ('( %s ) </dev/null >%s 2>%s\necho $? >%s\n'):format(
+      c, h.q(base .. '.out'), h.q(base .. '.err'), h.q(base .. '.rc')))
   end
+  os.execute(('cd %s && ls *.sh | xargs -P %d -n 1 sh'):format(h.q(dir), jobs))
+  local results = {}
   for i = 1, #cmds do
     local base = dir .. '/' .. i
-    results[i] = {rc = tonumber(slurp(base .. '.rc')), out = slurp(base .. '.out') or '',
-                  err = slurp(base .. '.err') or ''}
-    os.remove(base .. '.out'); os.remove(base .. '.err'); os.remove(base .. '.rc')
+    results[i] = {rc = tonumber(M.slurp(base .. '.rc')), out = M.slurp(base .. '.out') or '',
+                  err = M.slurp(base .. '.err') or ''}
   end
-  os.remove(dir)
+  M.rmtree(dir)
   return results
 end
 
@@ -55,6 +50,28 @@ function M.hosts(list, jobs)
   local cmds = {}
   for i, args in ipairs(list) do cmds[i] = M.cmd(args) end
   return M.many(cmds, jobs)
+end
+
+-- A batch of named shell commands, run together (in parallel) when a result is first asked
+-- for; commands added later run at the next such request.
+--   local B = hr.batch(); B.host('v', 'version'); ... B.get('v').rc
+function M.batch(jobs)
+  local b, pending, results = {}, {}, {}
+  function b.add(name, cmd)
+    assert(not results[name], 'a command named ' .. name .. ' already ran')
+    pending[#pending + 1] = {name, cmd}
+  end
+  function b.host(name, args) b.add(name, M.cmd(args)) end
+  function b.get(name)
+    if not results[name] and #pending > 0 then
+      local cmds = {}
+      for i, p in ipairs(pending) do cmds[i] = p[2] end
+      for i, r in ipairs(M.many(cmds, jobs)) do results[pending[i][1]] = r end
+      pending = {}
+    end
+    return assert(results[name], 'no command named ' .. tostring(name))
+  end
+  return b
 end
 
 -- A fresh temporary directory holding the given files ({name = text}); returns its path.

@@ -377,7 +377,8 @@ describe('dims are 1-based', function()
     assert.matches('dim -4 out of range', errmsg(a.transpose, a, 1, -4), 1, true)
     assert.matches('Tensor.squeeze: dim 3 out of range for a tensor of 2 dims',
                    errmsg(function() return torch.zeros(2, 3):squeeze(3) end), 1, true)
-    assert.matches('Tensor.unsqueeze: dim 4 out of range', errmsg(function() return torch.zeros(2, 3):unsqueeze(4) end), 1, true)
+    assert.matches('Tensor.unsqueeze: dim 4 out of range to unsqueeze a tensor of 2 dims (expected 1..3 or -3..-1)',
+                   errmsg(function() return torch.zeros(2, 3):unsqueeze(4) end), 1, true)
     assert.matches('torch.stack', errmsg(torch.stack, {a, a}, 5), 1, true)
   end)
 

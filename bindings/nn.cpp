@@ -1,0 +1,542 @@
+// nn: the decoder language model (lib/model) as Lua userdata: from_pretrained / from_config,
+// forward, parameters and state dicts, freezing, checkpointing, save, generation and perplexity.
+#include "bindings/bind.h"
+#include "lib/model.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <regex>
+#include <string>
+
+namespace qatlab {
+
+namespace {
+
+#define QATLAB_MODEL_MT "qatlab.Model"
+
+struct ModelUD {
+    std::shared_ptr<DecoderModel> m;
+};
+
+using json = nlohmann::json;
+
+void model_push(lua_State * L, std::shared_ptr<DecoderModel> m) {
+    void * p = lua_newuserdata(L, sizeof(ModelUD));
+    new (p) ModelUD{std::move(m)};
+    luaL_getmetatable(L, QATLAB_MODEL_MT);
+    lua_setmetatable(L, -2);
+}
+
+DecoderModel & model_check(lua_State * L, int idx) {
+    auto * u = (ModelUD *)luaL_testudata(L, idx, QATLAB_MODEL_MT);
+    if (!u) bind_fail("expected a Model (call methods with ':'), got %s", luaL_typename(L, idx));
+    if (!u->m) bind_fail("the model was freed");
+    return *u->m;
+}
+
+int model_gc(lua_State * L) {
+    if (auto * u = (ModelUD *)luaL_testudata(L, 1, QATLAB_MODEL_MT)) u->~ModelUD();
+    return 0;
+}
+
+// -- JSON <-> Lua ----------------------------------------------------------------------------
+
+void json_push(lua_State * L, const json & j) {
+    switch (j.type()) {
+    case json::value_t::object:
+        lua_createtable(L, 0, (int)j.size());
+        for (auto & [k, v] : j.items()) {
+            json_push(L, v);
+            lua_setfield(L, -2, k.c_str());
+        }
+        break;
+    case json::value_t::array:
+        lua_createtable(L, (int)j.size(), 0);
+        for (size_t i = 0; i < j.size(); i++) {
+            json_push(L, j[i]);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    case json::value_t::string: lua_pushstring(L, j.get<std::string>().c_str()); break;
+    case json::value_t::boolean: lua_pushboolean(L, j.get<bool>()); break;
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned:
+    case json::value_t::number_float: lua_pushnumber(L, j.get<double>()); break;
+    default: lua_pushnil(L);
+    }
+}
+
+json json_from_lua(lua_State * L, int idx, int depth = 0) {
+    if (depth > 32) bind_fail("config table nested too deeply");
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER: {
+        double v = lua_tonumber(L, idx);
+        if (std::floor(v) == v && std::fabs(v) < 9e15) return json((int64_t)v);
+        return json(v);
+    }
+    case LUA_TBOOLEAN: return json((bool)lua_toboolean(L, idx));
+    case LUA_TSTRING: return json(std::string(lua_tostring(L, idx)));
+    case LUA_TTABLE: {
+        size_t n = lua_objlen(L, idx);
+        json out = n > 0 ? json::array() : json::object();
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            if (n > 0) {
+                if (lua_type(L, -2) == LUA_TNUMBER) out.push_back(json_from_lua(L, -1, depth + 1));
+            } else if (lua_type(L, -2) == LUA_TSTRING) {
+                out[lua_tostring(L, -2)] = json_from_lua(L, -1, depth + 1);
+            } else {
+                bind_fail("config table: keys must be strings");
+            }
+            lua_pop(L, 1);
+        }
+        return out;
+    }
+    default: bind_fail("config table: unsupported value of type %s", luaL_typename(L, idx));
+    }
+}
+
+// -- constructors ----------------------------------------------------------------------------
+
+void read_place(Args & a, int pos, std::optional<c10::Device> & dev, std::optional<at::ScalarType> & dt) {
+    c10::Device d(at::kCPU);
+    at::ScalarType t;
+    if (a.opt_device(0, "device", d)) dev = d;
+    if (a.opt_dtype(0, "dtype", t)) {
+        if (!at::isFloatingType(t)) bind_fail("option 'dtype': a model needs a floating dtype, got %s", c10::toString(t));
+        dt = t;
+    }
+}
+
+int nn_from_pretrained(lua_State * L) {
+    Args a(L);
+    int idx = a.find(1, "dir");
+    if (!idx || lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #1 (dir): expected a directory path");
+    std::string dir = lua_tostring(L, idx);
+    std::optional<c10::Device> dev;
+    std::optional<at::ScalarType> dt;
+    read_place(a, 0, dev, dt);
+    a.finish();
+    if (!dev) dev = default_device();
+    model_push(L, DecoderModel::from_pretrained(dir, dev, dt));
+    return 1;
+}
+
+int nn_from_config(lua_State * L) {
+    // The config table has string keys like an options table: read it by position, options after it.
+    DecoderConfig cfg;
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        cfg = decoder_config_load(lua_tostring(L, 1));
+    } else if (lua_type(L, 1) == LUA_TTABLE) {
+        cfg = decoder_config_parse(json_from_lua(L, 1).dump(), "config table");
+    } else {
+        bind_fail("argument #1 (config): expected a config.json path or a config table, got %s", luaL_typename(L, 1));
+    }
+    Args a(L, 2);
+    if (a.npos() > 0) bind_fail("expected nn.from_config(config, {device=, dtype=})");
+    std::optional<c10::Device> dev;
+    std::optional<at::ScalarType> dt;
+    read_place(a, 0, dev, dt);
+    a.finish();
+    at::ScalarType t = dt.value_or(at::isFloatingType(default_dtype()) ? default_dtype() : at::kFloat);
+    auto m = std::make_shared<DecoderModel>(cfg, dev.value_or(default_device()), t);
+    m->to(std::nullopt, t);   // records the dtype in the config
+    model_push(L, m);
+    return 1;
+}
+
+// -- methods ---------------------------------------------------------------------------------
+
+at::Tensor ids_arg(Args & a, int pos, const char * name) {
+    int idx = a.find(pos, name);
+    if (!idx) bind_fail("%s: expected token ids (an int64 Tensor or an array of numbers)", name);
+    if (at::Tensor * t = tensor_test(a.L, idx)) {
+        if (!t->defined()) bind_fail("%s: the tensor was freed", name);
+        if (at::isFloatingType(t->scalar_type())) bind_fail("%s: token ids must be integers, got %s", name, c10::toString(t->scalar_type()));
+        return t->to(at::kLong);
+    }
+    if (lua_type(a.L, idx) != LUA_TTABLE) bind_fail("%s: expected token ids, got %s", name, luaL_typename(a.L, idx));
+    std::vector<int64_t> v;
+    int n = (int)lua_objlen(a.L, idx);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(a.L, idx, i);
+        if (lua_type(a.L, -1) != LUA_TNUMBER) bind_fail("%s: element %d is not a number", name, i);
+        v.push_back((int64_t)lua_tonumber(a.L, -1));
+        lua_pop(a.L, 1);
+    }
+    return at::tensor(v, at::kLong);
+}
+
+int m_forward(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    at::Tensor ids = ids_arg(a, 2, "input_ids");
+    if (ids.dim() == 1) ids = ids.unsqueeze(0);
+    at::Tensor * mask = a.opt_tensor(0, "attention_mask");
+    at::Tensor * pos = a.opt_tensor(0, "position_ids");
+    std::string out = a.opt_string(0, "output", "logits");
+    a.finish();
+    if (out != "logits" && out != "hidden") bind_fail("option 'output': expected 'logits' or 'hidden', got '%s'", out.c_str());
+    tensor_push(L, m.forward(ids, mask ? *mask : at::Tensor(), pos ? *pos : at::Tensor(),
+                             out == "hidden" ? ForwardOutput::hidden : ForwardOutput::logits));
+    return 1;
+}
+
+int m_named_parameters(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    auto np = m.named_parameters();
+    lua_createtable(L, (int)np.size(), 0);
+    for (size_t i = 0; i < np.size(); i++) {
+        lua_createtable(L, 2, 0);
+        lua_pushstring(L, np[i].first.c_str());
+        lua_rawseti(L, -2, 1);
+        tensor_push(L, np[i].second);
+        lua_rawseti(L, -2, 2);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
+int m_parameters(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    auto np = m.named_parameters();
+    lua_createtable(L, (int)np.size(), 0);
+    for (size_t i = 0; i < np.size(); i++) {
+        tensor_push(L, np[i].second);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
+int m_state_dict(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    auto sd = m.state_dict();
+    lua_createtable(L, 0, (int)sd.size());
+    for (auto & [n, t] : sd) {
+        tensor_push(L, t.detach());
+        lua_setfield(L, -2, n.c_str());
+    }
+    return 1;
+}
+
+void push_strings(lua_State * L, const std::vector<std::string> & v) {
+    lua_createtable(L, (int)v.size(), 0);
+    for (size_t i = 0; i < v.size(); i++) {
+        lua_pushstring(L, v[i].c_str());
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
+// load_state_dict(tbl, {strict=true}): tbl maps name -> Tensor (or is an array of {name, tensor}).
+int m_load_state_dict(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    if (lua_type(L, 2) != LUA_TTABLE) bind_fail("argument #1 (state_dict): expected a table name -> Tensor");
+    bool strict = true;
+    if (lua_gettop(L) >= 3) {
+        Args a(L, 3);
+        strict = a.opt_bool(0, "strict", true);
+        a.finish();
+    }
+    NamedTensors sd;
+    lua_pushnil(L);
+    while (lua_next(L, 2)) {
+        if (lua_type(L, -2) == LUA_TSTRING) {
+            at::Tensor * t = tensor_test(L, -1);
+            if (!t || !t->defined()) bind_fail("state_dict['%s']: expected a Tensor", lua_tostring(L, -2));
+            sd.push_back({lua_tostring(L, -2), *t});
+        } else if (lua_type(L, -1) == LUA_TTABLE) {   // {name, tensor} pair
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2);
+            at::Tensor * t = tensor_test(L, -1);
+            if (lua_type(L, -2) != LUA_TSTRING || !t || !t->defined())
+                bind_fail("state_dict: array entries must be {name, tensor} pairs");
+            sd.push_back({lua_tostring(L, -2), *t});
+            lua_pop(L, 2);
+        } else {
+            bind_fail("state_dict: keys must be parameter names");
+        }
+        lua_pop(L, 1);
+    }
+    auto [missing, unexpected] = m.load_state_dict(sd, strict, "load_state_dict");
+    push_strings(L, missing);
+    push_strings(L, unexpected);
+    return 2;
+}
+
+int m_train(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    bool on = lua_isnoneornil(L, 2) ? true : lua_toboolean(L, 2);
+    m.train(on);
+    lua_settop(L, 1);
+    return 1;
+}
+
+int m_eval(lua_State * L) {
+    model_check(L, 1).train(false);
+    lua_settop(L, 1);
+    return 1;
+}
+
+int m_to(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    std::optional<c10::Device> dev;
+    std::optional<at::ScalarType> dt;
+    // positional strings: a device or a dtype name
+    for (int p = 2; p <= a.npos(); p++) {
+        int idx = a.find(p, nullptr);
+        if (!idx) continue;
+        if (lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #%d: expected a device or dtype name", p);
+        std::string s = lua_tostring(L, idx);
+        if (s.rfind("cpu", 0) == 0 || s.rfind("cuda", 0) == 0) dev = device_parse(s.c_str());
+        else dt = dtype_parse(s.c_str());
+    }
+    read_place(a, 0, dev, dt);
+    a.finish();
+    if (dt && !at::isFloatingType(*dt)) bind_fail("a model needs a floating dtype");
+    m.to(dev, dt);
+    lua_settop(L, 1);
+    return 1;
+}
+
+int m_requires_grad(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    bool on = a.opt_bool(2, "requires_grad", true);
+    std::string pattern = a.opt_string(3, "pattern", "");
+    a.finish();
+    int64_t n = 0;
+    try {
+        n = m.requires_grad(on, pattern);
+    } catch (const std::regex_error & e) {
+        bind_fail("option 'pattern': bad regular expression '%s': %s", pattern.c_str(), e.what());
+    }
+    if (!pattern.empty() && n == 0) bind_fail("pattern '%s' matches no parameter name", pattern.c_str());
+    lua_settop(L, 1);
+    return 1;
+}
+
+int m_gradient_checkpointing(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    m.gradient_checkpointing(lua_isnoneornil(L, 2) ? true : lua_toboolean(L, 2));
+    lua_settop(L, 1);
+    return 1;
+}
+
+int m_linear_names(lua_State * L) {
+    push_strings(L, model_check(L, 1).linear_names());
+    return 1;
+}
+
+int m_get_linear(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    const char * name = luaL_checkstring(L, 2);
+    tensor_push(L, m.get_linear(name)->weight());
+    return 1;
+}
+
+int m_save_pretrained(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    int idx = a.find(2, "dir");
+    if (!idx || lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #1 (dir): expected a directory path");
+    std::string dir = lua_tostring(L, idx);
+    int64_t shard = a.opt_integer(0, "max_shard_bytes", 5LL << 30);
+    a.finish();
+    if (shard <= 0) bind_fail("option 'max_shard_bytes' must be positive");
+    m.save_pretrained(dir, shard);
+    return 0;
+}
+
+int m_generate(lua_State * L) {
+    DecoderModel & m = model_check(L, 1);
+    if (!is_options_table(L, 2)) bind_fail("expected an options table: model:generate{input_ids = ..., ...}");
+    Args a(L, 2);
+    at::Tensor ids = ids_arg(a, 0, "input_ids");
+    GenerateOptions o;
+    o.max_new_tokens = a.opt_integer(0, "max_new_tokens", o.max_new_tokens);
+    o.temperature = a.opt_number(0, "temperature", o.temperature);
+    o.top_k = a.opt_integer(0, "top_k", o.top_k);
+    o.top_p = a.opt_number(0, "top_p", o.top_p);
+    o.repetition_penalty = a.opt_number(0, "repetition_penalty", o.repetition_penalty);
+    o.seed = (uint64_t)a.opt_integer(0, "seed", (int64_t)o.seed);
+    o.num_samples = a.opt_integer(0, "num_samples", o.num_samples);
+    if (int idx = a.find(0, "stop")) {
+        if (lua_type(L, idx) == LUA_TNUMBER) {
+            o.stop.push_back((int64_t)lua_tonumber(L, idx));
+        } else if (lua_type(L, idx) == LUA_TTABLE) {
+            int n = (int)lua_objlen(L, idx);
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, idx, i);
+                o.stop.push_back((int64_t)lua_tonumber(L, -1));
+                lua_pop(L, 1);
+            }
+        } else {
+            bind_fail("option 'stop': expected a token id or an array of ids");
+        }
+    }
+    int cb = a.find(0, "on_token");
+    if (cb && lua_type(L, cb) != LUA_TFUNCTION) bind_fail("option 'on_token': expected a function(id, row)");
+    a.finish();
+    if (cb) {
+        // on_token(id, row): row is 1-based; returning false stops generation.
+        o.on_token = [L, cb](int64_t row, int64_t tok) {
+            lua_pushvalue(L, cb);
+            lua_pushnumber(L, (lua_Number)tok);
+            lua_pushnumber(L, (lua_Number)(row + 1));
+            if (lua_pcall(L, 2, 1, 0) != 0) {
+                std::string msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error in on_token";
+                lua_pop(L, 1);
+                throw std::runtime_error("on_token: " + msg);
+            }
+            bool go = !(lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1));
+            lua_pop(L, 1);
+            return go;
+        };
+    }
+    GenerateResult r = m.generate(ids, o);
+    lua_createtable(L, (int)r.tokens.size(), 5);
+    for (size_t i = 0; i < r.tokens.size(); i++) {
+        lua_createtable(L, (int)r.tokens[i].size(), 0);
+        for (size_t j = 0; j < r.tokens[i].size(); j++) {
+            lua_pushnumber(L, (lua_Number)r.tokens[i][j]);
+            lua_rawseti(L, -2, (int)j + 1);
+        }
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_pushnumber(L, (lua_Number)r.new_tokens);
+    lua_setfield(L, -2, "new_tokens");
+    lua_pushnumber(L, r.tokens_per_second);
+    lua_setfield(L, -2, "tokens_per_second");
+    lua_pushnumber(L, r.prefill_seconds);
+    lua_setfield(L, -2, "prefill_seconds");
+    lua_pushnumber(L, r.decode_seconds);
+    lua_setfield(L, -2, "decode_seconds");
+    return 1;
+}
+
+int m_perplexity(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    at::Tensor ids = ids_arg(a, 2, "ids");
+    int64_t max_length = a.opt_integer(0, "max_length", 1024);
+    int64_t stride = a.opt_integer(0, "stride", 512);
+    int64_t bytes = a.opt_integer(0, "bytes", 0);
+    a.finish();
+    PerplexityResult r = m.perplexity(ids, max_length, stride, bytes);
+    lua_createtable(L, 0, 5);
+    lua_pushnumber(L, r.ppl);
+    lua_setfield(L, -2, "ppl");
+    lua_pushnumber(L, r.nll);
+    lua_setfield(L, -2, "nll");
+    lua_pushnumber(L, (lua_Number)r.tokens);
+    lua_setfield(L, -2, "tokens");
+    if (bytes > 0) {
+        lua_pushnumber(L, r.bits_per_byte);
+        lua_setfield(L, -2, "bpb");
+    }
+    return 1;
+}
+
+int m_num_parameters(lua_State * L) {
+    int64_t n = 0;
+    for (auto & [name, t] : model_check(L, 1).named_parameters()) n += t.numel();
+    lua_pushnumber(L, (lua_Number)n);
+    return 1;
+}
+
+int m_tostring(lua_State * L) {
+    auto * u = (ModelUD *)luaL_testudata(L, 1, QATLAB_MODEL_MT);
+    if (!u || !u->m) {
+        lua_pushstring(L, "Model (freed)");
+        return 1;
+    }
+    const auto & c = u->m->config();
+    lua_pushfstring(L, "Model(%s, layers=%d, hidden=%d, heads=%d/%d, vocab=%d, %s, %s)", c.model_type.c_str(),
+                    (int)c.num_hidden_layers, (int)c.hidden_size, (int)c.num_attention_heads, (int)c.num_key_value_heads,
+                    (int)c.vocab_size, u->m->device().str().c_str(), c10::toString(u->m->dtype()));
+    return 1;
+}
+
+const BindFn model_methods[] = {
+    {"forward", m_forward},
+    {"named_parameters", m_named_parameters},
+    {"parameters", m_parameters},
+    {"state_dict", m_state_dict},
+    {"load_state_dict", m_load_state_dict},
+    {"train", m_train},
+    {"eval", m_eval},
+    {"to", m_to},
+    {"requires_grad_", m_requires_grad},
+    {"gradient_checkpointing", m_gradient_checkpointing},
+    {"linear_names", m_linear_names},
+    {"get_linear", m_get_linear},
+    {"save_pretrained", m_save_pretrained},
+    {"generate", m_generate},
+    {"perplexity", m_perplexity},
+    {"num_parameters", m_num_parameters},
+    {nullptr, nullptr},
+};
+
+// __index: methods, then the config property (a fresh table each time).
+int model_index(lua_State * L) {
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        luaL_getmetatable(L, QATLAB_MODEL_MT);
+        lua_getfield(L, -1, "__methods");
+        lua_pushvalue(L, 2);
+        lua_rawget(L, -2);
+        if (!lua_isnil(L, -1)) return 1;
+        if (strcmp(lua_tostring(L, 2), "config") == 0) {
+            DecoderModel & m = model_check(L, 1);
+            json_push(L, json::parse(decoder_config_dump(m.config())));
+            return 1;
+        }
+        if (strcmp(lua_tostring(L, 2), "training") == 0) {
+            lua_pushboolean(L, model_check(L, 1).is_training());
+            return 1;
+        }
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+// model(ids, opts) == model:forward(ids, opts)
+int model_call(lua_State * L) {
+    return m_forward(L);
+}
+
+const BindFn nn_functions[] = {
+    {"from_pretrained", nn_from_pretrained},
+    {"from_config", nn_from_config},
+    {nullptr, nullptr},
+};
+
+} // namespace
+
+int luaopen_nn(lua_State * L) {
+    luaL_newmetatable(L, QATLAB_MODEL_MT);
+    lua_pushcfunction(L, model_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "Model");
+    lua_setfield(L, -2, "__name");
+    lua_pushcfunction(L, m_tostring);
+    lua_setfield(L, -2, "__tostring");
+    bind_push_function(L, "Model.__index", model_index);
+    lua_setfield(L, -2, "__index");
+    bind_push_function(L, "Model:forward", model_call);
+    lua_setfield(L, -2, "__call");
+    lua_newtable(L);   // methods live in the metatable of this Lua state
+    bind_register(L, -1, "Model:", model_methods);
+    lua_setfield(L, -2, "__methods");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    bind_register(L, -1, "nn.", nn_functions);
+    return 1;
+}
+
+} // namespace qatlab

@@ -1,0 +1,375 @@
+// tokenizers: the `tokenizers` Lua module over lib/tokenizer: Hugging Face / GPT-2 byte-level
+// BPE and SentencePiece tokenizers as userdata, SentencePiece training, the Qwen3 chat format.
+#include "bindings/bind.h"
+
+#include "lib/tokenizer.h"
+
+#include <ATen/ATen.h>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+namespace qatlab {
+namespace {
+
+#define TOKENIZER_MT "qatlab.Tokenizer"
+
+struct TokenizerUd {
+    std::shared_ptr<Tokenizer> tk;  // reset by __gc
+};
+
+void tokenizer_push(lua_State * L, std::shared_ptr<Tokenizer> tk) {
+    void * p = lua_newuserdata(L, sizeof(TokenizerUd));
+    new (p) TokenizerUd{std::move(tk)};
+    luaL_getmetatable(L, TOKENIZER_MT);
+    lua_setmetatable(L, -2);
+}
+
+Tokenizer & self_check(lua_State * L) {
+    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
+    if (!ud) bind_fail("self: expected a Tokenizer, got %s (call methods with ':')", luaL_typename(L, 1));
+    if (!ud->tk) bind_fail("self: the tokenizer was collected");
+    return *ud->tk;
+}
+
+std::string string_arg(Args & a, int pos, const char * name) {
+    int idx = a.find(pos, name);
+    if (!idx || lua_type(a.L, idx) != LUA_TSTRING)
+        bind_fail("argument #%d (%s): expected a string, got %s", pos, name, idx ? luaL_typename(a.L, idx) : "nothing");
+    size_t n;
+    const char * s = lua_tolstring(a.L, idx, &n);
+    return std::string(s, n);
+}
+
+int64_t id_value(lua_State * L, int idx, int i) {
+    if (lua_type(L, idx) != LUA_TNUMBER) bind_fail("ids[%d]: expected an integer id, got %s", i, luaL_typename(L, idx));
+    double v = lua_tonumber(L, idx);
+    if (std::floor(v) != v || std::fabs(v) >= 9.2e18) bind_fail("ids[%d]: expected an integer id, got %g", i, v);
+    return int64_t(v);
+}
+
+void push_ids(lua_State * L, const std::vector<int64_t> & ids) {
+    lua_createtable(L, int(ids.size()), 0);
+    for (size_t i = 0; i < ids.size(); i++) {
+        lua_pushnumber(L, lua_Number(ids[i]));
+        lua_rawseti(L, -2, int(i) + 1);
+    }
+}
+
+// -- methods ---------------------------------------------------------------------------------
+
+// tk:encode(text, {add_special_tokens=false, return_tensor=false}) → ids (0-based) or an
+// int64 Tensor; a table of texts gives a table of id lists.
+int m_encode(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    bool special = a.opt_bool(0, "add_special_tokens", false);
+    bool tensor = a.opt_bool(0, "return_tensor", false);
+    int idx = a.find(2, "text");
+    a.finish();
+    if (idx && lua_type(L, idx) == LUA_TTABLE) {
+        if (tensor) bind_fail("return_tensor: a batch of texts gives ragged ids; encode texts one by one");
+        int n = int(lua_objlen(L, idx));
+        lua_createtable(L, n, 0);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            if (lua_type(L, -1) != LUA_TSTRING) bind_fail("text[%d]: expected a string, got %s", i, luaL_typename(L, -1));
+            size_t len;
+            const char * s = lua_tolstring(L, -1, &len);
+            std::vector<int64_t> ids = tk.encode(std::string(s, len), special);
+            lua_pop(L, 1);
+            push_ids(L, ids);
+            lua_rawseti(L, -2, i);
+        }
+        return 1;
+    }
+    std::vector<int64_t> ids = tk.encode(string_arg(a, 2, "text"), special);
+    if (tensor) {
+        at::Tensor t = at::empty({int64_t(ids.size())}, at::kLong);
+        if (!ids.empty()) std::memcpy(t.data_ptr<int64_t>(), ids.data(), ids.size() * sizeof(int64_t));
+        tensor_push(L, std::move(t));
+    } else
+        push_ids(L, ids);
+    return 1;
+}
+
+// tk:decode(ids or Tensor, {skip_special_tokens=false}) → string
+int m_decode(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    bool skip = a.opt_bool(0, "skip_special_tokens", false);
+    int idx = a.find(2, "ids");
+    a.finish();
+    std::vector<int64_t> ids;
+    if (!idx) bind_fail("argument #2 (ids): expected a table of ids or a Tensor, got nothing");
+    if (at::Tensor * t = tensor_test(L, idx)) {
+        if (!t->defined()) bind_fail("argument #2 (ids): the tensor was freed");
+        if (t->dim() > 1) bind_fail("argument #2 (ids): expected a 0-dim or 1-dim tensor, got %lld dims", (long long)t->dim());
+        if (at::isFloatingType(t->scalar_type()) || t->scalar_type() == at::kBool)
+            bind_fail("argument #2 (ids): expected an integer tensor, got %s", c10::toString(t->scalar_type()));
+        at::Tensor c = t->reshape({-1}).to(at::kCPU, at::kLong).contiguous();
+        const int64_t * p = c.data_ptr<int64_t>();
+        ids.assign(p, p + c.numel());
+    } else if (lua_type(L, idx) == LUA_TTABLE) {
+        int n = int(lua_objlen(L, idx));
+        ids.reserve(n);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            ids.push_back(id_value(L, -1, i));
+            lua_pop(L, 1);
+        }
+    } else
+        bind_fail("argument #2 (ids): expected a table of ids or a Tensor, got %s", luaL_typename(L, idx));
+    std::string s = tk.decode(ids, skip);
+    lua_pushlstring(L, s.data(), s.size());
+    return 1;
+}
+
+int m_vocab_size(lua_State * L) {
+    lua_pushnumber(L, lua_Number(self_check(L).vocab_size()));
+    return 1;
+}
+
+// tk:token_to_id(s) → id or nil
+int m_token_to_id(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    std::string s = string_arg(a, 2, "token");
+    a.finish();
+    int64_t id = tk.token_to_id(s);
+    if (id < 0) lua_pushnil(L);
+    else lua_pushnumber(L, lua_Number(id));
+    return 1;
+}
+
+int m_id_to_token(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    int64_t id = a.integer(2, "id");
+    a.finish();
+    std::string s = tk.id_to_token(id);
+    lua_pushlstring(L, s.data(), s.size());
+    return 1;
+}
+
+// tk:token_bytes(id) → the raw bytes a token stands for (for bits-per-byte accounting)
+int m_token_bytes(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    int64_t id = a.integer(2, "id");
+    a.finish();
+    std::string s = tk.token_bytes(id);
+    lua_pushlstring(L, s.data(), s.size());
+    return 1;
+}
+
+int m_is_special(lua_State * L) {
+    Args a(L);
+    Tokenizer & tk = self_check(L);
+    int64_t id = a.integer(2, "id");
+    a.finish();
+    lua_pushboolean(L, tk.is_special(id));
+    return 1;
+}
+
+const BindFn methods[] = {
+    {"encode", m_encode},           {"decode", m_decode},           {"vocab_size", m_vocab_size},
+    {"token_to_id", m_token_to_id}, {"id_to_token", m_id_to_token}, {"token_bytes", m_token_bytes},
+    {"is_special", m_is_special},   {nullptr, nullptr},
+};
+
+// __index: methods first, then the read-only fields (special ids are nil when absent).
+int tk_index(lua_State * L) {
+    lua_pushvalue(L, 2);
+    lua_rawget(L, lua_upvalueindex(1));
+    if (!lua_isnil(L, -1)) return 1;
+    lua_pop(L, 1);
+    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
+    const char * k = lua_tostring(L, 2);
+    if (!ud || !ud->tk || !k) return 0;
+    const Tokenizer & tk = *ud->tk;
+    int64_t id = -2;
+    if (!strcmp(k, "eos_token_id")) id = tk.eos_token_id();
+    else if (!strcmp(k, "bos_token_id")) id = tk.bos_token_id();
+    else if (!strcmp(k, "pad_token_id")) id = tk.pad_token_id();
+    else if (!strcmp(k, "unk_token_id")) id = tk.unk_token_id();
+    else if (!strcmp(k, "kind")) {
+        lua_pushstring(L, tk.kind());
+        return 1;
+    }
+    if (id == -2 || id == -1) return 0;
+    lua_pushnumber(L, lua_Number(id));
+    return 1;
+}
+
+int tk_gc(lua_State * L) {
+    if (auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT))) ud->tk.reset();
+    return 0;
+}
+
+int tk_tostring(lua_State * L) {
+    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
+    if (!ud || !ud->tk) lua_pushliteral(L, "Tokenizer(collected)");
+    else lua_pushfstring(L, "Tokenizer(%s, vocab %d)", ud->tk->kind(), int(ud->tk->vocab_size()));
+    return 1;
+}
+
+// -- module functions --------------------------------------------------------------------------
+
+// tokenizers.from_file(path): tokenizer.json, a directory holding it, or a SentencePiece .model
+int f_from_file(lua_State * L) {
+    Args a(L);
+    std::string path = string_arg(a, 1, "path");
+    a.finish();
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(tokenizer_load(path)));
+    return 1;
+}
+
+// tokenizers.gpt2(encoder_json, vocab_bpe)
+int f_gpt2(lua_State * L) {
+    Args a(L);
+    std::string enc = string_arg(a, 1, "encoder_json"), bpe = string_arg(a, 2, "vocab_bpe");
+    a.finish();
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(BpeTokenizer::from_gpt2_files(enc, bpe)));
+    return 1;
+}
+
+int f_sentencepiece(lua_State * L) {
+    Args a(L);
+    std::string path = string_arg(a, 1, "model_path");
+    a.finish();
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(SentencePieceTokenizer::from_file(path)));
+    return 1;
+}
+
+// tokenizers.train_sentencepiece{input=, model_prefix=, vocab_size=, model_type='bpe',
+// preset='golf', <any spm_train flag>=...} → the .model path
+int f_train_sentencepiece(lua_State * L) {
+    if (lua_type(L, 1) != LUA_TTABLE || lua_gettop(L) != 1)
+        bind_fail("expected one table {input=, model_prefix=, vocab_size=, ...}, got %s", luaL_typename(L, 1));
+    SentencePieceTrainOptions o;
+    bool has_vocab = false;
+    std::string preset;
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        if (lua_type(L, -2) != LUA_TSTRING) bind_fail("options: expected string keys, got a %s key", luaL_typename(L, -2));
+        std::string k = lua_tostring(L, -2), v;
+        int t = lua_type(L, -1);
+        if (t == LUA_TSTRING) v = lua_tostring(L, -1);
+        else if (t == LUA_TBOOLEAN) v = lua_toboolean(L, -1) ? "true" : "false";
+        else if (t == LUA_TNUMBER) {
+            double d = lua_tonumber(L, -1);
+            char buf[64];
+            if (std::floor(d) == d && std::fabs(d) < 1e15) snprintf(buf, sizeof buf, "%lld", (long long)d);
+            else snprintf(buf, sizeof buf, "%.17g", d);
+            v = buf;
+        } else
+            bind_fail("option '%s': expected a string, number or boolean, got %s", k.c_str(), luaL_typename(L, -1));
+        lua_pop(L, 1);
+        if (k == "input") o.input = v;
+        else if (k == "model_prefix") o.model_prefix = v;
+        else if (k == "model_type") o.model_type = v;
+        else if (k == "preset") preset = v;
+        else if (k == "vocab_size") {
+            if (t != LUA_TNUMBER) bind_fail("option 'vocab_size': expected a number, got %s", v.c_str());
+            o.vocab_size = std::stoll(v);
+            has_vocab = true;
+        } else
+            o.extra[k] = v;  // SentencePiece checks the flag names itself
+    }
+    if (o.input.empty()) bind_fail("option 'input' (a text file) is required");
+    if (o.model_prefix.empty()) bind_fail("option 'model_prefix' is required");
+    if (!has_vocab) bind_fail("option 'vocab_size' is required");
+    if (!preset.empty()) {
+        if (preset != "golf") bind_fail("option 'preset': expected 'golf', got '%s'", preset.c_str());
+        auto golf = sentencepiece_golf_options();
+        for (auto & kv : golf)
+            if (!o.extra.count(kv.first) && kv.first != "model_type") o.extra[kv.first] = kv.second;
+    }
+    std::string model = sentencepiece_train(o);
+    lua_pushlstring(L, model.data(), model.size());
+    return 1;
+}
+
+std::string field_string(lua_State * L, int tbl, const char * key, int i, bool required) {
+    lua_getfield(L, tbl, key);
+    int t = lua_type(L, -1);
+    std::string s;
+    if (t == LUA_TSTRING) {
+        size_t n;
+        const char * p = lua_tolstring(L, -1, &n);
+        s.assign(p, n);
+    } else if (t != LUA_TNIL || required)
+        bind_fail("messages[%d].%s: expected a string, got %s", i, key, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return s;
+}
+
+// tokenizers.chat_format(messages, {add_generation_prompt=false, enable_thinking=false,
+// strip_think=true}) → the Qwen3 chat text, as the seed's cache builder renders it
+int f_chat_format(lua_State * L) {
+    Args a(L);
+    ChatFormatOptions o;
+    o.add_generation_prompt = a.opt_bool(0, "add_generation_prompt", false);
+    o.enable_thinking = a.opt_bool(0, "enable_thinking", false);
+    o.strip_think = a.opt_bool(0, "strip_think", true);
+    int idx = a.find(1, "messages");
+    a.finish();
+    if (!idx || lua_type(L, idx) != LUA_TTABLE)
+        bind_fail("argument #1 (messages): expected a table of {role=, content=}, got %s", idx ? luaL_typename(L, idx) : "nothing");
+    std::vector<ChatMessage> msgs;
+    int n = int(lua_objlen(L, idx));
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        int m = lua_gettop(L);
+        if (lua_type(L, m) != LUA_TTABLE) bind_fail("messages[%d]: expected a table {role=, content=}, got %s", i, luaL_typename(L, m));
+        ChatMessage cm;
+        cm.role = field_string(L, m, "role", i, true);
+        cm.content = field_string(L, m, "content", i, true);
+        lua_getfield(L, m, "reasoning_content");
+        bool has_reasoning = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (has_reasoning) cm.reasoning_content = field_string(L, m, "reasoning_content", i, true);
+        lua_pop(L, 1);
+        msgs.push_back(std::move(cm));
+    }
+    std::string s = chat_format_qwen3(msgs, o);
+    lua_pushlstring(L, s.data(), s.size());
+    return 1;
+}
+
+const BindFn functions[] = {
+    {"from_file", f_from_file},
+    {"gpt2", f_gpt2},
+    {"sentencepiece", f_sentencepiece},
+    {"train_sentencepiece", f_train_sentencepiece},
+    {"chat_format", f_chat_format},
+    {nullptr, nullptr},
+};
+
+} // namespace
+
+int luaopen_tokenizers(lua_State * L) {
+    // Tensors returned by encode need the Tensor methods, which loading torch installs.
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "torch");
+    lua_call(L, 1, 0);
+    if (luaL_newmetatable(L, TOKENIZER_MT)) {
+        lua_pushcfunction(L, tk_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, tk_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_pushliteral(L, "Tokenizer");
+        lua_setfield(L, -2, "__name");
+        lua_newtable(L);
+        bind_register(L, -1, "Tokenizer.", methods);
+        lua_pushcclosure(L, tk_index, 1);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    bind_register(L, -1, "tokenizers.", functions);
+    return 1;
+}
+
+} // namespace qatlab
