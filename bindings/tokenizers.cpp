@@ -2,6 +2,7 @@
 // BPE and SentencePiece tokenizers as userdata, SentencePiece training, the Qwen3 chat format.
 #include "bindings/bind.h"
 
+#include "lib/gguf.h"
 #include "lib/tokenizer.h"
 
 #include <ATen/ATen.h>
@@ -225,6 +226,16 @@ int f_from_file(lua_State * L) {
     return 1;
 }
 
+// tokenizers.from_gguf(path): the tokenizer stored in a GGUF model file's metadata
+int f_from_gguf(lua_State * L) {
+    Args a(L);
+    std::string path = string_arg(a, 1, "path");
+    a.finish();
+    GgufFile f = gguf_open(path);
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(gguf_tokenizer(f, path)));
+    return 1;
+}
+
 // tokenizers.gpt2(encoder_json, vocab_bpe)
 int f_gpt2(lua_State * L) {
     Args a(L);
@@ -341,6 +352,7 @@ int f_chat_format(lua_State * L) {
 const BindFn functions[] = {
     {"from_file", f_from_file},
     {"gpt2", f_gpt2},
+    {"from_gguf", f_from_gguf},
     {"sentencepiece", f_sentencepiece},
     {"train_sentencepiece", f_train_sentencepiece},
     {"chat_format", f_chat_format},

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <climits>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -91,7 +92,10 @@ std::string host_scripts_dir() {
     std::string exe = host_exe_dir();
     for (const std::string & c : {exe + "/../scripts", exe + "/../share/qatlab/scripts", exe + "/scripts",
                                   std::string(QATLAB_SOURCE_DIR) + "/scripts"})
-        if (dir_exists(c)) return c;
+        if (dir_exists(c)) {
+            char real[PATH_MAX];
+            return realpath(c.c_str(), real) ? std::string(real) : c;
+        }
     return std::string(QATLAB_SOURCE_DIR) + "/scripts";
 }
 

@@ -120,6 +120,11 @@ struct GgufHfModel {
 // HF's rotate_half order. out as in gguf_tensor.
 GgufHfModel gguf_load_hf(const GgufFile & f, at::ScalarType out = at::kFloat);
 
+// The file's byte-level BPE tokenizer (tokenizer.ggml.model "gpt2": tokens, merges, token
+// types, pre-tokenizer, special ids); `path` names the file in errors. In gguf_tokenizer.cpp.
+class BpeTokenizer;
+std::unique_ptr<BpeTokenizer> gguf_tokenizer(const GgufFile & f, const std::string & path);
+
 // Undoes llama.cpp's Q/K row permutation: rows [n_head, head_dim/2, 2] → [n_head, 2, head_dim/2].
 at::Tensor gguf_unpermute_qk(const at::Tensor & w, int64_t n_head);
 

@@ -1,0 +1,92 @@
+-- pretrained_chat_ppl: loads a real pretrained model (a Hugging Face directory, or the
+-- SmolLM2-135M-Instruct GGUF fetched by scripts/fetch_smollm2.sh), chats from a prompt with the
+-- KV-cache generator, and measures perplexity and bits per byte on a text file.
+--
+--   qatlab run experiments/pretrained_chat_ppl.lua [--set prompt='...'] [--set dir=HF_DIR]
+--          [--set text=FILE] [--set max_tokens=4096] [--device cuda --set dtype=bfloat16]
+local torch = require 'torch'
+local nn = require 'nn'
+local gguf = require 'gguf'
+local tokenizers = require 'tokenizers'
+local log = require 'log'
+local config = require 'config'
+local qatlab = require 'qatlab'
+local args = ...
+
+local cfg = config.merge({
+  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  dir = '',             -- a Hugging Face model directory; used instead of gguf when set
+  prompt = 'What is the capital of France? Answer in one sentence.',
+  system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face',
+  max_new_tokens = 64,
+  temperature = 0.0,    -- 0: greedy
+  top_p = 1.0,
+  seed = 0,
+  text = '/usr/share/common-licenses/GPL-3',
+  max_tokens = 2048,    -- perplexity on the first max_tokens tokens of the text (0: all)
+  max_length = 1024,    -- the seed's sliding-window protocol (anemll_spec §9.1)
+  stride = 512,
+  dtype = 'float32',
+}, args)
+
+-- model and tokenizer --------------------------------------------------------------------
+local t0 = qatlab.time()
+local model, tk
+if cfg.dir ~= '' then
+  model = nn.from_pretrained(cfg.dir, {dtype = cfg.dtype})
+  tk = tokenizers.from_file(cfg.dir)
+else
+  local f = io.open(cfg.gguf, 'rb')
+  if not f then
+    error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
+  end
+  f:close()
+  local tensors, hf_config = gguf.load(cfg.gguf)
+  model = nn.from_config(hf_config, {dtype = cfg.dtype})
+  model:load_state_dict(tensors)
+  tk = tokenizers.from_gguf(cfg.gguf)
+end
+model:eval()
+log.info(('loaded %s: %.1fM parameters, %s on %s in %.2f s'):format(
+  cfg.dir ~= '' and cfg.dir or cfg.gguf, model:num_parameters() / 1e6, cfg.dtype, qatlab.device,
+  qatlab.time() - t0))
+
+-- chat (ChatML, the format of SmolLM2-Instruct and Qwen) -----------------------------------
+local prompt = ('<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n')
+  :format(cfg.system, cfg.prompt)
+local ids = tk:encode(prompt)
+local stop = {}
+for _, s in ipairs({'<|im_end|>', '<|endoftext|>'}) do
+  local id = tk:token_to_id(s)
+  if id and id >= 0 then stop[#stop + 1] = id end
+end
+io.write('\n', cfg.prompt, '\n> ')
+local produced = {}
+local out = model:generate{
+  input_ids = torch.tensor({ids}, {dtype = 'int64'}), max_new_tokens = cfg.max_new_tokens,
+  temperature = cfg.temperature, top_p = cfg.top_p, seed = cfg.seed, stop = stop,
+  on_token = function(id)
+    produced[#produced + 1] = id
+    io.write(tk:decode({id}, {skip_special_tokens = true}))
+    io.flush()
+  end,
+}
+io.write('\n\n')
+io.flush()
+log.info(('generated %d tokens, %.1f tokens/s (prefill %.3f s)'):format(
+  out.new_tokens, out.tokens_per_second, out.prefill_seconds))
+
+-- perplexity -----------------------------------------------------------------------------------
+local f = assert(io.open(cfg.text, 'rb'))
+local text = f:read('*a')
+f:close()
+local tokens = tk:encode(text)
+local n = cfg.max_tokens > 0 and math.min(cfg.max_tokens, #tokens) or #tokens
+local used = {}
+for i = 1, n do used[i] = tokens[i] end
+local bytes = #tk:decode(used)
+t0 = qatlab.time()
+local r = model:perplexity(torch.tensor(used, {dtype = 'int64'}),
+  {max_length = cfg.max_length, stride = cfg.stride, bytes = bytes})
+log.info(('perplexity %.3f, bits/byte %.4f on %d tokens (%d bytes) of %s, window %d stride %d, %.1f s'):format(
+  r.ppl, r.bpb, r.tokens, bytes, cfg.text, cfg.max_length, cfg.stride, qatlab.time() - t0))
