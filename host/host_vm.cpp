@@ -2,6 +2,7 @@
 // `args` and `arg`, running chunks under a traceback handler, Ctrl-C, and the REPL.
 #include "host/host.h"
 #include "bindings/bind.h"
+#include "lib/logging.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -270,7 +271,10 @@ int HostVm::call_chunk(int) {
     int status = lua_pcall(L, 2, 0, chunk);
     if (status != 0) {
         const char * msg = lua_tostring(L, -1);
-        if (msg) std::cerr << "qatlab: " << msg << std::endl;
+        if (msg) {
+            std::cerr << "qatlab: " << msg << std::endl;
+            log_write_file(LOG_ERROR, std::string("uncaught error: ") + msg);  // headless runs keep why
+        }
         lua_settop(L, chunk - 1);
         return 1;
     }

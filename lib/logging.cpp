@@ -17,6 +17,8 @@ static const spdlog::level::level_enum levels[] = {
 };
 static const char * names[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
 
+static std::shared_ptr<spdlog::sinks::sink> file_sink;
+
 void log_setup(const std::string & file) {
     std::vector<spdlog::sink_ptr> sinks;
     if (getenv("NO_COLOR") || !isatty(2)) sinks.push_back(std::make_shared<spdlog::sinks::stderr_sink_mt>());
@@ -26,6 +28,7 @@ void log_setup(const std::string & file) {
         auto f = std::make_shared<spdlog::sinks::basic_file_sink_mt>(file, false);
         f->set_pattern("%Y-%m-%dT%H:%M:%S.%e %l %v");
         sinks.push_back(f);
+        file_sink = f;
     }
     auto logger = std::make_shared<spdlog::logger>("qatlab", sinks.begin(), sinks.end());
     logger->set_level(spdlog::get_level());
@@ -54,6 +57,12 @@ LogLevel log_get_level() {
 
 bool log_enabled(LogLevel lv) { return spdlog::should_log(levels[lv]); }
 void log_write(LogLevel lv, const std::string & msg) { spdlog::log(levels[lv], "{}", msg); }
+void log_write_file(LogLevel lv, const std::string & msg) {
+    if (!file_sink) return;
+    file_sink->log(spdlog::details::log_msg("qatlab", levels[lv], msg));
+    file_sink->flush();
+}
+
 void log_flush() { spdlog::default_logger()->flush(); }
 void log_shutdown() { spdlog::shutdown(); }
 

@@ -15,6 +15,9 @@ void log_set_level(LogLevel lv);
 LogLevel log_get_level();
 bool log_enabled(LogLevel lv);
 void log_write(LogLevel lv, const std::string & msg);
+// Only to the log file (when there is one): for text already printed to stderr another way,
+// such as an uncaught script error and its traceback.
+void log_write_file(LogLevel lv, const std::string & msg);
 void log_flush();
 void log_shutdown();
 
