@@ -409,14 +409,59 @@ void Args::finish() {
 // live bytes pass max(floor, 2 x live after the last GC), per device kind.
 
 namespace {
+// Open addressing keyed by StorageImpl address: one probe per push and per __gc, and no
+// allocation per tensor (a node-based map's malloc/free showed up in small-op profiles).
 struct StorageRef {
+    const void * key;   // nullptr: empty slot
     int64_t users;
     int64_t bytes;
     bool cuda;
 };
-std::unordered_map<const void *, StorageRef> & storage_refs() {
-    static std::unordered_map<const void *, StorageRef> m;
-    return m;
+struct StorageTable {
+    std::vector<StorageRef> slots = std::vector<StorageRef>(1024);
+    size_t count = 0;
+    size_t home(const void * k) const {
+        uint64_t h = (uint64_t)(uintptr_t)k * 0x9E3779B97F4A7C15ull;
+        return (size_t)(h >> 20) & (slots.size() - 1);
+    }
+    StorageRef * find(const void * k) {
+        for (size_t i = home(k);; i = (i + 1) & (slots.size() - 1)) {
+            if (slots[i].key == k) return &slots[i];
+            if (!slots[i].key) return nullptr;
+        }
+    }
+    void insert(const StorageRef & r) {
+        if ((count + 1) * 2 > slots.size()) grow();
+        size_t i = home(r.key);
+        while (slots[i].key) i = (i + 1) & (slots.size() - 1);
+        slots[i] = r;
+        count++;
+    }
+    void erase(StorageRef * r) {  // backward-shift deletion keeps probe chains intact
+        size_t mask = slots.size() - 1, i = (size_t)(r - slots.data()), j = i;
+        for (;;) {
+            j = (j + 1) & mask;
+            if (!slots[j].key) break;
+            size_t h = home(slots[j].key);
+            if (((j - h) & mask) >= ((j - i) & mask)) {
+                slots[i] = slots[j];
+                i = j;
+            }
+        }
+        slots[i].key = nullptr;
+        count--;
+    }
+    void grow() {
+        std::vector<StorageRef> old(slots.size() * 2);
+        old.swap(slots);
+        count = 0;
+        for (const StorageRef & r : old)
+            if (r.key) insert(r);
+    }
+};
+StorageTable & storage_refs() {
+    static StorageTable t;
+    return t;
 }
 int64_t mem_floor = 64ll << 20;
 } // namespace
@@ -447,15 +492,14 @@ void mem_collect(lua_State * L) {
 static void mem_track(const at::Tensor & t, lua_State * L) {
     if (!t.has_storage()) return;
     const void * key = t.storage().unsafeGetStorageImpl();
-    auto & refs = storage_refs();
-    auto it = refs.find(key);
-    if (it != refs.end()) {
-        it->second.users++;
+    StorageTable & refs = storage_refs();
+    if (StorageRef * r = refs.find(key)) {
+        r->users++;
         return;
     }
     bool cuda = t.is_cuda();
     int64_t bytes = (int64_t)t.storage().nbytes();
-    refs.emplace(key, StorageRef{1, bytes, cuda});
+    refs.insert(StorageRef{key, 1, bytes, cuda});
     MemStats & s = mem_stats();
     if (cuda) {
         s.cuda_live += bytes;
@@ -470,13 +514,13 @@ static void mem_track(const at::Tensor & t, lua_State * L) {
 
 static void mem_untrack(const at::Tensor & t) {
     if (!t.defined() || !t.has_storage()) return;
-    auto & refs = storage_refs();
-    auto it = refs.find(t.storage().unsafeGetStorageImpl());
-    if (it == refs.end()) return;
-    if (--it->second.users > 0) return;
+    StorageTable & refs = storage_refs();
+    StorageRef * r = refs.find(t.storage().unsafeGetStorageImpl());
+    if (!r) return;
+    if (--r->users > 0) return;
     MemStats & s = mem_stats();
-    (it->second.cuda ? s.cuda_live : s.cpu_live) -= it->second.bytes;
-    refs.erase(it);
+    (r->cuda ? s.cuda_live : s.cpu_live) -= r->bytes;
+    refs.erase(r);
 }
 
 // -- tensor userdata --------------------------------------------------------------------

@@ -485,19 +485,26 @@ void pt_push(lua_State * L, const PtValue & v, const c10::Device * dev, int cach
     }
 }
 
-// A torch.save file by its first bytes, or by its name when those are damaged (a clearer error
-// from the zip reader than from the safetensors one).
+// A torch.save file by its first bytes; failing that, a file named *.pt or *.pth that does not
+// start like safetensors (8-byte length, then '{') is one whose zip the reader should explain.
 bool is_pt_file(const std::string & path) {
+    if (pt_file_is_torch(path)) return true;
+    char head[9] = {0};
+    if (FILE * f = fopen(path.c_str(), "rb")) {
+        size_t n = fread(head, 1, sizeof head, f);
+        fclose(f);
+        if (n == sizeof head && head[8] == '{') return false;
+    }
     auto ends = [&](const char * x) {
         const size_t n = strlen(x);
         return path.size() >= n && path.compare(path.size() - n, n, x) == 0;
     };
-    return pt_file_is_torch(path) || ends(".pt") || ends(".pth");
+    return ends(".pt") || ends(".pth");
 }
 
 // torch.load(path[, {device=}]): a torch.save (.pt, zip) file → its value (dicts and lists as
 // tables, tensors, numbers, strings, booleans, torch.None); a safetensors file → {name = tensor},
-// metadata. The format is told by the file's first bytes.
+// metadata. The format is told by the file's first bytes (see is_pt_file).
 int f_load(lua_State * L) {
     const char * path = arg_string(L, 1, "path");
     Args a(L, 2);

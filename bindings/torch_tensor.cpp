@@ -671,6 +671,23 @@ void tensor_open_methods(lua_State * L, int torch_table) {
     // The method table is also reachable as torch.Tensor, for extension from Lua.
     lua_pushvalue(L, m);
     lua_setfield(L, torch_table, "Tensor");
+    // __index is a small Lua function in front of the C one: a method lookup (t:add) is then
+    // a table read in the VM instead of a call into C; properties and slicing go to C.
+    static const char fast_index[] =
+        "local methods, slow = ...\n"
+        "return function(t, k)\n"
+        "  local v = methods[k]\n"
+        "  if v ~= nil then return v end\n"
+        "  return slow(t, k)\n"
+        "end\n";
+    if (luaL_loadbuffer(L, fast_index, sizeof(fast_index) - 1, "=Tensor.__index") == 0) {
+        lua_pushvalue(L, m);
+        lua_getfield(L, mt, "__index");
+        lua_call(L, 2, 1);
+        lua_setfield(L, mt, "__index");
+    } else {
+        lua_pop(L, 1);  // keep the C __index
+    }
     lua_settop(L, mt - 1);
 }
 

@@ -164,6 +164,9 @@ describe('torch.load_state_dict', function()
     local ts, meta = torch.load(d .. '/w.safetensors')
     assert.are.same({0, 1, 2}, ts.w:totable())
     assert.are.equal('pt', meta.format)
+    -- told by content, not name: a safetensors file named .pt still loads as one
+    os.rename(d .. '/w.safetensors', d .. '/w.pt')
+    assert.are.same({0, 1, 2}, torch.load(d .. '/w.pt').w:totable())
   end)
 end)
 
