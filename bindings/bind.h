@@ -111,4 +111,9 @@ void tensor_open_methods(lua_State * L, int torch_table); // methods, operators,
 void torch_open_functions(lua_State * L, int t);     // torch.* functions into table t
 void torch_open_ops(lua_State * L, int t, int methods); // shared ops: torch.f and t:f
 
+// The model held by the nn Model userdata at stack index `idx` (bindings/nn.cpp); a Lua error
+// for anything else, or a freed model.
+class DecoderModel;
+DecoderModel & nn_model_check(lua_State * L, int idx);
+
 } // namespace qatlab

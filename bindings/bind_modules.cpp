@@ -7,6 +7,7 @@ namespace qatlab {
 int luaopen_gguf(lua_State * L);
 int luaopen_tokenizers(lua_State * L);
 int luaopen_nn(lua_State * L);
+int luaopen_quant(lua_State * L);
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -18,6 +19,7 @@ static const struct {
     {"gguf", luaopen_gguf},
     {"tokenizers", luaopen_tokenizers},
     {"nn", luaopen_nn},
+    {"quant", luaopen_quant},
 };
 
 void bind_open_all(lua_State * L) {

@@ -518,6 +518,10 @@ const BindFn nn_functions[] = {
 
 } // namespace
 
+DecoderModel & nn_model_check(lua_State * L, int idx) {
+    return model_check(L, idx);
+}
+
 int luaopen_nn(lua_State * L) {
     luaL_newmetatable(L, QATLAB_MODEL_MT);
     lua_pushcfunction(L, model_gc);

@@ -356,6 +356,7 @@ int64_t DecoderModel::requires_grad(bool on, const std::string & pattern) {
     int64_t n = 0;
     for (auto & [name, p] : slots())
         if (std::regex_search(name, re)) {
+            if (on && !p->is_floating_point()) continue;   // integer buffers (LUT indices, flags) never train
             p->requires_grad_(on);
             n++;
         }

@@ -1,28 +1,117 @@
-// tokenizer_sp: SentencePiece models through Debian's libsentencepiece: load, encode, decode,
-// and training a new model into temporary names renamed at the end.
+// tokenizer_sp: SentencePiece models through libqatlab_sp.so (lib/sp/), dlopened at first use so
+// that libsentencepiece's symbols (its FLAGS_minloglevel) never interpose on c10's; training too.
 #include "lib/tokenizer.h"
 
-#include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
+#include "lib/sp/sp_api.h"
 
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
+#include <mutex>
 #include <stdexcept>
 #include <unordered_map>
+#include <vector>
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 namespace fs = std::filesystem;
 
 namespace qatlab {
 
+namespace {
+
+const char * const kSpModule = "libqatlab_sp.so";
+
+std::string exe_dir() {
+    std::error_code ec;
+    fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+    return ec ? std::string() : exe.parent_path().string();
+}
+
+// Next to the executable, then $QATLAB_SP_MODULE_DIR, then the plain name (rpath,
+// LD_LIBRARY_PATH). RTLD_LOCAL keeps SentencePiece's symbols out of the global scope;
+// RTLD_DEEPBIND makes libsentencepiece bind to its own definitions, not the c10 ones
+// already loaded.
+const qatlab_sp_funcs * sp_module_load(std::string & error) {
+    std::string dir = exe_dir();
+    std::vector<std::string> tries;
+    if (!dir.empty()) tries.push_back(dir + "/" + kSpModule);
+    if (const char * env = std::getenv("QATLAB_SP_MODULE_DIR"); env && *env) tries.push_back(std::string(env) + "/" + kSpModule);
+    tries.push_back(kSpModule);
+    std::string failures;
+    for (const auto & path : tries) {
+        bool plain = path == kSpModule;
+        std::error_code ec;
+        if (!plain && !fs::exists(path, ec)) continue;
+        void * h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+        if (!h) {
+            const char * why = dlerror();
+            std::string e = why ? why : path + ": dlopen failed";
+            // The plain name being absent is "not found"; anything else (a missing
+            // libsentencepiece.so.0, say) is worth telling.
+            if (!plain || e.find(std::string(kSpModule) + ": cannot open shared object file") == std::string::npos)
+                failures += "; " + e;
+            continue;
+        }
+        using get_fn = const qatlab_sp_funcs * (*)();
+        auto get = reinterpret_cast<get_fn>(dlsym(h, QATLAB_SP_API_SYMBOL));
+        const qatlab_sp_funcs * api = get ? get() : nullptr;
+        if (!api || api->version != QATLAB_SP_API_VERSION || api->size < sizeof(qatlab_sp_funcs)) {
+            failures += "; " + path + ": not a compatible qatlab SentencePiece module (rebuild it)";
+            dlclose(h);
+            continue;
+        }
+        return api;  // never closed: processors may live until exit
+    }
+    if (!failures.empty())
+        error = std::string("SentencePiece support module ") + kSpModule + " could not be loaded" + failures;
+    else
+        error = std::string("SentencePiece support module ") + kSpModule + " not found next to " +
+                (dir.empty() ? std::string("the executable") : dir) + "; rebuild or set QATLAB_SP_MODULE_DIR";
+    return nullptr;
+}
+
+const qatlab_sp_funcs & sp_api() {
+    static std::once_flag once;
+    static const qatlab_sp_funcs * api = nullptr;
+    static std::string error;
+    std::call_once(once, [] { api = sp_module_load(error); });
+    if (!api) throw std::runtime_error(error);
+    return *api;
+}
+
+// Takes a malloc'd message from the module.
+std::string take_error(const qatlab_sp_funcs & api, char * err) {
+    std::string s = err ? err : "unknown error";
+    api.free_mem(err);
+    return s;
+}
+
+} // namespace
+
 struct SentencePieceTokenizer::Impl {
+    const qatlab_sp_funcs * api = nullptr;
+    qatlab_sp_processor * proc = nullptr;
     std::string path;
-    sentencepiece::SentencePieceProcessor sp;
+    int64_t size = 0;
+    ~Impl() {
+        if (proc) api->free_processor(proc);
+    }
+    void id_check(int64_t id) const {
+        if (id < 0 || id >= size)
+            throw std::runtime_error("id " + std::to_string(id) + " is not in the vocabulary (0.." +
+                                     std::to_string(size - 1) + ")");
+    }
+    int kind(int64_t id) const { return api->piece_kind(proc, int32_t(id)); }
+    std::string piece(int64_t id) const {
+        size_t n = 0;
+        const char * p = api->id_to_piece(proc, int32_t(id), &n);
+        return std::string(p, n);
+    }
 };
 
 SentencePieceTokenizer::SentencePieceTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -33,72 +122,89 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_file(const 
     if (!fs::is_regular_file(model_path, ec))
         throw std::runtime_error(model_path + ": cannot open SentencePiece model (" +
                                  (fs::exists(model_path, ec) ? "not a regular file" : "no such file") + ")");
+    const auto & api = sp_api();
     auto m = std::make_unique<Impl>();
+    m->api = &api;
     m->path = model_path;
-    auto st = m->sp.Load(model_path);
-    if (!st.ok()) throw std::runtime_error(model_path + ": not a SentencePiece model: " + st.ToString());
+    char * err = nullptr;
+    m->proc = api.load(model_path.c_str(), &err);
+    if (!m->proc) throw std::runtime_error(model_path + ": not a SentencePiece model: " + take_error(api, err));
+    m->size = api.piece_size(m->proc);
+    int32_t special[4];
+    api.special_ids(m->proc, special);
     auto tk = std::unique_ptr<SentencePieceTokenizer>(new SentencePieceTokenizer(std::move(m)));
-    const auto & sp = tk->impl_->sp;
-    tk->bos_id_ = sp.bos_id();
-    tk->eos_id_ = sp.eos_id();
-    tk->pad_id_ = sp.pad_id();
-    tk->unk_id_ = sp.unk_id();
+    tk->bos_id_ = special[0];
+    tk->eos_id_ = special[1];
+    tk->pad_id_ = special[2];
+    tk->unk_id_ = special[3];
     return tk;
 }
 
 std::vector<int64_t> SentencePieceTokenizer::encode(const std::string & text, bool add_special_tokens) const {
-    std::vector<int> ids;
-    auto st = impl_->sp.Encode(text, &ids);
-    if (!st.ok()) throw std::runtime_error(impl_->path + ": encode failed: " + st.ToString());
+    const auto & api = *impl_->api;
+    int32_t * ids = nullptr;
+    size_t n = 0;
+    char * err = nullptr;
+    if (api.encode(impl_->proc, text.data(), text.size(), &ids, &n, &err) != 0)
+        throw std::runtime_error(impl_->path + ": encode failed: " + take_error(api, err));
     std::vector<int64_t> out;
-    out.reserve(ids.size() + 1);
+    try {
+        out.reserve(n + 1);
+    } catch (...) {
+        api.free_mem(ids);
+        throw;
+    }
     if (add_special_tokens && bos_id_ >= 0) out.push_back(bos_id_);
-    out.insert(out.end(), ids.begin(), ids.end());
+    out.insert(out.end(), ids, ids + n);
+    api.free_mem(ids);
     return out;
-}
-
-static void sp_id_check(const sentencepiece::SentencePieceProcessor & sp, int64_t id) {
-    if (id < 0 || id >= sp.GetPieceSize())
-        throw std::runtime_error("id " + std::to_string(id) + " is not in the vocabulary (0.." +
-                                 std::to_string(sp.GetPieceSize() - 1) + ")");
 }
 
 std::string SentencePieceTokenizer::decode(const std::vector<int64_t> & ids, bool skip_special_tokens) const {
-    const auto & sp = impl_->sp;
-    std::vector<int> v;
+    const auto & api = *impl_->api;
+    std::vector<int32_t> v;
     v.reserve(ids.size());
     for (int64_t id : ids) {
-        sp_id_check(sp, id);
-        if (skip_special_tokens && (sp.IsControl(int(id)) || sp.IsUnknown(int(id)))) continue;
-        v.push_back(int(id));
+        impl_->id_check(id);
+        if (skip_special_tokens && (impl_->kind(id) & (QATLAB_SP_CONTROL | QATLAB_SP_UNKNOWN))) continue;
+        v.push_back(int32_t(id));
     }
+    char * text = nullptr;
+    size_t len = 0;
+    char * err = nullptr;
+    if (api.decode(impl_->proc, v.data(), v.size(), &text, &len, &err) != 0)
+        throw std::runtime_error(impl_->path + ": decode failed: " + take_error(api, err));
     std::string out;
-    auto st = sp.Decode(v, &out);
-    if (!st.ok()) throw std::runtime_error(impl_->path + ": decode failed: " + st.ToString());
+    try {
+        out.assign(text, len);
+    } catch (...) {
+        api.free_mem(text);
+        throw;
+    }
+    api.free_mem(text);
     return out;
 }
 
-int64_t SentencePieceTokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
+int64_t SentencePieceTokenizer::vocab_size() const { return impl_->size; }
 
 int64_t SentencePieceTokenizer::token_to_id(const std::string & piece) const {
-    const auto & sp = impl_->sp;
-    int id = sp.PieceToId(piece);
+    int64_t id = impl_->api->piece_to_id(impl_->proc, piece.data(), piece.size());
     // PieceToId answers unk_id for unknown pieces: absent unless the piece is unk itself.
-    if (id == sp.unk_id() && sp.IdToPiece(id) != piece) return -1;
+    if (id == unk_id_ && impl_->piece(id) != piece) return -1;
     return id;
 }
 
 std::string SentencePieceTokenizer::id_to_token(int64_t id) const {
-    sp_id_check(impl_->sp, id);
-    return impl_->sp.IdToPiece(int(id));
+    impl_->id_check(id);
+    return impl_->piece(id);
 }
 
 std::string SentencePieceTokenizer::token_bytes(int64_t id) const {
-    const auto & sp = impl_->sp;
-    sp_id_check(sp, id);
-    if (sp.IsControl(int(id)) || sp.IsUnknown(int(id)) || sp.IsUnused(int(id))) return "";
-    std::string p = sp.IdToPiece(int(id));
-    if (sp.IsByte(int(id)) && p.size() == 6)  // <0xAB>
+    impl_->id_check(id);
+    int kind = impl_->kind(id);
+    if (kind & (QATLAB_SP_CONTROL | QATLAB_SP_UNKNOWN | QATLAB_SP_UNUSED)) return "";
+    std::string p = impl_->piece(id);
+    if ((kind & QATLAB_SP_BYTE) && p.size() == 6)  // <0xAB>
         return std::string(1, char(std::stoi(p.substr(3, 2), nullptr, 16)));
     std::string out;
     static const std::string space = "\xE2\x96\x81";  // ▁
@@ -113,8 +219,7 @@ std::string SentencePieceTokenizer::token_bytes(int64_t id) const {
 }
 
 bool SentencePieceTokenizer::is_special(int64_t id) const {
-    const auto & sp = impl_->sp;
-    return id >= 0 && id < sp.GetPieceSize() && (sp.IsControl(int(id)) || sp.IsUnknown(int(id)));
+    return id >= 0 && id < impl_->size && (impl_->kind(id) & (QATLAB_SP_CONTROL | QATLAB_SP_UNKNOWN));
 }
 
 // -- training -----------------------------------------------------------------------------
@@ -156,24 +261,25 @@ std::string sentencepiece_train(const SentencePieceTrainOptions & o) {
         std::remove((tmp + ".model").c_str());
         std::remove((tmp + ".vocab").c_str());
     };
-    sentencepiece::util::Status st;
-    try {
-        st = sentencepiece::SentencePieceTrainer::Train(kw);
-    } catch (...) {
-        cleanup();
-        throw;
+    const auto & api = sp_api();
+    std::vector<const char *> keys, values;
+    for (const auto & kv : kw) {
+        keys.push_back(kv.first.c_str());
+        values.push_back(kv.second.c_str());
     }
-    if (!st.ok()) {
+    char * err = nullptr;
+    if (api.train(keys.data(), values.data(), keys.size(), &err) != 0) {
+        std::string msg = take_error(api, err);
         cleanup();
-        throw std::runtime_error(std::string(fn) + ": " + o.input + ": " + st.ToString());
+        throw std::runtime_error(std::string(fn) + ": " + o.input + ": " + msg);
     }
     // The .vocab first: a reader that finds the .model finds its .vocab too.
     std::string model = o.model_prefix + ".model";
     if (std::rename((tmp + ".vocab").c_str(), (o.model_prefix + ".vocab").c_str()) != 0 ||
         std::rename((tmp + ".model").c_str(), model.c_str()) != 0) {
-        std::string err = std::strerror(errno);
+        std::string why = std::strerror(errno);
         cleanup();
-        throw std::runtime_error(std::string(fn) + ": cannot rename " + tmp + ".* to " + o.model_prefix + ".*: " + err);
+        throw std::runtime_error(std::string(fn) + ": cannot rename " + tmp + ".* to " + o.model_prefix + ".*: " + why);
     }
     return model;
 }

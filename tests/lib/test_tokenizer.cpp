@@ -2,6 +2,8 @@
 // against Python's `tokenizers` and the spm_encode CLI, GGUF-style vocab lists, the chat format.
 #include "lib/tokenizer.h"
 
+#include <ATen/ATen.h>
+#include <c10/util/Logging.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -660,6 +662,26 @@ TEST(TokenizerSentencePiece, Errors) {
     EXPECT_NE(err.find("junk.model: not a SentencePiece model"), std::string::npos) << err;
     err = error_of([&] { SentencePieceTokenizer::from_file(t.path + "/none.model"); });
     EXPECT_NE(err.find("none.model: cannot open"), std::string::npos) << err;
+}
+
+// libsentencepiece exports FLAGS_minloglevel too (a 32-byte flag object); in-process it must
+// stay in its dlopened module, or its constructor overwrites c10's int and the flags after it.
+C10_DECLARE_int(minloglevel);  // c10's, declared in no header
+
+TEST(TokenizerSentencePiece, LeavesC10FlagsAlone) {
+    int minloglevel = FLAGS_minloglevel, log_level = FLAGS_caffe2_log_level;
+    TempDir t;
+    SentencePieceTrainOptions o;
+    o.input = "/usr/share/common-licenses/Apache-2.0";
+    o.model_prefix = t.path + "/m";
+    o.vocab_size = 300;
+    auto tk = SentencePieceTokenizer::from_file(sentencepiece_train(o));
+    EXPECT_FALSE(tk->encode("License").empty());
+    EXPECT_FALSE(FLAGS_caffe2_use_fatal_for_enforce);
+    EXPECT_EQ(FLAGS_minloglevel, minloglevel);
+    EXPECT_EQ(FLAGS_caffe2_log_level, log_level);
+    // With use_fatal_for_enforce on, this failed allocation would abort instead of throwing.
+    EXPECT_THROW(at::empty({int64_t(1) << 50}, at::kFloat), c10::Error);
 }
 
 // -- chat format --------------------------------------------------------------------------------

@@ -195,3 +195,31 @@ describe('tokenizers errors', function()
     assert.is_truthy(e:find('expected an integer tensor', 1, true))
   end)
 end)
+
+describe('SentencePiece beside torch', function()
+  -- libsentencepiece and libc10 both export FLAGS_minloglevel; loaded into c10's scope,
+  -- SentencePiece turned on c10's use_fatal_for_enforce and this allocation aborted the host.
+  it('leaves a failed allocation a catchable error', function()
+    local dir = h.tmpdir()
+    local tk = tokenizers.sentencepiece(tokenizers.train_sentencepiece{
+      input = '/usr/share/common-licenses/Apache-2.0', model_prefix = dir .. '/m', vocab_size = 300,
+    })
+    assert.is_true(#tk:encode('License') > 0)
+    local ok, e = pcall(torch.zeros, 2^50)
+    assert.is_false(ok)
+    assert.is_truthy(tostring(e):find("can't allocate memory", 1, true))
+    os.execute('rm -rf ' .. h.q(dir))
+  end)
+
+  -- Under RTLD_DEEPBIND SentencePiece's std::cerr is libstdc++'s, not the host's copy of it.
+  it('survives SentencePiece logging to std::cerr', function()
+    local dir = h.tmpdir()
+    local code = ("require('tokenizers').train_sentencepiece{input = '/usr/share/common-licenses/Apache-2.0', " ..
+                  "model_prefix = %q, vocab_size = 300, minloglevel = 0}; print('done')"):format(dir .. '/m')
+    local rc, out, err = h.host('-e ' .. h.q(code) .. ' --device cpu')
+    assert.are.equal(0, rc, err)
+    assert.is_truthy(err:find('LOG(INFO)', 1, true), err)
+    assert.is_truthy(out:find('done', 1, true), out)
+    os.execute('rm -rf ' .. h.q(dir))
+  end)
+end)

@@ -1,0 +1,121 @@
+-- bench_quant_forms: training-step time (forward + backward) and peak step memory of the V2
+-- layer's three forward forms (materialized W_eff = Q ⊙ S + one GEMM, the seed's per-rank loop,
+-- the seed's batched einsum) on Qwen3-0.6B-shaped decoder layers (hidden 1024, intermediate
+-- 3072, q 2048x1024, k/v 1024x1024, o 1024x2048), Q2A4, on the CPU. A benchmark, not a test.
+--
+--   qatlab run experiments/bench_quant_forms.lua [--set layers=1] [--set tokens=128] [--set iters=3]
+--
+-- Each form runs in two child processes: one timed with the normal allocator, one measuring
+-- memory with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so the RSS follows
+-- the live bytes): memory = peak RSS during a step (VmHWM after clear_refs) minus the RSS before
+-- it, i.e. activations, autograd buffers, gradients and temporaries. Prints a Markdown table.
+local torch = require 'torch'
+local nn = require 'nn'
+local quant = require 'quant'
+local qatlab = require 'qatlab'
+local config = require 'config'
+local args = ...
+
+local cfg = config.merge({
+  form = '',            -- '' = driver (runs every form in children); else the child's form
+  measure = 'time',     -- child: 'time' or 'mem' (the driver sets the allocator for 'mem')
+  layers = 1, batch = 1, tokens = 128, iters = 3, warmup = 1, threads = 2,
+  preset = 'q2a4', ste_fp16 = false, vocab = 1024,
+}, args)
+
+local function median(xs)
+  table.sort(xs)
+  return xs[math.floor((#xs + 1) / 2)]
+end
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read('*a')
+  p:close()
+  return out
+end
+
+local function status_kb(key)
+  local f = assert(io.open('/proc/self/status'))
+  local text = f:read('*a')
+  f:close()
+  return tonumber(text:match(key .. ':%s*(%d+)')) or 0
+end
+
+local function reset_hwm()
+  local f = io.open('/proc/self/clear_refs', 'w')   -- "5" resets the peak RSS to the current RSS
+  if f then f:write('5'); f:close() end
+end
+
+if cfg.form ~= '' then
+  -- child: one form ------------------------------------------------------------------------
+  torch.set_num_threads(cfg.threads)
+  torch.manual_seed(0)
+  local m = nn.from_config({
+    model_type = 'qwen3', vocab_size = cfg.vocab, hidden_size = 1024, intermediate_size = 3072,
+    num_hidden_layers = cfg.layers, num_attention_heads = 16, num_key_value_heads = 8, head_dim = 128,
+    max_position_embeddings = 4096, tie_word_embeddings = true, initializer_range = 0.02,
+  })
+  quant.replace(m, {preset = cfg.preset, forward = cfg.form, ste_fp16 = cfg.ste_fp16})
+  quant.set_trainable(m, 'all')
+  m:train()
+  local ids = torch.randint(0, cfg.vocab, {cfg.batch, cfg.tokens})
+  local params = {}
+  for _, p in ipairs(m:parameters()) do if p.requires_grad then params[#params + 1] = p end end
+  local function step()
+    for _, p in ipairs(params) do p.grad = nil end
+    local h = m:forward(ids, {output = 'hidden'})
+    h:pow(2):mean():backward()
+  end
+  for _ = 1, cfg.warmup do step() end
+  collectgarbage(); collectgarbage()
+  local times, peaks = {}, {}
+  for i = 1, cfg.iters do
+    for _, p in ipairs(params) do p.grad = nil end
+    collectgarbage(); collectgarbage()
+    local rss0 = status_kb('VmRSS')
+    reset_hwm()
+    local t0 = qatlab.time()
+    step()
+    times[i] = qatlab.time() - t0
+    peaks[i] = (status_kb('VmHWM') - rss0) * 1024
+  end
+  print(('RESULT %s %.6f %.0f'):format(cfg.form, median(times), median(peaks)))
+  return
+end
+
+-- driver --------------------------------------------------------------------------------------
+local qbin = sh('readlink -f /proc/' .. sh('echo $PPID'):gsub('%s', '') .. '/exe'):gsub('%s+$', '')
+if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
+local script = qatlab.script
+local forms = {'materialized', 'loop', 'batched'}
+local res = {}
+local function child(f, measure)
+  local cmd = ('%s%s run --device cpu %s --set form=%s --set measure=%s --set layers=%d --set batch=%d '
+               .. '--set tokens=%d --set iters=%d --set warmup=%d --set threads=%d --set preset=%s '
+               .. '--set ste_fp16=%s --set vocab=%d'):format(
+    measure == 'mem' and 'MALLOC_MMAP_THRESHOLD_=65536 ' or '', qbin, script, f, measure, cfg.layers, cfg.batch,
+    cfg.tokens, cfg.iters, cfg.warmup, cfg.threads, cfg.preset, tostring(cfg.ste_fp16), cfg.vocab)
+  io.stderr:write(('[bench_quant_forms] %s (%s) ...\n'):format(f, measure))
+  local out = sh(cmd .. ' 2>&1')
+  local t, mem = out:match('RESULT %S+ (%S+) (%S+)')
+  if not t then error('child for form ' .. f .. ' failed:\n' .. out, 0) end
+  return tonumber(t), tonumber(mem)
+end
+for _, f in ipairs(forms) do
+  local t = child(f, 'time')
+  local _, mem = child(f, 'mem')
+  res[f] = {time = t, mem = mem}
+end
+
+print(('\nV2 training step (forward + backward), Qwen3-0.6B-shaped, %d decoder layer(s) x 7 projections, %s, '
+       .. '%d x %d tokens, CPU, %d threads, STE-FP16 %s\n'):format(cfg.layers, cfg.preset, cfg.batch, cfg.tokens,
+       cfg.threads, tostring(cfg.ste_fp16)))
+print('| form | step time (s) | time / materialized | peak step memory (MB) | memory / materialized |')
+print('|---|---|---|---|---|')
+local base = res.materialized
+for _, f in ipairs(forms) do
+  local r = res[f]
+  print(('| %s | %.3f | %.2fx | %.1f | %.2fx |'):format(f, r.time, r.time / base.time, r.mem / 2 ^ 20,
+        r.mem / math.max(base.mem, 1)))
+end

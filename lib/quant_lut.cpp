@@ -1,0 +1,499 @@
+// quant_lut: LUTs, STE-FP16, the V2 layer (scales, Q, the three forward forms), init,
+// freeze_Q, trainable LUT16, snapping and the Q4→Q2 layer conversion; the V1 layer and V1→V2.
+// Formulas follow shared/reference/anemll_spec.md §1-§3 (section numbers in comments).
+#include "lib/quant_lut.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <stdexcept>
+
+namespace qatlab {
+
+// -- configuration ---------------------------------------------------------------------------
+
+LutForm lut_form_parse(const std::string & s) {
+    if (s == "materialized") return LutForm::materialized;
+    if (s == "loop") return LutForm::loop;
+    if (s == "batched") return LutForm::batched;
+    throw std::runtime_error("unknown forward form '" + s + "' (expected 'materialized', 'loop' or 'batched')");
+}
+
+const char * lut_form_name(LutForm f) {
+    return f == LutForm::materialized ? "materialized" : f == LutForm::loop ? "loop" : "batched";
+}
+
+LutPreset lut_preset(const std::string & name) {
+    if (name == "q2a4") return {4, 32, 16, 8};
+    if (name == "q4a4") return {16, 4, 16, 4};
+    if (name == "q4a4_r32" || name == "q4_r32") return {16, 32, 16, 32};
+    if (name == "q2a2") return {4, 32, 4, 32};
+    throw std::runtime_error("unknown preset '" + name + "' (expected q2a4, q4a4, q4a4_r32, q4_r32 or q2a2)");
+}
+
+// -- LUTs and STE ----------------------------------------------------------------------------
+
+at::Tensor lut_make(int64_t size, bool include_zero) {
+    if (size < 2 || size > 256) throw std::runtime_error("lut_make: size must be in 2..256, got " + std::to_string(size));
+    auto h = at::TensorOptions().dtype(at::kHalf);   // fp16 on the CPU, as make_lut (§1.3)
+    if (!include_zero || size % 2) return at::linspace(-1, 1, size, h).to(at::kFloat);
+    at::Tensor neg = at::linspace(-1, 0, size / 2 + 1, h).narrow(0, 0, size / 2);
+    at::Tensor pos = at::linspace(0, 1, size / 2, h);
+    return at::cat({neg, pos}).to(at::kFloat);
+}
+
+at::Tensor lut_nearest_indices(const at::Tensor & x, const at::Tensor & lut) {
+    at::NoGradGuard ng;
+    const int64_t Lq = lut.numel();
+    if (Lq < 1 || Lq > 256) throw std::runtime_error("lut_nearest_indices: LUT size must be in 1..256");
+    at::ScalarType dt = at::promote_types(x.scalar_type(), lut.scalar_type());
+    at::Tensor l = lut.detach().reshape({-1}).to(x.device(), dt);
+    at::Tensor flat = x.detach().reshape({-1}).to(dt).clamp(l.min().item<double>(), l.max().item<double>());
+    at::Tensor out = at::empty({flat.numel()}, x.options().dtype(at::kByte));
+    const int64_t chunk = std::max<int64_t>(1, (1 << 24) / Lq);
+    for (int64_t s = 0; s < flat.numel(); s += chunk) {
+        int64_t n = std::min(chunk, flat.numel() - s);
+        at::Tensor d = (flat.narrow(0, s, n).unsqueeze(1) - l.unsqueeze(0)).abs();   // (n, Lq)
+        out.narrow(0, s, n).copy_(d.argmin(1));                                       // first minimum
+    }
+    return out.view(x.sizes());
+}
+
+at::Tensor lut_gather(const at::Tensor & lut, const at::Tensor & idx) {
+    // int32 positions (transient): index_select takes int or long indices
+    return lut.index_select(0, idx.reshape({-1}).to(at::kInt)).view(idx.sizes());
+}
+
+at::Tensor ste_fp16(const at::Tensor & x, bool saturate) {
+    if (x.scalar_type() == at::kHalf) return x;
+    at::Tensor xd = x.detach();
+    at::Tensor x16 = (saturate ? xd.clamp(-65504.0, 65504.0) : xd).to(at::kHalf).to(x.scalar_type());
+    return x + (x16 - xd);   // forward: the fp16 value; backward: identity
+}
+
+at::Tensor lut_kmeans_reduce(const at::Tensor & lut, int64_t k, int64_t n_iter) {
+    at::NoGradGuard ng;
+    at::Tensor v = lut.detach().to(at::kCPU, at::kFloat).reshape({-1}).contiguous();
+    const int64_t n = v.numel();
+    if (k < 1 || k > n) throw std::runtime_error("lut_kmeans_reduce: k must be in 1.." + std::to_string(n));
+    at::Tensor sorted = std::get<0>(v.sort());
+    at::Tensor q = at::linspace(0, 1, k + 2).narrow(0, 1, k);                    // quantiles
+    at::Tensor c = sorted.index_select(0, (q * (double)(n - 1)).floor().to(at::kLong)).clone();
+    for (int64_t it = 0; it < n_iter; it++) {
+        at::Tensor a = (v.unsqueeze(1) - c.unsqueeze(0)).abs().argmin(1);       // (n) first on ties
+        for (int64_t j = 0; j < k; j++) {
+            at::Tensor m = a == j;
+            if (m.any().item<bool>()) c[j] = v.masked_select(m).mean();          // empty: keep
+        }
+    }
+    return std::get<0>(c.sort());
+}
+
+double lut16_min_delta(double M) {
+    return std::max(2.0 * std::pow(2.0, std::ceil(std::log2(M)) - 10.0), 1e-4);
+}
+
+at::Tensor lut16_from_raw(const at::Tensor & raw, double M, bool snap) {
+    const double m = lut16_min_delta(M);
+    at::Tensor delta = m + (M - 8 * m) * at::softmax(raw, 0);   // (8)
+    at::Tensor pos = at::cumsum(delta, 0);                       // positive half, last = M
+    at::Tensor l = at::cat({-pos.flip({0}), pos});               // (16)
+    return snap ? ste_fp16(l, false) : l;
+}
+
+at::Tensor lut16_raw_init(const at::Tensor & lut, double M) {
+    at::NoGradGuard ng;
+    if (lut.numel() != 16) throw std::runtime_error("LUT training needs a 16-entry LUT, found " + std::to_string(lut.numel()));
+    const double m = lut16_min_delta(M);
+    at::Tensor l = lut.detach().to(at::kFloat).reshape({-1});
+    at::Tensor d = at::cat({l.narrow(0, 8, 1).abs(), l.narrow(0, 9, 7) - l.narrow(0, 8, 7)}).clamp_min(m);
+    return ((d - m) / (M - 8 * m)).clamp_min(1e-6).log();
+}
+
+// -- V2 layer --------------------------------------------------------------------------------
+
+namespace {
+at::ScalarType scale_dtype(at::ScalarType w) { return w == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Replace a slot's value, keeping its requires_grad flag.
+void slot_set(at::Tensor & slot, const at::Tensor & v) {
+    bool rg = slot.defined() && slot.requires_grad();
+    slot = v.detach();
+    if (rg && slot.is_floating_point()) slot.requires_grad_(true);
+}
+
+at::Tensor half_cpu(const at::Tensor & t) {   // fp16 casts go through the CPU (§1.9)
+    return t.detach().to(at::kCPU).to(at::kHalf).to(t.device());
+}
+} // namespace
+
+LutLinearV2::LutLinearV2(int64_t out, int64_t in, LutConfig c, const at::TensorOptions & opts, bool has_bias)
+    : cfg(std::move(c)) {
+    if (cfg.scale_rank <= 0) throw std::runtime_error("LutLinearV2: scale_rank must be > 0");
+    auto so = opts.dtype(scale_dtype(opts.dtype().toScalarType()));
+    w = at::zeros({out, in}, opts);
+    if (has_bias) b = at::zeros({out}, opts);
+    scale_A = at::zeros({out, cfg.scale_rank}, so);
+    scale_B = at::zeros({cfg.scale_rank, in}, so);
+    rank_magnitude = at::ones({cfg.scale_rank}, so);
+    lut = lut_make(cfg.lut_size, cfg.lut_include_zero).to(so);
+    baked_flag = at::zeros({}, opts.dtype(at::kChar));
+}
+
+std::vector<std::pair<std::string, at::Tensor *>> LutLinearV2::parameter_slots() {
+    // The seed's state-dict order: weight, (bias), scale_A, scale_B, rank_magnitude, lut, _indices, flag.
+    std::vector<std::pair<std::string, at::Tensor *>> s{{"weight", &w}};
+    if (b.defined()) s.push_back({"bias", &b});
+    s.push_back({"scale_A", &scale_A});
+    s.push_back({"scale_B", &scale_B});
+    s.push_back({"rank_magnitude", &rank_magnitude});
+    s.push_back({"lut", &lut});
+    if (indices.defined()) s.push_back({"_indices", &indices});
+    s.push_back({"_scales_baked_flag", &baked_flag});
+    if (lut_raw.defined()) s.push_back({"_lut_raw_deltas", &lut_raw});
+    return s;
+}
+
+bool LutLinearV2::baked() {
+    // The flag may be replaced (to(), load) or written in place (load_state_dict): re-read it
+    // only when the tensor or its version changes, so the forward does not sync every call.
+    const void * impl = baked_flag.unsafeGetTensorImpl();
+    int64_t ver = baked_flag._version();
+    if (impl != flag_impl_ || ver != flag_version_) {
+        flag_value_ = baked_flag.item<int64_t>() != 0;
+        flag_impl_ = impl;
+        flag_version_ = ver;
+    }
+    return flag_value_;
+}
+
+void LutLinearV2::set_baked(bool on) {
+    baked_flag = at::full({}, on ? 1 : 0, baked_flag.options());
+}
+
+V2Scales v2_scales(LutLinearV2 & l) {
+    if (l.baked()) return {l.scale_A, l.scale_B, l.rank_magnitude};   // raw, no eps, no STE (§1.5)
+    const auto & c = l.cfg;
+    at::Tensor A = l.scale_A, B = l.scale_B;
+    if (c.force_positive_scales) {
+        A = A.abs();
+        B = B.abs();
+    }
+    at::Tensor A_dir = A / at::linalg_vector_norm(A, 2, {0}, true).clamp_min(c.norm_eps);   // [out,r] unit columns
+    at::Tensor B_dir = B / at::linalg_vector_norm(B, 2, {1}, true).clamp_min(c.norm_eps);   // [r,in] unit rows
+    at::Tensor g = l.rank_magnitude;
+    if (c.magnitude_activation == "softplus") g = at::softplus(g);
+    else if (c.magnitude_activation == "abs") g = g.abs();
+    else if (c.magnitude_activation != "identity")
+        throw std::runtime_error("unknown magnitude_activation '" + c.magnitude_activation + "'");
+    g = g + c.magnitude_eps;
+    if (c.use_ste_fp16) g = ste_fp16(g);
+    return {A_dir, B_dir, g};
+}
+
+at::Tensor v2_full_scales(LutLinearV2 & l) {
+    V2Scales s = v2_scales(l);
+    at::ScalarType dt = at::promote_types(s.A_dir.scalar_type(), at::kFloat);
+    return at::matmul(s.A_dir.to(dt) * s.g.to(dt), s.B_dir.to(dt));   // [out,in]
+}
+
+at::Tensor v2_q(LutLinearV2 & l, at::ScalarType dt) {
+    at::Tensor idx = l.indices;
+    if (!idx.defined()) {   // (d) Q on the fly from W / S, every call (slow)
+        at::NoGradGuard ng;
+        idx = lut_nearest_indices(l.w.to(at::promote_types(l.w.scalar_type(), at::kFloat)) / v2_full_scales(l), l.lut);
+    }
+    at::Tensor lv = l.lut_raw.defined() ? lut16_from_raw(l.lut_raw, l.lut_max_abs) : l.lut;
+    return lut_gather(lv.to(dt), idx);   // [out,in]
+}
+
+at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
+    const bool ste = l.cfg.use_ste_fp16;
+    auto st = [&](const at::Tensor & t) { return ste ? ste_fp16(t) : t; };
+    const at::ScalarType dt = x.scalar_type();
+    V2Scales s = v2_scales(l);
+    at::Tensor y;
+    if (form == LutForm::materialized) {
+        // W_eff = Q ⊙ ((A_dir g) B_dir), formed once in fp32 (or wider) from the scales and the
+        // LUT, cast to the compute dtype, then one GEMM. STE points: Q, A_dir g and B_dir (as the
+        // batched form), then W_eff and y in place of the per-rank u, v and accumulator
+        // roundings, which a single GEMM cannot reproduce.
+        at::ScalarType sdt = at::promote_types(s.A_dir.scalar_type(), at::kFloat);
+        at::Tensor Q = st(v2_q(l, sdt));                      // [out,in]
+        at::Tensor Am = st(s.A_dir.to(sdt) * s.g.to(sdt));   // [out,r]
+        at::Tensor Bm = st(s.B_dir.to(sdt));                 // [r,in]
+        at::Tensor W = st(Q * at::matmul(Am, Bm)).to(dt);    // [out,in] in the compute dtype
+        y = st(at::linear(x, W));
+        if (l.b.defined()) y = y + st(l.b).to(dt);
+        return y;
+    }
+    at::Tensor Q = st(v2_q(l, dt));   // [out,in] in the compute dtype (the seed's Q.to(x.dtype))
+    if (form == LutForm::loop) {
+        // §1.7 loop: per rank b = st(B_k), a = st(g_k A_k), u = st(x ⊙ b), v = st(u Q^T), y = st(y + a ⊙ v).
+        auto sizes = x.sizes().vec();
+        sizes.back() = l.out_features();
+        y = at::zeros(sizes, x.options());
+        for (int64_t k = 0; k < s.A_dir.size(1); k++) {
+            at::Tensor bk = st(s.B_dir.select(0, k)).to(dt);                       // [in]
+            at::Tensor ak = st(s.g.select(0, k) * s.A_dir.select(1, k)).to(dt);    // [out]
+            at::Tensor u = st(x * bk);                                             // [..., in]
+            at::Tensor v = st(at::linear(u, Q));                                   // [..., out]
+            y = st(y + ak * v);
+        }
+    } else {
+        // §1.7 batched: X = st(x[..., None, :] ⊙ Bm), Y = st(X Q^T), y = st(Σ_r Y ⊙ Am).
+        at::Tensor Bm = st(s.B_dir).to(dt);                                       // [r,in]
+        at::Tensor Am = st((s.A_dir * s.g).t()).to(dt);                           // [r,out]
+        at::Tensor X = st(x.unsqueeze(-2) * Bm);                                  // [..., r, in]
+        at::Tensor Y = st(at::matmul(X, Q.t()));                                  // [..., r, out]
+        y = st((Y * Am).sum(-2));                                                 // [..., out]
+    }
+    if (l.b.defined()) y = y + st(l.b).to(dt);
+    return y;
+}
+
+at::Tensor LutLinearV2::forward(const at::Tensor & x) { return v2_forward(*this, x, form); }
+
+at::Tensor LutLinearV2::weight() {
+    at::NoGradGuard ng;
+    at::Tensor S = v2_full_scales(*this);
+    return (v2_q(*this, S.scalar_type()) * S).to(w.scalar_type());
+}
+
+namespace {
+// §1.4 steps 1-2: group max-abs per G input columns, expanded per weight: [out, padded_in].
+at::Tensor group_maxabs_full(const at::Tensor & W, int64_t G) {
+    const int64_t out = W.size(0), in = W.size(1), pad = (G - in % G) % G;
+    at::Tensor Wp = pad ? at::constant_pad_nd(W, {0, pad}) : W;
+    at::Tensor s = Wp.abs().view({out, (in + pad) / G, G}).amax(2).clamp_min(1e-8);   // [out, groups]
+    return s.repeat_interleave(G, 1);                                                   // [out, padded_in]
+}
+} // namespace
+
+void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W_, bool round_g_fp16) {
+    at::NoGradGuard ng;
+    at::Tensor W = W_.detach().to(scale_dtype(W_.scalar_type()));
+    const int64_t in = W.size(1), r = l.cfg.scale_rank;
+    if (l.cfg.group_size <= 0) throw std::runtime_error("v2_init_from_weight: group_size must be > 0");
+    at::Tensor S_full = group_maxabs_full(W, l.cfg.group_size).narrow(1, 0, in).contiguous();   // [out,in]
+    auto [U, sv, Vh] = at::linalg_svd(S_full, false);   // U [out,k], sv [k], Vh [k,in]
+    const int64_t k = std::min<int64_t>(r, sv.numel());
+    double floor = std::max(0.01 * sv[0].item<double>(), 0.01);
+    at::Tensor A = at::zeros({W.size(0), r}, W.options()), B = at::zeros({r, in}, W.options());
+    at::Tensor g = at::full({r}, floor, W.options());
+    A.narrow(1, 0, k).copy_(U.narrow(1, 0, k));
+    B.narrow(0, 0, k).copy_(Vh.narrow(0, 0, k));
+    g.narrow(0, 0, k).copy_(sv.narrow(0, 0, k).clamp_min(floor));
+    if (round_g_fp16) g = g.to(at::kHalf).to(g.scalar_type());
+    auto so = l.scale_A.options();
+    slot_set(l.scale_A, A.to(so));
+    slot_set(l.scale_B, B.to(so));
+    slot_set(l.rank_magnitude, g.to(so));
+    l.set_baked(false);
+}
+
+void v2_freeze_q(LutLinearV2 & l) {
+    at::NoGradGuard ng;
+    at::Tensor S = v2_full_scales(l);
+    l.indices = lut_nearest_indices(l.w.to(S.scalar_type()) / S, l.lut);   // no epsilon (§1.6)
+    l.w.requires_grad_(false);
+}
+
+std::shared_ptr<LutLinearV2> v2_from_dense(const at::Tensor & W, const at::Tensor & bias, const LutConfig & c,
+                                           bool freeze) {
+    auto l = std::make_shared<LutLinearV2>(W.size(0), W.size(1), c, W.options(), bias.defined());
+    l->w = W.detach();
+    if (bias.defined()) l->b = bias.detach();
+    v2_init_from_weight(*l, l->w, true);
+    if (freeze) v2_freeze_q(*l);
+    l->scale_A.requires_grad_(true);
+    l->scale_B.requires_grad_(true);
+    l->rank_magnitude.requires_grad_(true);
+    return l;
+}
+
+void v2_enable_lut_training(LutLinearV2 & l, double max_abs) {
+    if (l.cfg.lut_size != 16 || l.lut.numel() != 16) throw std::runtime_error("LUT training needs a 16-entry LUT");
+    if (!l.indices.defined()) v2_freeze_q(l);
+    l.lut_max_abs = max_abs;
+    l.lut_raw = lut16_raw_init(l.lut, max_abs).to(l.lut.device()).requires_grad_(true);
+}
+
+// -- snapping (§1.9) -------------------------------------------------------------------------
+
+namespace {
+void bake_lut_raw(LutLinearV2 & l) {   // trained LUT16 → lut (scripts/bake_lut.py)
+    if (!l.lut_raw.defined()) return;
+    at::NoGradGuard ng;
+    l.lut = lut16_from_raw(l.lut_raw, l.lut_max_abs).detach().to(l.lut.options());
+    l.lut_raw = at::Tensor();
+}
+} // namespace
+
+void v2_snap_for_export(LutLinearV2 & l) {
+    at::NoGradGuard ng;
+    bake_lut_raw(l);
+    V2Scales s = v2_scales(l);
+    at::Tensor A = s.A_dir * s.g, B = s.B_dir;
+    slot_set(l.scale_A, A.to(l.scale_A.options()));
+    slot_set(l.scale_B, B.to(l.scale_B.options()));
+    slot_set(l.rank_magnitude, at::ones_like(l.rank_magnitude));
+    l.set_baked(true);
+}
+
+void v2_snap_for_ane(LutLinearV2 & l, bool recompute_indices) {
+    at::NoGradGuard ng;
+    bake_lut_raw(l);
+    at::Tensor lut16 = half_cpu(l.lut);
+    if (recompute_indices) {
+        V2Scales s = v2_scales(l);
+        at::Tensor A16 = half_cpu(s.A_dir), B16 = half_cpu(s.B_dir), g16 = half_cpu(s.g);
+        at::Tensor Ag = A16 * g16;                                                  // fp16 [out,r]
+        at::Tensor S16 = at::matmul(Ag, B16);                                       // fp16 [out,in]
+        l.indices = lut_nearest_indices(half_cpu(l.w) / S16, lut16);
+        slot_set(l.scale_A, Ag);
+        slot_set(l.scale_B, B16);
+        slot_set(l.rank_magnitude, at::ones_like(g16));
+        l.set_baked(true);
+    } else {
+        slot_set(l.scale_A, half_cpu(l.scale_A));
+        slot_set(l.scale_B, half_cpu(l.scale_B));
+        slot_set(l.rank_magnitude, half_cpu(l.rank_magnitude));
+    }
+    slot_set(l.w, half_cpu(l.w));
+    if (l.b.defined()) slot_set(l.b, half_cpu(l.b));
+    slot_set(l.lut, lut16);
+}
+
+void v2_convert_to_fp16(LutLinearV2 & l) {
+    at::NoGradGuard ng;
+    slot_set(l.w, half_cpu(l.w));
+    if (l.b.defined()) slot_set(l.b, half_cpu(l.b));
+    slot_set(l.scale_A, half_cpu(l.scale_A));
+    slot_set(l.scale_B, half_cpu(l.scale_B));
+    slot_set(l.rank_magnitude, half_cpu(l.rank_magnitude));
+    // As the seed: the LUT is re-created by make_lut in fp16 (a custom or k-means LUT is lost).
+    l.lut = lut_make(l.lut.numel(), l.cfg.lut_include_zero).to(l.lut.device(), at::kHalf);
+    l.lut_raw = at::Tensor();
+}
+
+// -- Q4 → Q2 (§3) ----------------------------------------------------------------------------
+
+void v2_convert_rank_lut(LutLinearV2 & l, int64_t new_rank, int64_t new_lut, std::optional<at::Generator> gen) {
+    at::NoGradGuard ng;
+    bake_lut_raw(l);
+    const int64_t r = l.rank(), out = l.out_features(), in = l.in_features();
+    if (new_rank < r) throw std::runtime_error("q4_to_q2: rank can only grow (" + std::to_string(r) + " -> " +
+                                               std::to_string(new_rank) + ")");
+    if (new_lut > l.lut.numel()) throw std::runtime_error("q4_to_q2: the LUT can only shrink");
+    if (new_lut < l.lut.numel()) slot_set(l.lut, lut_kmeans_reduce(l.lut, new_lut, 20).to(l.lut.device()));
+    l.cfg.lut_size = new_lut;
+    if (new_rank > r) {
+        auto cpu = at::TensorOptions().dtype(at::kFloat);
+        at::Tensor nA = 0.01 * at::randn({out, new_rank - r}, gen, cpu);   // new directions 0.01·N(0,1)
+        at::Tensor nB = 0.01 * at::randn({new_rank - r, in}, gen, cpu);
+        at::Tensor ng_ = at::full({new_rank - r}, 0.01, cpu);              // new ranks g = 0.01
+        slot_set(l.scale_A, at::cat({l.scale_A, nA.to(l.scale_A.options())}, 1));
+        slot_set(l.scale_B, at::cat({l.scale_B, nB.to(l.scale_B.options())}, 0));
+        slot_set(l.rank_magnitude, at::cat({l.rank_magnitude, ng_.to(l.rank_magnitude.options())}));
+    }
+    l.cfg.scale_rank = new_rank;
+    v2_freeze_q(l);   // indices are recomputed, not remapped
+}
+
+// -- V1 layer (§2.1) -------------------------------------------------------------------------
+
+LutLinearV1::LutLinearV1(int64_t out, int64_t in, int64_t Lq, int64_t rank, int64_t G, const at::TensorOptions & opts,
+                         bool has_bias)
+    : lut_size(Lq), group_size(G) {
+    const int64_t padded = (in + G - 1) / G * G;
+    w = at::zeros({out, in}, opts);
+    if (has_bias) b = at::zeros({out}, opts);
+    if (rank > 0 && rank < std::min(out, padded)) {
+        scale_A = at::zeros({out, rank}, opts);
+        scale_B = at::zeros({rank, padded}, opts);
+    } else {
+        full_scales = at::ones({out, padded}, opts);
+    }
+    lut = lut_make(Lq).to(opts);
+}
+
+std::vector<std::pair<std::string, at::Tensor *>> LutLinearV1::parameter_slots() {
+    std::vector<std::pair<std::string, at::Tensor *>> s{{"weight", &w}};
+    if (b.defined()) s.push_back({"bias", &b});
+    if (full_scales.defined()) {
+        s.push_back({"full_scales", &full_scales});
+    } else {
+        s.push_back({"scale_A", &scale_A});
+        s.push_back({"scale_B", &scale_B});
+    }
+    s.push_back({"lut", &lut});
+    return s;
+}
+
+at::Tensor v1_scales(LutLinearV1 & l) {
+    at::Tensor S = l.full_scales.defined() ? l.full_scales : at::matmul(l.scale_A, l.scale_B);
+    return S.clamp_min(1e-8).narrow(1, 0, l.in_features());   // [out,in]
+}
+
+at::Tensor v1_fake_quant(LutLinearV1 & l) {
+    at::Tensor S = v1_scales(l);
+    at::Tensor idx;
+    {
+        at::NoGradGuard ng;   // the .long() cast kills the round's STE gradient anyway
+        const double step = 2.0 / (double)(l.lut_size - 1);
+        idx = ((l.w.detach() / S.detach()).clamp(-1, 1).add(1).div(step)).round().clamp(0, l.lut_size - 1).to(at::kLong);
+    }
+    at::Tensor deq = lut_gather(l.lut.to(S.scalar_type()), idx) * S;
+    if (l.w.requires_grad()) return l.w + (deq - l.w).detach();   // gradients to W only
+    return deq;                                                  // gradients to the scales
+}
+
+at::Tensor LutLinearV1::forward(const at::Tensor & x) {
+    at::Tensor Wq = v1_fake_quant(*this).to(x.scalar_type());
+    return at::linear(x, Wq, b.defined() ? std::optional<at::Tensor>(b.to(x.scalar_type())) : std::nullopt);
+}
+
+at::Tensor LutLinearV1::weight() {
+    at::NoGradGuard ng;
+    return v1_fake_quant(*this).detach();
+}
+
+void v1_init_from_weight(LutLinearV1 & l, const at::Tensor & W_) {
+    at::NoGradGuard ng;
+    at::Tensor W = W_.detach().to(scale_dtype(W_.scalar_type()));
+    at::Tensor S_full = group_maxabs_full(W, l.group_size);   // [out, padded_in]
+    if (l.full_scales.defined()) {
+        slot_set(l.full_scales, S_full.to(l.full_scales.options()));
+        return;
+    }
+    const int64_t r = l.scale_A.size(1);
+    auto [U, sv, Vh] = at::linalg_svd(S_full, false);
+    slot_set(l.scale_A, (U.narrow(1, 0, r) * sv.narrow(0, 0, r)).to(l.scale_A.options()));   // no floor, no g
+    slot_set(l.scale_B, Vh.narrow(0, 0, r).to(l.scale_B.options()));
+}
+
+std::shared_ptr<LutLinearV2> v1_to_v2(LutLinearV1 & v1, LutConfig c, bool freeze) {
+    at::NoGradGuard ng;
+    if (v1.full_scales.defined()) throw std::runtime_error("v1_to_v2: the V1 layer has full (not low-rank) scales");
+    const int64_t out = v1.out_features(), in = v1.in_features(), r = v1.scale_A.size(1);
+    c.lut_size = v1.lut.numel();
+    c.scale_rank = r;
+    auto l = std::make_shared<LutLinearV2>(out, in, c, v1.w.options(), v1.b.defined());
+    auto so = l->scale_A.options();
+    at::Tensor A = v1.scale_A.detach().to(so), B = v1.scale_B.detach().narrow(1, 0, in).to(so);   // [out,r], [r,in]
+    at::Tensor na = at::linalg_vector_norm(A, 2, {0}), nb = at::linalg_vector_norm(B, 2, {1});   // [r]
+    l->scale_A = A / na.clamp_min(1e-6);
+    l->scale_B = B / nb.unsqueeze(1).clamp_min(1e-6);
+    l->rank_magnitude = na * nb;   // (A_dir ⊙ g) B_dir = A B
+    l->lut = v1.lut.detach().to(so).clone();
+    l->w = v1.w.detach();
+    if (v1.b.defined()) l->b = v1.b.detach();
+    if (freeze) v2_freeze_q(*l);
+    l->scale_A.requires_grad_(true);
+    l->scale_B.requires_grad_(true);
+    l->rank_magnitude.requires_grad_(true);
+    return l;
+}
+
+} // namespace qatlab
