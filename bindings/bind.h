@@ -115,5 +115,10 @@ void torch_open_ops(lua_State * L, int t, int methods); // shared ops: torch.f a
 // for anything else, or a freed model.
 class DecoderModel;
 DecoderModel & nn_model_check(lua_State * L, int idx);
+// The tokenizer held by the Tokenizer userdata at `idx` (bindings/tokenizers.cpp).
+class Tokenizer;
+Tokenizer & tokenizer_check(lua_State * L, int idx);
+// Adds build_cache and open_cache to the `kd` module table at `t` (bindings/kd_cache.cpp).
+void kd_open_cache(lua_State * L, int t);
 
 } // namespace qatlab

@@ -8,6 +8,8 @@ int luaopen_gguf(lua_State * L);
 int luaopen_tokenizers(lua_State * L);
 int luaopen_nn(lua_State * L);
 int luaopen_quant(lua_State * L);
+int luaopen_data(lua_State * L);
+int luaopen_kd(lua_State * L);
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -20,6 +22,8 @@ static const struct {
     {"tokenizers", luaopen_tokenizers},
     {"nn", luaopen_nn},
     {"quant", luaopen_quant},
+    {"data", luaopen_data},
+    {"kd", luaopen_kd},
 };
 
 void bind_open_all(lua_State * L) {

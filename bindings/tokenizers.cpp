@@ -361,6 +361,14 @@ const BindFn functions[] = {
 
 } // namespace
 
+// The tokenizer held by the Tokenizer userdata at `idx` (declared in bind.h, used by `data`).
+Tokenizer & tokenizer_check(lua_State * L, int idx) {
+    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, idx, TOKENIZER_MT));
+    if (!ud) bind_fail("argument #%d: expected a Tokenizer, got %s", idx, luaL_typename(L, idx));
+    if (!ud->tk) bind_fail("argument #%d: the tokenizer was collected", idx);
+    return *ud->tk;
+}
+
 int luaopen_tokenizers(lua_State * L) {
     // Tensors returned by encode need the Tensor methods, which loading torch installs.
     lua_getglobal(L, "require");

@@ -66,6 +66,9 @@ void dense_of(const std::shared_ptr<Linear> & l, at::Tensor & W, at::Tensor & bi
     if (auto d = std::dynamic_pointer_cast<DenseLinear>(l)) {
         W = d->w;
         bias = d->b;
+    } else if (auto v1 = std::dynamic_pointer_cast<LutLinearV1>(l)) {   // the original weight, not W_q
+        W = v1->w;
+        bias = v1->b;
     } else {
         W = l->weight();
     }
@@ -431,7 +434,8 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
         };
         at::Tensor A = need("scale_A"), B = need("scale_B"), g = need("rank_magnitude"), lut = need("lut");
         at::Tensor W = take(name + ".weight"), bias = take(name + ".bias"), idx = take(name + "._indices"),
-                   Q = take(name + "._Q"), flag = take(name + "._scales_baked_flag");
+                   Q = take(name + "._Q"), flag = take(name + "._scales_baked_flag"),
+                   raw = take(name + "._lut_raw_deltas");
         take(name + "._cached_weight_q");
         const int64_t r = A.dim() == 2 ? A.size(1) : -1;
         auto expect = [&](const char * k, const at::Tensor & t, std::vector<int64_t> shape) {
@@ -472,6 +476,11 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
             l->indices = qi.to(oldW.device());
         } else {
             v2_freeze_q(*l);
+        }
+        if (raw.defined()) {   // a trained LUT16 that was saved without baking (§1.10)
+            if (raw.numel() != 8 || lut.numel() != 16)
+                ck_fail(src, name + "._lut_raw_deltas", "expected 8 deltas for a 16-entry LUT, found " + shape_str(raw.sizes()));
+            l->lut_raw = raw.to(so).reshape({8}).contiguous();
         }
         l->scale_A.requires_grad_(true);
         l->scale_B.requires_grad_(true);

@@ -502,8 +502,11 @@ TEST(QuantLut, ReplaceTrainableAndExport) {
     EXPECT_EQ(quant_set_trainable(m, "mlp"), 6 * 3);
     EXPECT_EQ(quant_set_trainable(m, "attn"), 8 * 3);
     EXPECT_EQ(quant_set_trainable(m, "frozen_magnitude"), 14 * 2);
-    for (auto & [n, t] : m.named_parameters())
-        if (n.find("embed") != std::string::npos || n.find("norm") != std::string::npos) EXPECT_FALSE(t.requires_grad()) << n;
+    for (auto & [n, t] : m.named_parameters()) {
+        if (n.find("embed") != std::string::npos || n.find("norm") != std::string::npos) {
+            EXPECT_FALSE(t.requires_grad()) << n;
+        }
+    }
     // export HF: plain weights equal to W_eff, reloaded by from_pretrained
     at::Tensor ids = at::randint(0, 40, {1, 7}, at::kLong);
     at::Tensor y = m.forward(ids);
@@ -548,6 +551,65 @@ TEST(QuantLut, ReplaceTrainableAndExport) {
     fs::remove_all(d);
 }
 
+TEST(QuantLut, CheckpointedGradientsEqualPlain) {
+    at::manual_seed(2);
+    DecoderModel m(tiny_config(2));
+    quant_replace(m, QuantReplaceOptions());
+    quant_set_trainable(m, "all");
+    m.train(true);
+    at::Tensor ids = at::randint(0, 40, {2, 5}, at::kLong);
+    auto grads = [&](bool ckpt) {
+        m.gradient_checkpointing(ckpt);
+        for (auto & [n, t] : m.named_parameters())
+            if (t.requires_grad()) t.mutable_grad() = at::Tensor();
+        m.forward(ids).pow(2).mean().backward();
+        std::vector<at::Tensor> g;
+        for (auto & [n, t] : m.named_parameters())
+            if (t.requires_grad()) g.push_back(t.grad().clone());
+        return g;
+    };
+    auto a = grads(false), b = grads(true);
+    ASSERT_EQ(a.size(), 42u);
+    for (size_t i = 0; i < a.size(); i++) EXPECT_LT(maxdiff(a[i], b[i]), 1e-7) << i;
+    // to(float64) keeps the uint8 indices
+    m.to(std::nullopt, at::kDouble);
+    auto l = quant_v2_layers(m)[0].second;
+    EXPECT_EQ(l->indices.scalar_type(), at::kByte);
+    EXPECT_EQ(l->scale_A.scalar_type(), at::kDouble);
+    EXPECT_EQ(m.forward(ids).scalar_type(), at::kDouble);
+    EXPECT_EQ(m.requires_grad(true), (int64_t)m.named_parameters().size() - 14 * 2);   // _indices, flag skipped
+}
+
+TEST(QuantLut, TrainedLut16CheckpointRoundTrip) {
+    at::manual_seed(4);
+    DecoderModel m(tiny_config(1));
+    m.train(false);
+    QuantReplaceOptions o;
+    o.preset = "q4a4";
+    quant_replace(m, o);
+    for (auto & [n, l] : quant_v2_layers(m)) {
+        v2_enable_lut_training(*l);
+        at::NoGradGuard ng;
+        l->lut_raw.add_(0.3 * at::randn_like(l->lut_raw));
+    }
+    EXPECT_EQ(quant_set_trainable(m, "lut"), 7);
+    at::Tensor ids = at::randint(0, 40, {1, 6}, at::kLong);
+    at::Tensor y = m.forward(ids).detach();
+    fs::path d = tmp_dir("lut16");
+    quant_save_checkpoint(m, d.string());
+    DecoderModel m2(tiny_config(1));
+    m2.train(false);
+    EXPECT_TRUE(quant_load_checkpoint(m2, d.string()).empty());
+    auto l2 = quant_v2_layers(m2)[0].second;
+    EXPECT_TRUE(l2->lut_raw.defined());
+    EXPECT_LT(maxdiff(m2.forward(ids), y), 1e-6);
+    // snapping bakes the trained LUT into `lut`
+    quant_snap_for_export(m2);
+    EXPECT_FALSE(l2->lut_raw.defined());
+    EXPECT_LT(maxdiff(m2.forward(ids), y), 1e-5);
+    fs::remove_all(d);
+}
+
 TEST(QuantLut, PackUnpack) {
     at::Tensor i2 = at::randint(0, 4, {37}, at::kLong).to(at::kByte);
     at::Tensor p2 = indices_pack(i2, 2);
@@ -570,7 +632,9 @@ TEST(QuantLut, ModelQ4ToQ2AndV1ToV2) {
     for (auto & [n, l] : quant_v2_layers(m)) {
         EXPECT_EQ(l->rank(), quant_is_mlp(n) ? 32 : 8);
         EXPECT_EQ(l->lut.numel(), quant_is_mlp(n) ? 4 : 16);
-        if (quant_is_mlp(n)) EXPECT_NEAR(vals(l->lut)[2], 0.2668457031, 1e-9);
+        if (quant_is_mlp(n)) {
+            EXPECT_NEAR(vals(l->lut)[2], 0.2668457031, 1e-9);
+        }
     }
     DecoderModel m1(tiny_config(1));
     auto v1names = quant_replace_v1(m1, o);
@@ -618,6 +682,16 @@ for name, (o, i) in shapes.items():
         S = (Ad * (g + 1e-6)) @ Bd
     x = torch.randn(3, i)
     refs[name] = (x, x @ (lut[idx] * S).t())
+    if name == 'mlp.up_proj':   # the seed's STE-FP16 loop and batched forms (§1.7, §1.8)
+        def st(t): return t + (t.clamp(-65504, 65504).half().float() - t).detach()
+        Q, gs = st(lut[idx]), st(g + 1e-6)
+        y = torch.zeros(3, o)
+        for k in range(r):
+            b = st(Bd[k, :]); a = st(gs[k] * Ad[:, k]); u = st(x * b); v = st(torch.nn.functional.linear(u, Q))
+            y = st(y + a * v)
+        Bm, Am = st(Bd), st((Ad * gs).t())
+        X = st(x[..., None, :] * Bm); Y = st(torch.einsum('...ri,oi->...ro', X, Q)); yb = st((Y * Am).sum(-2))
+        refs['ste_loop'] = (x, y); refs['ste_batched'] = (x, yb)
 for n in ['input_layernorm', 'post_attention_layernorm']: sd['model.layers.0.' + n + '.weight'] = torch.ones(H)
 sd['model.layers.0.self_attn.q_norm.weight'] = torch.ones(hd)
 sd['model.layers.0.self_attn.k_norm.weight'] = torch.ones(hd)
@@ -637,8 +711,9 @@ torch.save({k: v[1] for k, v in refs.items()}, sys.argv[1] + '/y.pt')
     auto unused = quant_load_checkpoint(m, (d / "best_state_dict.pt").string());
     EXPECT_EQ(unused, std::vector<std::string>{"lm_head.weight"});   // tied
     auto xs = pt_state_dict(pt_load((d / "x.pt").string())), ys = pt_state_dict(pt_load((d / "y.pt").string()));
-    ASSERT_EQ(xs.size(), 7u);
+    ASSERT_EQ(xs.size(), 9u);
     for (size_t i = 0; i < xs.size(); i++) {
+        if (xs[i].first.rfind("ste_", 0) == 0) continue;
         std::string name = "model.layers.0." + xs[i].first;
         auto l = std::dynamic_pointer_cast<LutLinearV2>(m.get_linear(name));
         ASSERT_TRUE(l) << name;
@@ -652,6 +727,17 @@ torch.save({k: v[1] for k, v in refs.items()}, sys.argv[1] + '/y.pt')
     }
     auto mlp = std::dynamic_pointer_cast<LutLinearV2>(m.get_linear("model.layers.0.mlp.up_proj"));
     EXPECT_NEAR(vals(mlp->lut)[2], 0.2668457031, 1e-9);   // the checkpoint's LUT wins
+    // STE-FP16 loop and batched forms against PyTorch running the seed's formulas
+    mlp->cfg.use_ste_fp16 = true;
+    for (size_t i = 0; i < xs.size(); i++) {
+        if (xs[i].first.rfind("ste_", 0) != 0) continue;
+        LutForm f = xs[i].first == "ste_loop" ? LutForm::loop : LutForm::batched;
+        at::Tensor y = v2_forward(*mlp, xs[i].second, f);
+        double d = maxdiff(y, ys[i].second);
+        std::printf("[seed STE-FP16 %s vs PyTorch] max diff %.3g (|y|max %.3g)\n", lut_form_name(f), d,
+                    ys[i].second.abs().max().item<double>());
+        EXPECT_LE(d, 2 * std::pow(2.0, std::floor(std::log2(ys[i].second.abs().max().item<double>())) - 10));
+    }
     // a shape error names the file and the key
     DecoderConfig big = tiny_config(1);
     big.intermediate_size = 128;

@@ -1,0 +1,114 @@
+-- bench_kd_loss: peak memory and time of the KD loss (anemll §6.1, defaults T=2, hard 0.2 + 0.00005)
+-- forward + backward w.r.t. h, fused and chunked (kd.loss) vs unfused (kd.loss_reference), at a
+-- Qwen3-like vocabulary (V 151936, H 1024, K 32) on the CPU. A benchmark, not a test.
+--
+--   qatlab run experiments/bench_kd_loss.lua [--set n=384 (default: 256 and 512)] [--set chunk=128] [--set iters=2]
+--
+-- Each (variant, N) runs in two child processes: one timed with the normal allocator, one measuring
+-- memory with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so the RSS follows the
+-- live bytes): memory = peak RSS during a step (VmHWM after clear_refs) minus the RSS before it,
+-- i.e. logits, autograd buffers and temporaries (W and h exist before). Prints a Markdown table.
+local torch = require 'torch'
+local kd = require 'kd'
+local qatlab = require 'qatlab'
+local config = require 'config'
+local args = ...
+
+local cfg = config.merge({
+  variant = '',         -- '' = driver; else the child's 'fused' or 'unfused'
+  measure = 'time',     -- child: 'time' or 'mem'
+  n = 0,                -- N = B·S positions; 0 = the driver runs 256 and 512
+  vocab = 151936, hidden = 1024, k = 32, seq = 64, chunk = 128,
+  iters = 2, warmup = 1, threads = 2, dtype = 'float32',
+}, args)
+
+local function median(xs)
+  table.sort(xs)
+  return xs[math.floor((#xs + 1) / 2)]
+end
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd))
+  local out = p:read('*a')
+  p:close()
+  return out
+end
+
+local function status_kb(key)
+  local f = assert(io.open('/proc/self/status'))
+  local text = f:read('*a')
+  f:close()
+  return tonumber(text:match(key .. ':%s*(%d+)')) or 0
+end
+
+local function reset_hwm()
+  local f = io.open('/proc/self/clear_refs', 'w')   -- "5" resets the peak RSS to the current RSS
+  if f then f:write('5'); f:close() end
+end
+
+if cfg.variant ~= '' then
+  -- child: one variant at one N -------------------------------------------------------------
+  torch.set_num_threads(cfg.threads)
+  torch.manual_seed(0)
+  local S = math.min(cfg.seq, cfg.n)
+  local B = math.floor(cfg.n / S)
+  local W = torch.randn(cfg.vocab, cfg.hidden, {dtype = cfg.dtype}) * 0.02
+  local h0 = torch.randn(B, S, cfg.hidden, {dtype = cfg.dtype})
+  local tl, ti = (torch.randn(B, S, cfg.vocab) * 3):topk(cfg.k)   -- a teacher's sorted top-k
+  local batch = {topk_idx = ti:int(), topk_logits = tl:half()}
+  local f = cfg.variant == 'fused' and kd.loss or kd.loss_reference
+  local last
+  local function step()
+    local h = h0:clone():requires_grad_()
+    local loss = f(h, W, batch, {chunk = cfg.chunk})
+    loss:backward()
+    last = loss:item()
+  end
+  for _ = 1, cfg.warmup do step() end
+  collectgarbage(); collectgarbage()
+  local times, peaks = {}, {}
+  for i = 1, cfg.iters do
+    collectgarbage(); collectgarbage()
+    local rss0 = status_kb('VmRSS')
+    reset_hwm()
+    local t0 = qatlab.time()
+    step()
+    times[i] = qatlab.time() - t0
+    peaks[i] = (status_kb('VmHWM') - rss0) * 1024
+  end
+  print(('RESULT %s %.6f %.0f %.9g'):format(cfg.variant, median(times), median(peaks), last))
+  return
+end
+
+-- driver --------------------------------------------------------------------------------------
+local qbin = sh('readlink -f /proc/' .. sh('echo $PPID'):gsub('%s', '') .. '/exe'):gsub('%s+$', '')
+if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
+local function child(variant, measure, n)
+  local cmd = ('%s%s run --device cpu %s --set variant=%s --set measure=%s --set n=%d --set vocab=%d '
+               .. '--set hidden=%d --set k=%d --set seq=%d --set chunk=%d --set iters=%d --set warmup=%d '
+               .. '--set threads=%d --set dtype=%s'):format(
+    measure == 'mem' and 'MALLOC_MMAP_THRESHOLD_=65536 ' or '', qbin, qatlab.script, variant, measure, n,
+    cfg.vocab, cfg.hidden, cfg.k, cfg.seq, cfg.chunk, cfg.iters, cfg.warmup, cfg.threads, cfg.dtype)
+  io.stderr:write(('[bench_kd_loss] %s N=%d (%s) ...\n'):format(variant, n, measure))
+  local out = sh(cmd .. ' 2>&1')
+  local t, mem, loss = out:match('RESULT %S+ (%S+) (%S+) (%S+)')
+  if not t then error(('child %s N=%d failed:\n%s'):format(variant, n, out), 0) end
+  return tonumber(t), tonumber(mem), tonumber(loss)
+end
+
+print(('\nKD loss forward + backward (dL/dh), V %d, H %d, K %d, chunk %d, %s, CPU, %d threads\n'):format(
+  cfg.vocab, cfg.hidden, cfg.k, cfg.chunk, cfg.dtype, cfg.threads))
+print('| N = B·S | unfused time (s) | fused time (s) | unfused peak (MB) | fused peak (MB) | memory ratio '
+      .. '| loss rel. diff |')
+print('|---|---|---|---|---|---|---|')
+for _, n in ipairs(cfg.n > 0 and {cfg.n} or {256, 512}) do
+  local r = {}
+  for _, v in ipairs({'unfused', 'fused'}) do
+    local t, _, loss = child(v, 'time', n)
+    local _, mem = child(v, 'mem', n)
+    r[v] = {time = t, mem = mem, loss = loss}
+  end
+  local u, f = r.unfused, r.fused
+  print(('| %d | %.2f | %.2f | %.0f | %.0f | %.1fx | %.1e |'):format(n, u.time, f.time, u.mem / 2 ^ 20,
+        f.mem / 2 ^ 20, u.mem / math.max(f.mem, 1), math.abs(u.loss - f.loss) / math.abs(u.loss)))
+end
