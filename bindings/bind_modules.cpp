@@ -10,6 +10,7 @@ int luaopen_nn(lua_State * L);
 int luaopen_quant(lua_State * L);
 int luaopen_data(lua_State * L);
 int luaopen_kd(lua_State * L);
+int luaopen_optim(lua_State * L);
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -24,6 +25,7 @@ static const struct {
     {"quant", luaopen_quant},
     {"data", luaopen_data},
     {"kd", luaopen_kd},
+    {"optim", luaopen_optim},
 };
 
 void bind_open_all(lua_State * L) {

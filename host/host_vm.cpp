@@ -164,6 +164,12 @@ static int host_time(lua_State * L) {
     return 1;
 }
 
+// qatlab.isatty(fd): whether a file descriptor (2 = stderr) is a terminal, for progress bars.
+static int host_isatty(lua_State * L) {
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+    return 1;
+}
+
 // -- the VM -------------------------------------------------------------------------------
 
 HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
@@ -192,6 +198,8 @@ HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
     setstr("version", QATLAB_VERSION);
     lua_pushcfunction(L_, host_time);
     lua_setfield(L_, -2, "time");
+    lua_pushcfunction(L_, host_isatty);
+    lua_setfield(L_, -2, "isatty");
     setstr("device", opt.device);
     setstr("scripts_dir", host_scripts_dir());
     if (!opt.out_dir.empty()) setstr("out", opt.out_dir);

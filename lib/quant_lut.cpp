@@ -4,6 +4,7 @@
 #include "lib/quant_lut.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <stdexcept>
@@ -207,6 +208,58 @@ at::Tensor v2_q(LutLinearV2 & l, at::ScalarType dt) {
     return lut_gather(lv.to(dt), idx);   // [out,in]
 }
 
+namespace {
+at::Tensor fp16_round(const at::Tensor & t) {   // the forward value of ste_fp16
+    if (t.scalar_type() == at::kHalf) return t;
+    return t.clamp(-65504.0, 65504.0).to(at::kHalf).to(t.scalar_type());
+}
+
+// y = x W^T with W = [st](Q ⊙ (Am Bm)) cast to x's dtype, Q = [st](lut[idx]); [st] = fp16
+// rounding when `ste` (identity in backward). Saves only x and the small factors: W, Q and S
+// ([out,in] each) are recomputed in backward instead of being kept for the whole step.
+struct MaterializedLinear : torch::autograd::Function<MaterializedLinear> {
+    static std::pair<at::Tensor, at::Tensor> weight(const at::Tensor & Am, const at::Tensor & Bm, const at::Tensor & lut,
+                                                    const at::Tensor & idx, bool ste) {
+        at::Tensor Q = lut_gather(lut, idx);                // [out,in] in the scales' dtype
+        if (ste) Q = fp16_round(Q);
+        at::Tensor W = Q * at::matmul(Am, Bm);              // [out,in]
+        return {ste ? fp16_round(W) : W, Q};
+    }
+    static at::Tensor forward(torch::autograd::AutogradContext * ctx, const at::Tensor & x, const at::Tensor & Am,
+                              const at::Tensor & Bm, const at::Tensor & lut, const at::Tensor & idx, bool ste) {
+        at::Tensor W = weight(Am, Bm, lut, idx, ste).first.to(x.scalar_type());
+        ctx->save_for_backward({x, Am, Bm, lut, idx});
+        ctx->saved_data["ste"] = ste;
+        at::Tensor y = at::linear(x, W);                    // [..., out]
+        return ste ? fp16_round(y) : y;
+    }
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext * ctx,
+                                                   torch::autograd::variable_list go) {
+        auto sv = ctx->get_saved_variables();
+        const at::Tensor &x = sv[0], &Am = sv[1], &Bm = sv[2], &lut = sv[3], &idx = sv[4];
+        const bool ste = ctx->saved_data["ste"].toBool();
+        at::Tensor gy = go[0];                              // [..., out]
+        auto [W, Q] = weight(Am, Bm, lut, idx, ste);        // recomputed
+        at::Tensor gx, gAm, gBm, glut;
+        if (ctx->needs_input_grad(0)) gx = at::matmul(gy, W.to(gy.scalar_type()));   // [..., in]
+        if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
+            at::Tensor gW = at::matmul(gy.reshape({-1, gy.size(-1)}).t(), x.reshape({-1, x.size(-1)}))
+                                .to(W.scalar_type());       // [out,in]
+            if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+                at::Tensor gS = gW * Q;                     // ∂S = ∂W ⊙ Q
+                if (ctx->needs_input_grad(1)) gAm = at::matmul(gS, Bm.t());   // [out,r]
+                if (ctx->needs_input_grad(2)) gBm = at::matmul(Am.t(), gS);   // [r,in]
+            }
+            if (ctx->needs_input_grad(3)) {                 // ∂lut_j = Σ_{idx = j} ∂W ⊙ S
+                at::Tensor gQ = (gW * at::matmul(Am, Bm)).reshape({-1});
+                glut = at::zeros_like(lut).index_add_(0, idx.reshape({-1}).to(at::kLong), gQ);
+            }
+        }
+        return {gx, gAm, gBm, glut, at::Tensor(), at::Tensor()};
+    }
+};
+} // namespace
+
 at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
     const bool ste = l.cfg.use_ste_fp16;
     auto st = [&](const at::Tensor & t) { return ste ? ste_fp16(t) : t; };
@@ -219,11 +272,15 @@ at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
         // batched form), then W_eff and y in place of the per-rank u, v and accumulator
         // roundings, which a single GEMM cannot reproduce.
         at::ScalarType sdt = at::promote_types(s.A_dir.scalar_type(), at::kFloat);
-        at::Tensor Q = st(v2_q(l, sdt));                      // [out,in]
         at::Tensor Am = st(s.A_dir.to(sdt) * s.g.to(sdt));   // [out,r]
         at::Tensor Bm = st(s.B_dir.to(sdt));                 // [r,in]
-        at::Tensor W = st(Q * at::matmul(Am, Bm)).to(dt);    // [out,in] in the compute dtype
-        y = st(at::linear(x, W));
+        at::Tensor idx = l.indices;
+        if (!idx.defined()) {
+            at::NoGradGuard ng;
+            idx = lut_nearest_indices(l.w.to(sdt) / v2_full_scales(l), l.lut);
+        }
+        at::Tensor lv = (l.lut_raw.defined() ? lut16_from_raw(l.lut_raw, l.lut_max_abs) : l.lut).to(sdt);
+        y = MaterializedLinear::apply(x, Am, Bm, lv, idx, ste);   // [..., out]
         if (l.b.defined()) y = y + st(l.b).to(dt);
         return y;
     }

@@ -1,0 +1,446 @@
+// optim: lib/optim as the Lua module `optim`: AdamW, SGD and Muon over tensors, groups or a model,
+// with step, zero_grad, param_groups, set_lr/set_momentum, state dicts, and clip_grad_norm.
+#include "bindings/bind.h"
+#include "lib/model.h"
+#include "lib/optim.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+
+namespace qatlab {
+
+namespace {
+
+#define QATLAB_OPTIM_MT "qatlab.Optimizer"
+
+using json = nlohmann::json;
+
+struct OptimUD {
+    std::shared_ptr<Optimizer> o;
+};
+
+Optimizer & optim_check(lua_State * L, int idx) {
+    auto * u = (OptimUD *)luaL_testudata(L, idx, QATLAB_OPTIM_MT);
+    if (!u) bind_fail("expected an Optimizer (call methods with ':'), got %s", luaL_typename(L, idx));
+    return *u->o;
+}
+
+int optim_gc(lua_State * L) {
+    if (auto * u = (OptimUD *)luaL_testudata(L, 1, QATLAB_OPTIM_MT)) u->~OptimUD();
+    return 0;
+}
+
+// -- parameters ------------------------------------------------------------------------------------
+
+bool is_model(lua_State * L, int idx) {
+    return luaL_testudata(L, idx, "qatlab.Model") != nullptr;
+}
+
+// A model's trainable parameters (requires_grad), in named_parameters order.
+std::vector<at::Tensor> model_trainable(lua_State * L, int idx) {
+    std::vector<at::Tensor> out;
+    for (auto & [name, t] : nn_model_check(L, idx).named_parameters())
+        if (t.requires_grad()) out.push_back(t);
+    return out;
+}
+
+// Element `i` of the array at `idx` as a tensor: a Tensor, or a {name, tensor} pair from
+// model:named_parameters().
+at::Tensor param_at(lua_State * L, int idx, int i, const char * where) {
+    lua_rawgeti(L, idx, i);
+    at::Tensor * t = tensor_test(L, -1);
+    if (!t && lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, 2);
+        t = tensor_test(L, -1);
+        lua_pop(L, 1);
+    }
+    if (!t) bind_fail("%s: element %d is a %s, expected a Tensor", where, i, luaL_typename(L, -1));
+    if (!t->defined()) bind_fail("%s: element %d: the tensor was freed", where, i);
+    at::Tensor out = *t;
+    lua_pop(L, 1);
+    return out;
+}
+
+// Tensors from an array of tensors (or name/tensor pairs) or a model.
+std::vector<at::Tensor> params_read(lua_State * L, int idx, const char * where) {
+    if (is_model(L, idx)) return model_trainable(L, idx);
+    if (!lua_istable(L, idx)) bind_fail("%s: expected an array of tensors or a Model, got %s", where, luaL_typename(L, idx));
+    std::vector<at::Tensor> out;
+    int n = (int)lua_objlen(L, idx);
+    for (int i = 1; i <= n; i++) out.push_back(param_at(L, idx, i, where));
+    return out;
+}
+
+bool is_group_array(lua_State * L, int idx) {
+    if (!lua_istable(L, idx) || lua_objlen(L, idx) == 0) return false;
+    lua_rawgeti(L, idx, 1);
+    bool group = false;
+    if (lua_istable(L, -1) && !tensor_test(L, -1)) {
+        lua_getfield(L, -1, "params");
+        group = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return group;
+}
+
+// -- options ----------------------------------------------------------------------------------------
+
+// The hyper-parameters a kind takes, with the PyTorch (or golf reference) defaults.
+ParamGroup defaults_of(OptimKind k) {
+    ParamGroup g;
+    if (k == OptimKind::adamw) g.weight_decay = 1e-2;
+    if (k == OptimKind::muon) g.lr = 0.02, g.momentum = 0.95, g.nesterov = true;
+    return g;
+}
+
+const char * const adamw_keys[] = {"lr", "betas", "eps", "weight_decay", nullptr};
+const char * const sgd_keys[] = {"lr", "momentum", "nesterov", "weight_decay", nullptr};
+const char * const muon_keys[] = {"lr", "momentum", "nesterov", "ns_steps", "ns_bf16", "weight_decay", nullptr};
+
+const char * const * keys_of(OptimKind k) {
+    return k == OptimKind::adamw ? adamw_keys : k == OptimKind::sgd ? sgd_keys : muon_keys;
+}
+
+double number_field(lua_State * L, int idx, const char * key, const char * where) {
+    if (lua_type(L, idx) != LUA_TNUMBER) bind_fail("%s'%s': expected a number, got %s", where, key, luaL_typename(L, idx));
+    return lua_tonumber(L, idx);
+}
+
+// Reads the options of table `t` into `g`; any other key (but "params" where allowed) is an error.
+void options_read(lua_State * L, int t, OptimKind kind, ParamGroup & g, bool allow_params, const char * where) {
+    const char * const * keys = keys_of(kind);
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        int v = lua_gettop(L);
+        const char * key = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : nullptr;
+        bool known = allow_params && key && strcmp(key, "params") == 0;
+        for (const char * const * k = keys; *k && key && !known; k++) known = strcmp(*k, key) == 0;
+        if (!known) {
+            std::string list;
+            for (const char * const * k = keys; *k; k++) list.append(list.empty() ? "" : ", ").append(*k);
+            bind_fail("%sunknown option '%s' (%s takes: %s)", where, key ? key : "(non-string key)",
+                      optim_kind_name(kind), list.c_str());
+        }
+        if (strcmp(key, "lr") == 0) g.lr = number_field(L, v, key, where);
+        else if (strcmp(key, "eps") == 0) g.eps = number_field(L, v, key, where);
+        else if (strcmp(key, "weight_decay") == 0) g.weight_decay = number_field(L, v, key, where);
+        else if (strcmp(key, "momentum") == 0) g.momentum = number_field(L, v, key, where);
+        else if (strcmp(key, "ns_steps") == 0) g.ns_steps = (int64_t)number_field(L, v, key, where);
+        else if (strcmp(key, "nesterov") == 0 || strcmp(key, "ns_bf16") == 0) {
+            if (!lua_isboolean(L, v)) bind_fail("%s'%s': expected a boolean, got %s", where, key, luaL_typename(L, v));
+            (strcmp(key, "nesterov") == 0 ? g.nesterov : g.ns_bf16) = lua_toboolean(L, v);
+        } else if (strcmp(key, "betas") == 0) {
+            if (!lua_istable(L, v) || lua_objlen(L, v) != 2) bind_fail("%s'betas': expected {beta1, beta2}", where);
+            lua_rawgeti(L, v, 1);
+            lua_rawgeti(L, v, 2);
+            g.beta1 = number_field(L, -2, "betas", where);
+            g.beta2 = number_field(L, -1, "betas", where);
+            lua_pop(L, 2);
+        }
+        lua_settop(L, v - 1);
+    }
+}
+
+// optim.<Kind>(params, opts): params = tensors | {name, tensor} pairs | groups | a model.
+int optim_new(lua_State * L, OptimKind kind) {
+    if (lua_isnoneornil(L, 1)) bind_fail("argument #1 (params): expected tensors, parameter groups or a Model, got nothing");
+    ParamGroup base = defaults_of(kind);
+    if (lua_gettop(L) >= 2 && !lua_isnil(L, 2)) {
+        if (!lua_istable(L, 2)) bind_fail("argument #2 (options): expected a table, got %s", luaL_typename(L, 2));
+        options_read(L, 2, kind, base, false, "");
+    }
+    if (lua_gettop(L) > 2) bind_fail("expected (params, options), got %d arguments", lua_gettop(L));
+    std::vector<ParamGroup> groups;
+    if (is_group_array(L, 1)) {
+        int n = (int)lua_objlen(L, 1);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, 1, i);
+            int t = lua_gettop(L);
+            char where[64];
+            snprintf(where, sizeof where, "group %d: ", i);
+            if (!lua_istable(L, t)) bind_fail("%sexpected a table {params = {...}, ...}, got %s", where, luaL_typename(L, t));
+            ParamGroup g = base;
+            options_read(L, t, kind, g, true, where);
+            lua_getfield(L, t, "params");
+            snprintf(where, sizeof where, "group %d: params", i);
+            g.params = params_read(L, lua_gettop(L), where);
+            lua_settop(L, t - 1);
+            groups.push_back(std::move(g));
+        }
+    } else {
+        base.params = params_read(L, 1, "argument #1 (params)");
+        groups.push_back(std::move(base));
+    }
+    auto o = std::make_shared<Optimizer>(kind, std::move(groups));
+    void * p = lua_newuserdata(L, sizeof(OptimUD));
+    new (p) OptimUD{std::move(o)};
+    luaL_getmetatable(L, QATLAB_OPTIM_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+int optim_adamw(lua_State * L) { return optim_new(L, OptimKind::adamw); }
+int optim_sgd(lua_State * L) { return optim_new(L, OptimKind::sgd); }
+int optim_muon(lua_State * L) { return optim_new(L, OptimKind::muon); }
+
+int optim_clip_grad_norm(lua_State * L) {
+    std::vector<at::Tensor> ps;
+    if (is_group_array(L, 1)) {
+        int n = (int)lua_objlen(L, 1);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, 1, i);
+            lua_getfield(L, -1, "params");
+            auto more = params_read(L, lua_gettop(L), "argument #1 (params)");
+            ps.insert(ps.end(), more.begin(), more.end());
+            lua_pop(L, 2);
+        }
+    } else {
+        ps = params_read(L, 1, "argument #1 (params)");
+    }
+    if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #2 (max_norm): expected a number, got %s", luaL_typename(L, 2));
+    lua_pushnumber(L, clip_grad_norm(ps, lua_tonumber(L, 2)));
+    return 1;
+}
+
+// -- JSON <-> Lua (state dict meta) -------------------------------------------------------------------
+
+void json_push(lua_State * L, const json & j) {
+    switch (j.type()) {
+    case json::value_t::object:
+        lua_createtable(L, 0, (int)j.size());
+        for (auto & [k, v] : j.items()) {
+            json_push(L, v);
+            lua_setfield(L, -2, k.c_str());
+        }
+        break;
+    case json::value_t::array:
+        lua_createtable(L, (int)j.size(), 0);
+        for (size_t i = 0; i < j.size(); i++) {
+            json_push(L, j[i]);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    case json::value_t::boolean: lua_pushboolean(L, j.get<bool>()); break;
+    case json::value_t::string: lua_pushstring(L, j.get<std::string>().c_str()); break;
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned:
+    case json::value_t::number_float: lua_pushnumber(L, j.get<double>()); break;
+    default: lua_pushnil(L);
+    }
+}
+
+json json_of(lua_State * L, int idx, int depth = 0) {
+    if (depth > 16) bind_fail("meta: nested too deeply");
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    switch (lua_type(L, idx)) {
+    case LUA_TBOOLEAN: return json(lua_toboolean(L, idx) != 0);
+    case LUA_TSTRING: return json(std::string(lua_tostring(L, idx)));
+    case LUA_TNUMBER: {
+        double d = lua_tonumber(L, idx);
+        if (std::floor(d) == d && std::abs(d) < 9e15) return json((int64_t)d);
+        return json(d);
+    }
+    case LUA_TTABLE: {
+        size_t n = lua_objlen(L, idx);
+        bool array = n > 0;
+        json out = array ? json::array() : json::object();
+        if (array) {
+            for (size_t i = 1; i <= n; i++) {
+                lua_rawgeti(L, idx, (int)i);
+                out.push_back(json_of(L, -1, depth + 1));
+                lua_pop(L, 1);
+            }
+            return out;
+        }
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            if (lua_type(L, -2) == LUA_TSTRING) out[lua_tostring(L, -2)] = json_of(L, -1, depth + 1);
+            lua_pop(L, 1);
+        }
+        // An empty table reads as an empty array (state = {} when nothing has stepped).
+        return out.empty() ? json::array() : out;
+    }
+    default: bind_fail("meta: cannot hold a %s", luaL_typename(L, idx));
+    }
+}
+
+// -- methods ------------------------------------------------------------------------------------------
+
+int m_step(lua_State * L) {
+    optim_check(L, 1).step();
+    return 0;
+}
+
+int m_zero_grad(lua_State * L) {
+    optim_check(L, 1).zero_grad();
+    return 0;
+}
+
+void num_set(lua_State * L, const char * k, double v) {
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+int m_param_groups(lua_State * L) {
+    Optimizer & o = optim_check(L, 1);
+    const auto & gs = o.param_groups();
+    lua_createtable(L, (int)gs.size(), 0);
+    for (size_t i = 0; i < gs.size(); i++) {
+        const ParamGroup & g = gs[i];
+        lua_createtable(L, 0, 8);
+        num_set(L, "lr", g.lr);
+        num_set(L, "weight_decay", g.weight_decay);
+        if (o.kind() == OptimKind::adamw) {
+            lua_createtable(L, 2, 0);
+            lua_pushnumber(L, g.beta1);
+            lua_rawseti(L, -2, 1);
+            lua_pushnumber(L, g.beta2);
+            lua_rawseti(L, -2, 2);
+            lua_setfield(L, -2, "betas");
+            num_set(L, "eps", g.eps);
+        } else {
+            num_set(L, "momentum", g.momentum);
+            lua_pushboolean(L, g.nesterov);
+            lua_setfield(L, -2, "nesterov");
+        }
+        if (o.kind() == OptimKind::muon) {
+            num_set(L, "ns_steps", (double)g.ns_steps);
+            lua_pushboolean(L, g.ns_bf16);
+            lua_setfield(L, -2, "ns_bf16");
+        }
+        lua_createtable(L, (int)g.params.size(), 0);
+        for (size_t k = 0; k < g.params.size(); k++) {
+            tensor_push(L, g.params[k]);
+            lua_rawseti(L, -2, (int)k + 1);
+        }
+        lua_setfield(L, -2, "params");
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    return 1;
+}
+
+// The 0-based group of optional argument `pos` (1-based in Lua); -1 (all) when absent.
+int group_arg(lua_State * L, Optimizer & o, int pos) {
+    if (lua_isnoneornil(L, pos)) return -1;
+    if (lua_type(L, pos) != LUA_TNUMBER) bind_fail("argument #%d (group): expected a number, got %s", pos - 1, luaL_typename(L, pos));
+    int g = (int)lua_tointeger(L, pos);
+    if (g < 1 || g > (int)o.param_groups().size())
+        bind_fail("argument #%d (group): %d is out of range (the optimizer has %d groups)", pos - 1, g, (int)o.param_groups().size());
+    return g - 1;
+}
+
+int m_set_lr(lua_State * L) {
+    Optimizer & o = optim_check(L, 1);
+    if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #1 (lr): expected a number, got %s", luaL_typename(L, 2));
+    o.set_lr(lua_tonumber(L, 2), group_arg(L, o, 3));
+    return 0;
+}
+
+int m_set_momentum(lua_State * L) {
+    Optimizer & o = optim_check(L, 1);
+    if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #1 (momentum): expected a number, got %s", luaL_typename(L, 2));
+    o.set_momentum(lua_tonumber(L, 2), group_arg(L, o, 3));
+    return 0;
+}
+
+// {tensors = {name = tensor}, meta = table, meta_json = string (for safetensors metadata)}
+int m_state_dict(lua_State * L) {
+    OptimStateDict sd = optim_check(L, 1).state_dict();
+    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, (int)sd.tensors.size());
+    for (auto & [k, t] : sd.tensors) {
+        tensor_push(L, t);
+        lua_setfield(L, -2, k.c_str());
+    }
+    lua_setfield(L, -2, "tensors");
+    json_push(L, json::parse(sd.meta));
+    lua_setfield(L, -2, "meta");
+    lua_pushstring(L, sd.meta.c_str());
+    lua_setfield(L, -2, "meta_json");
+    return 1;
+}
+
+// sd: {tensors = {name = tensor}, meta = table or JSON string}
+int m_load_state_dict(lua_State * L) {
+    Optimizer & o = optim_check(L, 1);
+    if (!lua_istable(L, 2)) bind_fail("argument #1 (state_dict): expected a table {tensors=, meta=}, got %s", luaL_typename(L, 2));
+    OptimStateDict sd;
+    lua_getfield(L, 2, "meta");
+    if (lua_type(L, -1) == LUA_TSTRING) sd.meta = lua_tostring(L, -1);
+    else if (lua_istable(L, -1)) sd.meta = json_of(L, -1).dump();
+    else bind_fail("state_dict.meta: expected a table or a JSON string, got %s", luaL_typename(L, -1));
+    lua_pop(L, 1);
+    lua_getfield(L, 2, "tensors");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1)) bind_fail("state_dict.tensors: expected a table {name = tensor}, got %s", luaL_typename(L, -1));
+        int t = lua_gettop(L);
+        lua_pushnil(L);
+        while (lua_next(L, t)) {
+            if (lua_type(L, -2) != LUA_TSTRING) bind_fail("state_dict.tensors: keys must be names");
+            at::Tensor * x = tensor_test(L, -1);
+            if (!x || !x->defined()) bind_fail("state_dict.tensors.%s: expected a Tensor, got %s", lua_tostring(L, -2), luaL_typename(L, -1));
+            sd.tensors.emplace_back(lua_tostring(L, -2), *x);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+    o.load_state_dict(sd);
+    return 0;
+}
+
+int m_tostring(lua_State * L) {
+    auto * u = (OptimUD *)luaL_testudata(L, 1, QATLAB_OPTIM_MT);
+    if (!u || !u->o) {
+        lua_pushstring(L, "Optimizer");
+        return 1;
+    }
+    lua_pushfstring(L, "%s(groups=%d, params=%d, lr=%f)", optim_kind_name(u->o->kind()), (int)u->o->param_groups().size(),
+                    (int)u->o->num_params(), u->o->param_groups()[0].lr);
+    return 1;
+}
+
+const BindFn methods[] = {
+    {"step", m_step},
+    {"zero_grad", m_zero_grad},
+    {"param_groups", m_param_groups},
+    {"set_lr", m_set_lr},
+    {"set_momentum", m_set_momentum},
+    {"state_dict", m_state_dict},
+    {"load_state_dict", m_load_state_dict},
+    {nullptr, nullptr},
+};
+
+const BindFn functions[] = {
+    {"AdamW", optim_adamw},
+    {"SGD", optim_sgd},
+    {"Muon", optim_muon},
+    {"clip_grad_norm", optim_clip_grad_norm},
+    {nullptr, nullptr},
+};
+
+} // namespace
+
+int luaopen_optim(lua_State * L) {
+    luaL_newmetatable(L, QATLAB_OPTIM_MT);
+    lua_pushcfunction(L, optim_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushliteral(L, "Optimizer");
+    lua_setfield(L, -2, "__name");
+    lua_pushcfunction(L, m_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_newtable(L);
+    bind_register(L, -1, "Optimizer:", methods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_newtable(L);
+    bind_register(L, -1, "optim.", functions);
+    return 1;
+}
+
+} // namespace qatlab
