@@ -1,6 +1,7 @@
 // gguf: memory-mapped, fully validated GGUF v2/v3 reader, ggml block dequantizers and the
 // llama → Hugging Face mapping. Hostile files end in a std::runtime_error naming file and key.
 #include "lib/gguf.h"
+#include "lib/file_map.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -200,18 +201,6 @@ void value_read(Cursor & c, const std::string & key, GgufType type, GgufValue & 
     }
     }
 }
-
-// Owns the whole-file mapping; the deleter of GgufFile::map.
-struct Unmapper {
-    size_t size;
-    void operator()(uint8_t * p) const { if (p) ::munmap(p, size); }
-};
-
-struct FdGuard {
-    int fd = -1;
-    explicit FdGuard(int f) : fd(f) {}
-    ~FdGuard() { if (fd >= 0) ::close(fd); }
-};
 
 // -- block decoders: ggml's layouts (ggml-common.h), written from the format -----------------
 // Each turns one block into `block` floats. The arithmetic order follows ggml's reference
@@ -564,33 +553,14 @@ const GgufTensorInfo * GgufFile::tensor_find(const std::string & name) const {
 // -- the reader -------------------------------------------------------------------------------
 
 GgufFile gguf_open(const std::string & path) {
-    FdGuard fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.fd < 0) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot open: ") + std::strerror(err));
-    }
-    struct stat st;
-    if (::fstat(fd.fd, &st) != 0) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot stat: ") + std::strerror(err));
-    }
-    if (!S_ISREG(st.st_mode))
-        load_fail(path, "file", std::string("expected a regular file, found ") +
-                  (S_ISDIR(st.st_mode) ? "a directory" : "a special file"));
-    const uint64_t file_size = uint64_t(st.st_size);
+    std::shared_ptr<FileMap> mapping = file_map_open(path);
+    const uint64_t file_size = mapping->size;
     if (file_size < 24)
         load_fail(path, "header", "expected at least 24 bytes (magic, version, counts), found a file of " +
                   std::to_string(file_size) + " bytes");
-
-    // Private and writable: tensors that alias it may be modified in place without touching the file.
-    void * addr = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.fd, 0);
-    if (addr == MAP_FAILED) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot mmap: ") + std::strerror(err));
-    }
     GgufFile f;
     f.path = path;
-    f.map = std::shared_ptr<uint8_t>(static_cast<uint8_t *>(addr), Unmapper{size_t(file_size)});
+    f.map = std::shared_ptr<uint8_t>(mapping, mapping->data);  // aliases the mapping's lifetime
     f.map_size = file_size;
 
     Cursor c{path, f.map.get(), file_size};

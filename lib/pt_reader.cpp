@@ -1,6 +1,7 @@
 // pt_reader: memory-mapped zip reader (stored entries, ZIP64) and a pickle VM for torch.save files.
 // Hostile files must end in a std::runtime_error naming the file and the entry or key, never a crash.
 #include "lib/pt_reader.h"
+#include "lib/file_map.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -68,19 +69,8 @@ constexpr size_t rank_max = 64;
     throw std::runtime_error(path + ": " + key + ": " + what);
 }
 
-std::string errno_text() { return std::strerror(errno); }
 
 // -- the file mapping -------------------------------------------------------------------------
-
-// Owns the whole-file mapping; every loaded storage's deleter holds a reference.
-struct FileMapping {
-    void * addr = nullptr;
-    size_t size = 0;
-    FileMapping(void * a, size_t s) : addr(a), size(s) {}
-    FileMapping(const FileMapping &) = delete;
-    FileMapping & operator=(const FileMapping &) = delete;
-    ~FileMapping() { if (addr) ::munmap(addr, size); }
-};
 
 struct FdGuard {
     int fd = -1;
@@ -105,7 +95,7 @@ struct ZipEntry {
 
 struct ZipArchive {
     std::string path;
-    std::shared_ptr<FileMapping> mapping;
+    std::shared_ptr<FileMap> mapping;
     const uint8_t * base = nullptr;
     uint64_t size = 0;
     std::vector<ZipEntry> entries;
@@ -126,22 +116,13 @@ std::string hex32(uint32_t v) {
     return b;
 }
 
-std::shared_ptr<FileMapping> file_map(const std::string & path, uint64_t & size) {
-    FdGuard fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.fd < 0) load_fail(path, "file", "cannot open: " + errno_text());
-    struct stat st;
-    if (::fstat(fd.fd, &st) != 0) load_fail(path, "file", "cannot stat: " + errno_text());
-    if (!S_ISREG(st.st_mode))
-        load_fail(path, "file", std::string("expected a regular file, found ") +
-                  (S_ISDIR(st.st_mode) ? "a directory" : "a special file"));
-    size = uint64_t(st.st_size);
+std::shared_ptr<FileMap> file_map(const std::string & path, uint64_t & size) {
+    std::shared_ptr<FileMap> map = file_map_open(path);
+    size = map->size;
     if (size < 22)
         load_fail(path, "zip", "expected a zip archive (torch.save format) of at least 22 bytes, found " +
                   std::to_string(size) + " bytes");
-    // Private and writable: tensors may be modified in place without touching the file.
-    void * addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.fd, 0);
-    if (addr == MAP_FAILED) load_fail(path, "file", "cannot mmap: " + errno_text());
-    return std::make_shared<FileMapping>(addr, size_t(size));
+    return map;
 }
 
 // Reads the ZIP64 extended-information extra field: values present only for saturated fields.
@@ -181,7 +162,7 @@ ZipArchive zip_open(const std::string & path) {
     ZipArchive z;
     z.path = path;
     z.mapping = file_map(path, z.size);
-    z.base = static_cast<const uint8_t *>(z.mapping->addr);
+    z.base = z.mapping->data;
     const uint8_t * b = z.base;
 
     if (z.size >= 4 && b[0] == 0x80 && b[1] == 0x02 && b[2] == 0x8a && b[3] == 0x0a)

@@ -1,6 +1,7 @@
 // safetensors: memory-mapped, fully validated reader and atomic writer for the safetensors format.
 // Hostile files must end in a std::runtime_error naming the file and the offending key, never a crash.
 #include "lib/safetensors.h"
+#include "lib/file_map.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -129,22 +130,6 @@ std::string tensor_key(const std::string & name) {
     return "tensor '" + name + "'";
 }
 
-// Owns the whole-file mapping; every loaded tensor's deleter holds a reference.
-struct FileMapping {
-    void * addr = nullptr;
-    size_t size = 0;
-    FileMapping(void * a, size_t s) : addr(a), size(s) {}
-    FileMapping(const FileMapping &) = delete;
-    FileMapping & operator=(const FileMapping &) = delete;
-    ~FileMapping() { if (addr) ::munmap(addr, size); }
-};
-
-struct FdGuard {
-    int fd = -1;
-    explicit FdGuard(int f) : fd(f) {}
-    ~FdGuard() { if (fd >= 0) ::close(fd); }
-};
-
 struct TensorEntry {
     std::string name;
     const DtypeInfo * dtype;
@@ -269,30 +254,12 @@ const char * safetensors_dtype_name(at::ScalarType t) {
 }
 
 SafetensorsFile safetensors_load(const std::string & path) {
-    FdGuard fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.fd < 0) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot open: ") + std::strerror(err));
-    }
-    struct stat st;
-    if (::fstat(fd.fd, &st) != 0) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot stat: ") + std::strerror(err));
-    }
-    if (!S_ISREG(st.st_mode))
-        load_fail(path, "file", std::string("expected a regular file, found ") +
-                  (S_ISDIR(st.st_mode) ? "a directory" : "a special file"));
-    const uint64_t file_size = uint64_t(st.st_size);
+    std::shared_ptr<FileMap> mapping = file_map_open(path);
+    const uint64_t file_size = mapping->size;
     if (file_size < 8)
         load_fail(path, "header length", "expected an 8-byte length, found a file of " +
                   std::to_string(file_size) + " bytes");
-
-    void * addr = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.fd, 0);
-    if (addr == MAP_FAILED) {
-        const int err = errno;
-        load_fail(path, "file", std::string("cannot mmap: ") + std::strerror(err));
-    }
-    auto mapping = std::make_shared<FileMapping>(addr, size_t(file_size));
+    void * addr = mapping->data;
     const char * base = static_cast<const char *>(addr);
 
     uint64_t header_size;
