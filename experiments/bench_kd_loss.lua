@@ -13,6 +13,8 @@ local kd = require 'kd'
 local qatlab = require 'qatlab'
 local config = require 'config'
 local args = ...
+local bench = require 'bench'
+local median, sh, status_kb, reset_hwm = bench.median, bench.sh, bench.status_kb, bench.reset_peak_rss
 
 local cfg = config.merge({
   variant = '',         -- '' = driver; else the child's 'fused' or 'unfused'
@@ -21,30 +23,6 @@ local cfg = config.merge({
   vocab = 151936, hidden = 1024, k = 32, seq = 64, chunk = 128,
   iters = 2, warmup = 1, threads = 2, dtype = 'float32',
 }, args)
-
-local function median(xs)
-  table.sort(xs)
-  return xs[math.floor((#xs + 1) / 2)]
-end
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read('*a')
-  p:close()
-  return out
-end
-
-local function status_kb(key)
-  local f = assert(io.open('/proc/self/status'))
-  local text = f:read('*a')
-  f:close()
-  return tonumber(text:match(key .. ':%s*(%d+)')) or 0
-end
-
-local function reset_hwm()
-  local f = io.open('/proc/self/clear_refs', 'w')   -- "5" resets the peak RSS to the current RSS
-  if f then f:write('5'); f:close() end
-end
 
 if cfg.variant ~= '' then
   -- child: one variant at one N -------------------------------------------------------------
@@ -81,7 +59,7 @@ if cfg.variant ~= '' then
 end
 
 -- driver --------------------------------------------------------------------------------------
-local qbin = sh('readlink -f /proc/' .. sh('echo $PPID'):gsub('%s', '') .. '/exe'):gsub('%s+$', '')
+local qbin = bench.qatlab_bin()
 if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
 local function child(variant, measure, n)
   local cmd = ('%s%s run --device cpu %s --set variant=%s --set measure=%s --set n=%d --set vocab=%d '

@@ -8,6 +8,8 @@ local torch = require 'torch'
 local qatlab = require 'qatlab'
 local config = require 'config'
 local args = ...
+local bench = require 'bench'
+local median, sh = bench.median, bench.sh
 
 local cfg = config.merge({
   iters = 20000, repeats = 15, startup_runs = 10,
@@ -15,18 +17,6 @@ local cfg = config.merge({
   bench_ops = '',   -- path of qatlab_bench_ops; found next to the qatlab binary by default
 }, args)
 torch.set_num_threads(1)
-
-local function median(xs)
-  table.sort(xs)
-  return xs[math.floor(#xs / 2) + 1]
-end
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read('*a')
-  p:close()
-  return out
-end
 
 -- Lua ------------------------------------------------------------------------------------
 local a, b, m = torch.ones(1), torch.ones(1), torch.ones(8, 8)
@@ -74,7 +64,7 @@ for name, v in sh(cfg.python .. ' ' .. py_script):gmatch('(%S+) (%S+)') do py_ns
 os.remove(py_script)
 
 -- C++ floor --------------------------------------------------------------------------------
-local exe_dir = qatlab.scripts_dir .. '/../build/tests'
+local exe_dir = bench.qatlab_bin():match('^(.*)/[^/]*$') .. '/tests'
 local bench_ops = cfg.bench_ops ~= '' and cfg.bench_ops or exe_dir .. '/qatlab_bench_ops'
 local cpp_ns = {}
 for name, v in sh(('%s %d %d'):format(bench_ops, cfg.iters, cfg.repeats)):gmatch('(%S+) (%S+)') do
@@ -93,8 +83,7 @@ local function time_cmd(cmd)
 end
 local empty = os.tmpname() .. '.lua'
 io.open(empty, 'w'):close()
-local qbin = sh('readlink -f /proc/' .. sh('echo $PPID'):gsub('%s', '') .. '/exe'):gsub('%s+$', '')
-if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
+local qbin = bench.qatlab_bin()
 local startup_q = time_cmd(qbin .. ' run --device cpu ' .. empty)
 local startup_t = time_cmd(qbin .. ' -e "require(\'torch\')"')
 local startup_p = time_cmd(cfg.python .. " -c 'import torch'")

@@ -15,6 +15,8 @@ local quant = require 'quant'
 local qatlab = require 'qatlab'
 local config = require 'config'
 local args = ...
+local bench = require 'bench'
+local median, sh, status_kb, reset_hwm = bench.median, bench.sh, bench.status_kb, bench.reset_peak_rss
 
 local cfg = config.merge({
   form = '',            -- '' = driver (runs every form in children); else the child's form
@@ -22,30 +24,6 @@ local cfg = config.merge({
   layers = 1, batch = 1, tokens = 128, iters = 3, warmup = 1, threads = 2,
   preset = 'q2a4', ste_fp16 = false, vocab = 1024,
 }, args)
-
-local function median(xs)
-  table.sort(xs)
-  return xs[math.floor((#xs + 1) / 2)]
-end
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read('*a')
-  p:close()
-  return out
-end
-
-local function status_kb(key)
-  local f = assert(io.open('/proc/self/status'))
-  local text = f:read('*a')
-  f:close()
-  return tonumber(text:match(key .. ':%s*(%d+)')) or 0
-end
-
-local function reset_hwm()
-  local f = io.open('/proc/self/clear_refs', 'w')   -- "5" resets the peak RSS to the current RSS
-  if f then f:write('5'); f:close() end
-end
 
 if cfg.form ~= '' then
   -- child: one form ------------------------------------------------------------------------
@@ -85,7 +63,7 @@ if cfg.form ~= '' then
 end
 
 -- driver --------------------------------------------------------------------------------------
-local qbin = sh('readlink -f /proc/' .. sh('echo $PPID'):gsub('%s', '') .. '/exe'):gsub('%s+$', '')
+local qbin = bench.qatlab_bin()
 if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
 local script = qatlab.script
 local forms = {'materialized', 'loop', 'batched'}

@@ -8,19 +8,14 @@ local tokenizers = require 'tokenizers'
 local qatlab = require 'qatlab'
 local config = require 'config'
 local args = ...
+local bench = require 'bench'
+local sh = bench.sh
 
 local cfg = config.merge({
   mb = 4, repeats = 3, corpus = '',
   tokenizer = qatlab.scripts_dir .. '/../../shared/data/qwen3-tokenizer',
   python = os.getenv('QATLAB_PYTHON') or 'python3',
 }, args)
-
-local function sh(cmd)
-  local p = assert(io.popen(cmd))
-  local out = p:read('*a')
-  p:close()
-  return out
-end
 
 local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 

@@ -202,6 +202,11 @@ HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
     lua_setfield(L_, -2, "isatty");
     setstr("device", opt.device);
     setstr("scripts_dir", host_scripts_dir());
+    {
+        char exe[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+        if (n > 0) setstr("executable", std::string(exe, size_t(n)));
+    }
     if (!opt.out_dir.empty()) setstr("out", opt.out_dir);
     if (!opt.script.empty()) {
         setstr("script", opt.script);
