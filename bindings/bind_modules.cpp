@@ -37,6 +37,11 @@ void bind_open_all(lua_State * L) {
         lua_setfield(L, -2, m.name);
     }
     lua_pop(L, 2);
+    // Tensors can reach a script through any module (nn, kd, data...): open torch now so the
+    // Tensor metatable always has its methods, whether or not the script required torch.
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "torch");
+    lua_call(L, 1, 0);
 }
 
 } // namespace qatlab

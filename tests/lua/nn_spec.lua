@@ -202,4 +202,13 @@ describe('nn model', function()
     assert.is_false(ok)
     assert.truthy(err:find('model_type', 1, true))
   end)
+
+  it('gives tensors with methods to a script that never required torch', function()
+    local code = "local nn = require 'nn'; local m = nn.from_config({model_type = 'llama', vocab_size = 11, "
+      .. "hidden_size = 8, intermediate_size = 16, num_hidden_layers = 1, num_attention_heads = 2, "
+      .. "num_key_value_heads = 1}); print(m:named_parameters()[1][2]:dim())"
+    local rc, out, err = h.host('-e ' .. h.q(code))
+    assert.are.equal(0, rc, err)
+    assert.are.equal('2', out:match('%S+'))
+  end)
 end)
