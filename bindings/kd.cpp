@@ -148,8 +148,16 @@ struct TrainModeRestore {
 int kd_evaluate_l(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     const int src = 2;
-    if (lua_type(L, src) != LUA_TTABLE && lua_type(L, src) != LUA_TFUNCTION)
-        bind_fail("argument #2: expected an array of batches or an iterator function, got %s", luaL_typename(L, src));
+    // A reader object (kd.open_cache) is read through its :next method.
+    bool reader = false;
+    if (lua_type(L, src) == LUA_TUSERDATA || (lua_type(L, src) == LUA_TTABLE && lua_objlen(L, src) == 0)) {
+        lua_getfield(L, src, "next");
+        reader = lua_isfunction(L, -1);
+        lua_pop(L, 1);
+    }
+    if (!reader && lua_type(L, src) != LUA_TTABLE && lua_type(L, src) != LUA_TFUNCTION)
+        bind_fail("argument #2: expected an array of batches, an iterator function or a cache reader, got %s",
+                  luaL_typename(L, src));
     Args a(L, 3);
     if (a.npos() > 0) bind_fail("argument #3: expected an options table {n=, T=}");
     int64_t n = a.opt_integer(0, "n", 40);
@@ -160,11 +168,18 @@ int kd_evaluate_l(lua_State * L) {
     m.train(false);
     int next_i = 0, count = 0;
     auto next = [&](KDBatch & b) {
-        if (lua_type(L, src) == LUA_TTABLE) {
+        if (lua_type(L, src) == LUA_TTABLE && !reader) {
             lua_rawgeti(L, src, ++next_i);
         } else {
-            lua_pushvalue(L, src);
-            if (lua_pcall(L, 0, 1, 0) != 0) {
+            int nargs = 0;
+            if (reader) {
+                lua_getfield(L, src, "next");
+                lua_pushvalue(L, src);
+                nargs = 1;
+            } else {
+                lua_pushvalue(L, src);
+            }
+            if (lua_pcall(L, nargs, 1, 0) != 0) {
                 std::string err = lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)";
                 lua_pop(L, 1);
                 throw BindError("the batch iterator failed: " + err);

@@ -72,6 +72,22 @@ describe('KD pipeline on real text', function()
     assert.is_true(g ~= nil and g:abs():sum():item() > 0)
   end)
 
+  it('evaluates from a cache reader as from a list of its batches', function()
+    local r = kd.open_cache(cache, {batch_size = 4, shuffle = false})
+    local batches = {}
+    while true do
+      local b = r:next()
+      if not b then break end
+      batches[#batches + 1] = b
+    end
+    local from_list = kd.evaluate(student, batches, {n = 12})
+    r:reset(0)
+    local from_reader, n = kd.evaluate(student, r, {n = 12})
+    assert.are.equal(12, n)
+    assert.is_true(math.abs(from_list - from_reader) < 1e-12)
+    r:close()
+  end)
+
   it('reads the seed .pt layout written by PyTorch with the same loss', function()
     local seed_dir = dir .. '/seed_cache'
     h.py(table.concat({
