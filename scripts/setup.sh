@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${QATLAB_BUILD_DIR:-$ROOT/build}"
 MODE="${1:-build}"
 [ $# -gt 0 ] && shift
-MAIN_EXPERIMENT="experiments/quickstart_charlm.lua"
+MAIN_EXPERIMENT="experiments/quickstart.lua"
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
