@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Scalar.h>
 #include <lua.hpp>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -75,6 +76,42 @@ void device_check_available(const c10::Device & d); // error for a CUDA device w
 int64_t dim_wrap(int64_t d, int64_t ndim);          // 1-based/negative Lua dim → 0-based
 c10::Scalar scalar_from_lua(lua_State * L, int idx);// integral doubles stay integral
 bool is_options_table(lua_State * L, int idx);
+
+// -- JSON ------------------------------------------------------------------------------------
+// A JSON value as Lua values: objects → tables with string keys (null members left out),
+// arrays → arrays, numbers → numbers, null → nil. For nlohmann::json and ordered_json alike.
+template <class Json>
+void json_push(lua_State * L, const Json & j) {
+    lua_checkstack(L, 4);
+    if (j.is_object()) {
+        lua_createtable(L, 0, int(j.size()));
+        for (auto it = j.begin(); it != j.end(); ++it) {
+            if (it->is_null()) continue;
+            json_push(L, *it);
+            lua_setfield(L, -2, it.key().c_str());
+        }
+    } else if (j.is_array()) {
+        lua_createtable(L, int(j.size()), 0);
+        for (size_t k = 0; k < j.size(); ++k) {
+            json_push(L, j[k]);
+            lua_rawseti(L, -2, int(k + 1));
+        }
+    } else if (j.is_boolean()) {
+        lua_pushboolean(L, j.template get<bool>());
+    } else if (j.is_number()) {
+        lua_pushnumber(L, j.template get<double>());
+    } else if (j.is_string()) {
+        const std::string & str = j.template get_ref<const std::string &>();
+        lua_pushlstring(L, str.data(), str.size());
+    } else {
+        lua_pushnil(L);
+    }
+}
+
+// A Lua value as JSON (the inverse of json_push): integral numbers stay integers, tables with
+// an array part become arrays (read by index), others objects with string keys. An empty table
+// becomes `[]` when empty_is_array, else `{}`. `what` names the value in errors.
+nlohmann::json json_from_lua(lua_State * L, int idx, const char * what, bool empty_is_array = false);
 
 // -- tensors -------------------------------------------------------------------------
 #define QATLAB_TENSOR_MT "qatlab.Tensor"

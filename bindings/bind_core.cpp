@@ -182,6 +182,49 @@ bool is_options_table(lua_State * L, int idx) {
     return false;
 }
 
+// -- JSON ----------------------------------------------------------------------------------
+
+static nlohmann::json json_read(lua_State * L, int idx, const char * what, bool empty_is_array, int depth) {
+    using nlohmann::json;
+    if (depth > 32) bind_fail("%s: nested too deeply (more than 32 levels)", what);
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    lua_checkstack(L, 4);
+    switch (lua_type(L, idx)) {
+    case LUA_TBOOLEAN: return json(lua_toboolean(L, idx) != 0);
+    case LUA_TSTRING: return json(std::string(lua_tostring(L, idx)));
+    case LUA_TNUMBER: {
+        double d = lua_tonumber(L, idx);
+        if (std::floor(d) == d && std::fabs(d) < 9e15) return json((int64_t)d);
+        return json(d);
+    }
+    case LUA_TTABLE: {
+        size_t n = lua_objlen(L, idx);
+        if (n > 0) {
+            json out = json::array();
+            for (size_t i = 1; i <= n; i++) {
+                lua_rawgeti(L, idx, (int)i);
+                out.push_back(json_read(L, -1, what, empty_is_array, depth + 1));
+                lua_pop(L, 1);
+            }
+            return out;
+        }
+        json out = json::object();
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            if (lua_type(L, -2) != LUA_TSTRING) bind_fail("%s: table keys must be strings", what);
+            out[lua_tostring(L, -2)] = json_read(L, -1, what, empty_is_array, depth + 1);
+            lua_pop(L, 1);
+        }
+        return out.empty() && empty_is_array ? json::array() : out;
+    }
+    default: bind_fail("%s: cannot hold a %s value", what, luaL_typename(L, idx));
+    }
+}
+
+nlohmann::json json_from_lua(lua_State * L, int idx, const char * what, bool empty_is_array) {
+    return json_read(L, idx, what, empty_is_array, 0);
+}
+
 // -- Args -----------------------------------------------------------------------------
 
 Args::Args(lua_State * L_, int first) : L(L_), first_(first) {

@@ -41,34 +41,6 @@ void value_push(lua_State * L, const GgufValue & v) {
     }
 }
 
-// JSON (the HF config) → Lua table; null members are left out.
-void json_push(lua_State * L, const nlohmann::ordered_json & j) {
-    lua_checkstack(L, 4);
-    if (j.is_object()) {
-        lua_createtable(L, 0, int(j.size()));
-        for (auto it = j.begin(); it != j.end(); ++it) {
-            if (it->is_null()) continue;
-            json_push(L, *it);
-            lua_setfield(L, -2, it.key().c_str());
-        }
-    } else if (j.is_array()) {
-        lua_createtable(L, int(j.size()), 0);
-        for (size_t k = 0; k < j.size(); ++k) {
-            json_push(L, j[k]);
-            lua_rawseti(L, -2, int(k + 1));
-        }
-    } else if (j.is_boolean()) {
-        lua_pushboolean(L, j.get<bool>());
-    } else if (j.is_number()) {
-        lua_pushnumber(L, j.get<double>());
-    } else if (j.is_string()) {
-        const std::string & s = j.get_ref<const std::string &>();
-        lua_pushlstring(L, s.data(), s.size());
-    } else {
-        lua_pushnil(L);
-    }
-}
-
 // gguf.metadata(path) → {key = value}
 int l_metadata(lua_State * L) {
     const char * path = arg_path(L);

@@ -26,32 +26,6 @@ CacheReader & reader_check(lua_State * L) {
     return *ud->r;
 }
 
-void json_push(lua_State * L, const nlohmann::json & j) {
-    using nlohmann::json;
-    switch (j.type()) {
-    case json::value_t::object:
-        lua_createtable(L, 0, int(j.size()));
-        for (auto & [k, v] : j.items()) {
-            json_push(L, v);
-            lua_setfield(L, -2, k.c_str());
-        }
-        break;
-    case json::value_t::array:
-        lua_createtable(L, int(j.size()), 0);
-        for (size_t i = 0; i < j.size(); i++) {
-            json_push(L, j[i]);
-            lua_rawseti(L, -2, int(i) + 1);
-        }
-        break;
-    case json::value_t::string: lua_pushstring(L, j.get<std::string>().c_str()); break;
-    case json::value_t::boolean: lua_pushboolean(L, j.get<bool>()); break;
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: lua_pushnumber(L, j.get<double>()); break;
-    default: lua_pushnil(L);
-    }
-}
-
 // kd.build_cache{teacher=, data=(N,L), K=32, R=0, shard_size=1024, batch_size=8, out=, seed=0,
 //                resume=true, overwrite=false, meta={teacher_model=...}, on_progress=fn(done, total, seq_per_s)}
 // -> {n_written, shards_written, num_shards, done, seconds, seq_per_s}

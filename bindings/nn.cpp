@@ -43,64 +43,6 @@ int model_gc(lua_State * L) {
     return 0;
 }
 
-// -- JSON <-> Lua ----------------------------------------------------------------------------
-
-void json_push(lua_State * L, const json & j) {
-    switch (j.type()) {
-    case json::value_t::object:
-        lua_createtable(L, 0, (int)j.size());
-        for (auto & [k, v] : j.items()) {
-            json_push(L, v);
-            lua_setfield(L, -2, k.c_str());
-        }
-        break;
-    case json::value_t::array:
-        lua_createtable(L, (int)j.size(), 0);
-        for (size_t i = 0; i < j.size(); i++) {
-            json_push(L, j[i]);
-            lua_rawseti(L, -2, (int)i + 1);
-        }
-        break;
-    case json::value_t::string: lua_pushstring(L, j.get<std::string>().c_str()); break;
-    case json::value_t::boolean: lua_pushboolean(L, j.get<bool>()); break;
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: lua_pushnumber(L, j.get<double>()); break;
-    default: lua_pushnil(L);
-    }
-}
-
-json json_from_lua(lua_State * L, int idx, int depth = 0) {
-    if (depth > 32) bind_fail("config table nested too deeply");
-    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-    switch (lua_type(L, idx)) {
-    case LUA_TNUMBER: {
-        double v = lua_tonumber(L, idx);
-        if (std::floor(v) == v && std::fabs(v) < 9e15) return json((int64_t)v);
-        return json(v);
-    }
-    case LUA_TBOOLEAN: return json((bool)lua_toboolean(L, idx));
-    case LUA_TSTRING: return json(std::string(lua_tostring(L, idx)));
-    case LUA_TTABLE: {
-        size_t n = lua_objlen(L, idx);
-        json out = n > 0 ? json::array() : json::object();
-        lua_pushnil(L);
-        while (lua_next(L, idx)) {
-            if (n > 0) {
-                if (lua_type(L, -2) == LUA_TNUMBER) out.push_back(json_from_lua(L, -1, depth + 1));
-            } else if (lua_type(L, -2) == LUA_TSTRING) {
-                out[lua_tostring(L, -2)] = json_from_lua(L, -1, depth + 1);
-            } else {
-                bind_fail("config table: keys must be strings");
-            }
-            lua_pop(L, 1);
-        }
-        return out;
-    }
-    default: bind_fail("config table: unsupported value of type %s", luaL_typename(L, idx));
-    }
-}
-
 // -- constructors ----------------------------------------------------------------------------
 
 void read_place(Args & a, int pos, std::optional<c10::Device> & dev, std::optional<at::ScalarType> & dt) {
@@ -133,7 +75,7 @@ int nn_from_config(lua_State * L) {
     if (lua_type(L, 1) == LUA_TSTRING) {
         cfg = decoder_config_load(lua_tostring(L, 1));
     } else if (lua_type(L, 1) == LUA_TTABLE) {
-        cfg = decoder_config_parse(json_from_lua(L, 1).dump(), "config table");
+        cfg = decoder_config_parse(json_from_lua(L, 1, "config table").dump(), "config table");
     } else {
         bind_fail("argument #1 (config): expected a config.json path or a config table, got %s", luaL_typename(L, 1));
     }

@@ -208,68 +208,6 @@ int optim_clip_grad_norm(lua_State * L) {
     return 1;
 }
 
-// -- JSON <-> Lua (state dict meta) -------------------------------------------------------------------
-
-void json_push(lua_State * L, const json & j) {
-    switch (j.type()) {
-    case json::value_t::object:
-        lua_createtable(L, 0, (int)j.size());
-        for (auto & [k, v] : j.items()) {
-            json_push(L, v);
-            lua_setfield(L, -2, k.c_str());
-        }
-        break;
-    case json::value_t::array:
-        lua_createtable(L, (int)j.size(), 0);
-        for (size_t i = 0; i < j.size(); i++) {
-            json_push(L, j[i]);
-            lua_rawseti(L, -2, (int)i + 1);
-        }
-        break;
-    case json::value_t::boolean: lua_pushboolean(L, j.get<bool>()); break;
-    case json::value_t::string: lua_pushstring(L, j.get<std::string>().c_str()); break;
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: lua_pushnumber(L, j.get<double>()); break;
-    default: lua_pushnil(L);
-    }
-}
-
-json json_of(lua_State * L, int idx, int depth = 0) {
-    if (depth > 16) bind_fail("meta: nested too deeply");
-    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-    switch (lua_type(L, idx)) {
-    case LUA_TBOOLEAN: return json(lua_toboolean(L, idx) != 0);
-    case LUA_TSTRING: return json(std::string(lua_tostring(L, idx)));
-    case LUA_TNUMBER: {
-        double d = lua_tonumber(L, idx);
-        if (std::floor(d) == d && std::abs(d) < 9e15) return json((int64_t)d);
-        return json(d);
-    }
-    case LUA_TTABLE: {
-        size_t n = lua_objlen(L, idx);
-        bool array = n > 0;
-        json out = array ? json::array() : json::object();
-        if (array) {
-            for (size_t i = 1; i <= n; i++) {
-                lua_rawgeti(L, idx, (int)i);
-                out.push_back(json_of(L, -1, depth + 1));
-                lua_pop(L, 1);
-            }
-            return out;
-        }
-        lua_pushnil(L);
-        while (lua_next(L, idx)) {
-            if (lua_type(L, -2) == LUA_TSTRING) out[lua_tostring(L, -2)] = json_of(L, -1, depth + 1);
-            lua_pop(L, 1);
-        }
-        // An empty table reads as an empty array (state = {} when nothing has stepped).
-        return out.empty() ? json::array() : out;
-    }
-    default: bind_fail("meta: cannot hold a %s", luaL_typename(L, idx));
-    }
-}
-
 // -- methods ------------------------------------------------------------------------------------------
 
 int m_step(lua_State * L) {
@@ -373,7 +311,7 @@ int m_load_state_dict(lua_State * L) {
     OptimStateDict sd;
     lua_getfield(L, 2, "meta");
     if (lua_type(L, -1) == LUA_TSTRING) sd.meta = lua_tostring(L, -1);
-    else if (lua_istable(L, -1)) sd.meta = json_of(L, -1).dump();
+    else if (lua_istable(L, -1)) sd.meta = json_from_lua(L, -1, "meta", true).dump();
     else bind_fail("state_dict.meta: expected a table or a JSON string, got %s", luaL_typename(L, -1));
     lua_pop(L, 1);
     lua_getfield(L, 2, "tensors");
