@@ -11,6 +11,7 @@ int luaopen_quant(lua_State * L);
 int luaopen_data(lua_State * L);
 int luaopen_kd(lua_State * L);
 int luaopen_optim(lua_State * L);
+int luaopen_dist(lua_State * L);
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -26,6 +27,7 @@ static const struct {
     {"data", luaopen_data},
     {"kd", luaopen_kd},
     {"optim", luaopen_optim},
+    {"dist", luaopen_dist},
 };
 
 void bind_open_all(lua_State * L) {

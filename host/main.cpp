@@ -1,5 +1,5 @@
-// main: the qatlab command line: run, -e, repl, version, and --help for each; logging set-up.
-// Exit status: 0 ok, 1 script error (message + traceback), 2 bad command line.
+// main: the qatlab command line: run (and run --nproc N, see launch.cpp), -e, repl, version, and --help
+// for each; logging set-up. Exit status: 0 ok, 1 script error (message + traceback), 2 bad command line.
 #include "host/host.h"
 #include "bindings/bind.h"
 
@@ -19,6 +19,11 @@
 
 using namespace qatlab;
 
+namespace qatlab {
+int launch_nproc(int nproc, const std::vector<std::string> & args);  // host/launch.cpp
+void launch_report_failure(int code);                                // before the VM closes
+}
+
 namespace {
 
 const char * USAGE =
@@ -27,6 +32,7 @@ const char * USAGE =
     "usage:\n"
     "  qatlab run SCRIPT.lua [options] [-- script args]   run a script\n"
     "  qatlab SCRIPT.lua [options] [-- script args]       same as run\n"
+    "  qatlab run --nproc N SCRIPT.lua [...]              N data-parallel ranks on this machine\n"
     "  qatlab -e 'lua code' [options]                     run a chunk of code\n"
     "  qatlab repl [options]                              interactive prompt\n"
     "  qatlab version                                     versions and CUDA devices\n"
@@ -72,12 +78,20 @@ std::string device_resolve(const std::string & d) {
     throw UsageError("--device '" + d + "': expected auto, cpu, cuda or cuda:N");
 }
 
+// The rank a launcher gave this process (torchrun, srun, --nproc); 0 when launched alone.
+int launch_rank() {
+    const char * r = getenv("RANK");
+    if (!r || !*r) r = getenv("SLURM_PROCID");
+    return r && *r ? atoi(r) : 0;
+}
+
 void logging_setup(const std::string & level, const std::string & out_dir) {
     LogLevel lv;
     if (!log_level_parse(level, lv))
         throw UsageError("--log-level '" + level + "': expected trace, debug, info, warn, error, critical or off");
     log_set_level(lv);
-    log_setup(out_dir.empty() ? "" : out_dir + "/qatlab.log");
+    // Only rank 0 owns OUT/qatlab.log; the others would interleave their lines into it.
+    log_setup(out_dir.empty() || launch_rank() != 0 ? "" : out_dir + "/qatlab.log");
 }
 
 void mkdir_p(const std::string & dir) {
@@ -142,6 +156,11 @@ int run_command(const std::string & cmd, std::vector<std::string> args) {
                                        : "Run a chunk of Lua code: qatlab -e 'code' [options]");
     options_add_common(o);
     if (cmd == "run") {
+        o.add_options()("nproc",
+                        "run N data-parallel copies on this machine (ranks 0..N-1 on 127.0.0.1, torchrun's "
+                        "variables; ranks > 0 print with a '[rank r] ' prefix; exits with the first failing "
+                        "rank's status after stopping the others)",
+                        cxxopts::value<int>());
         o.add_options()("script", "the Lua script", cxxopts::value<std::string>());
         o.parse_positional({"script"});
         o.positional_help("SCRIPT.lua");
@@ -193,7 +212,9 @@ int run_command(const std::string & cmd, std::vector<std::string> args) {
         if (access(ho.script.c_str(), R_OK) != 0)
             throw UsageError("cannot read script '" + ho.script + "': " + strerror(errno));
         HostVm vm(ho);
-        return vm.run_file(ho.script);
+        int rc = vm.run_file(ho.script);
+        if (rc != 0) launch_report_failure(rc);
+        return rc;
     }
     if (cmd == "-e") {
         if (!r.count("e")) throw UsageError("-e needs Lua code: qatlab -e 'print(1)'");
@@ -202,6 +223,38 @@ int run_command(const std::string & cmd, std::vector<std::string> args) {
     }
     HostVm vm(ho);
     return vm.repl();
+}
+
+// Takes "--nproc N" / "--nproc=N" out of the options before "--"; 0 when absent.
+int take_nproc(std::vector<std::string> & args) {
+    int n = 0;
+    for (size_t i = 0; i < args.size() && args[i] != "--";) {
+        std::string v;
+        if (args[i] == "--nproc") {
+            if (i + 1 >= args.size()) throw UsageError("--nproc needs a number of processes");
+            v = args[i + 1];
+            args.erase(args.begin() + i, args.begin() + i + 2);
+        } else if (args[i].rfind("--nproc=", 0) == 0) {
+            v = args[i].substr(8);
+            args.erase(args.begin() + i);
+        } else {
+            i++;
+            continue;
+        }
+        char * end = nullptr;
+        long k = strtol(v.c_str(), &end, 10);
+        if (v.empty() || *end || k < 1 || k > 1024) throw UsageError("--nproc '" + v + "': expected a number from 1 to 1024");
+        n = (int)k;
+    }
+    return n;
+}
+
+bool wants_help(const std::vector<std::string> & args) {
+    for (auto & a : args) {
+        if (a == "--") return false;
+        if (a == "-h" || a == "--help") return true;
+    }
+    return false;
 }
 
 int dispatch(int argc, char ** argv) {
@@ -219,13 +272,22 @@ int dispatch(int argc, char ** argv) {
         if (args.size() > 1) throw UsageError("version takes no arguments");
         return print_version();
     }
-    if (cmd == "run" || cmd == "repl") return run_command(cmd, {args.begin() + 1, args.end()});
+    bool is_run = cmd == "run" || (cmd.size() > 4 && cmd.compare(cmd.size() - 4, 4, ".lua") == 0);
+    if (is_run) {
+        std::vector<std::string> rest(args.begin() + (cmd == "run" ? 1 : 0), args.end());
+        int nproc = take_nproc(rest);
+        if (nproc > 1 && !wants_help(rest)) {
+            rest.insert(rest.begin(), "run");
+            return launch_nproc(nproc, rest);
+        }
+        return run_command("run", rest);
+    }
+    if (cmd == "repl") return run_command(cmd, {args.begin() + 1, args.end()});
     if (cmd == "-e" || cmd.rfind("-e", 0) == 0) {
         std::vector<std::string> rest(args.begin() + 1, args.end());
         if (cmd.size() > 2) rest.insert(rest.begin(), cmd.substr(2));
         return run_command("-e", rest);
     }
-    if (cmd.size() > 4 && cmd.compare(cmd.size() - 4, 4, ".lua") == 0) return run_command("run", args);
     throw UsageError("unknown command '" + cmd + "' (expected run, repl, version, -e; see qatlab --help)");
 }
 
