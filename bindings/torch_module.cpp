@@ -1,4 +1,4 @@
-// torch_module: the `torch` Lua module: creation, seeding, grad modes, autograd.grad,
+// torch_module: the `torch` Lua module: creation, seeding, grad modes, autocast, autograd.grad,
 // linalg, files (safetensors, torch.save .pt), defaults, memory and CUDA queries. Ops live in torch_ops.
 #include "bindings/bind.h"
 #include "lib/pt_reader.h"
@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/version.h>
@@ -320,6 +321,94 @@ int f_no_grad(lua_State * L) { return grad_mode_call(L, false); }
 int f_enable_grad(lua_State * L) { return grad_mode_call(L, true); }
 int f_is_grad_enabled(lua_State * L) { lua_pushboolean(L, at::GradMode::is_enabled()); return 1; }
 int f_set_grad_enabled(lua_State * L) { at::GradMode::set_enabled(lua_toboolean(L, 1)); return 0; }
+
+// -- autocast (mixed precision), PyTorch's torch.autocast as a call ----------------------------
+
+at::DeviceType autocast_device(lua_State * L, int idx) {
+    const char * s = arg_string(L, idx, "device_type");
+    // 'cuda:0' names the same autocast state as 'cuda' (the state is per device type)
+    if (std::strcmp(s, "cpu") == 0) return at::kCPU;
+    if (std::strncmp(s, "cuda", 4) == 0 && (s[4] == 0 || s[4] == ':')) return at::kCUDA;
+    bind_fail("argument #%d (device_type): expected 'cpu' or 'cuda', got '%s'", idx, s);
+}
+
+// The autocast state of one device type plus the shared cache flag; restores it on destruction,
+// also when fn raised. Leaving the outermost autocast clears the cast cache, as PyTorch's __exit__.
+struct AutocastScope {
+    at::DeviceType dev;
+    bool prev_enabled, prev_cache;
+    at::ScalarType prev_dtype;
+    AutocastScope(at::DeviceType d, bool enabled, at::ScalarType dtype, bool cache)
+        : dev(d), prev_enabled(at::autocast::is_autocast_enabled(d)),
+          prev_cache(at::autocast::is_autocast_cache_enabled()), prev_dtype(at::autocast::get_autocast_dtype(d)) {
+        at::autocast::set_autocast_enabled(d, enabled);
+        at::autocast::set_autocast_dtype(d, dtype);
+        at::autocast::increment_nesting();
+        at::autocast::set_autocast_cache_enabled(cache);
+    }
+    ~AutocastScope() {
+        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+        at::autocast::set_autocast_enabled(dev, prev_enabled);
+        at::autocast::set_autocast_dtype(dev, prev_dtype);
+        at::autocast::set_autocast_cache_enabled(prev_cache);
+    }
+};
+
+// torch.autocast(device_type, [{dtype=, enabled=true, cache_enabled=true}], fn, ...) runs fn(...) with
+// autocast on for device_type ('cpu': bfloat16 by default, 'cuda': float16, as PyTorch) and returns its
+// results; the previous state comes back even when fn raises (the error passes through unchanged).
+int f_autocast(lua_State * L) {
+    at::DeviceType dev = autocast_device(L, 1);
+    at::ScalarType dtype = at::autocast::get_autocast_dtype(dev);
+    bool enabled = true, cache = true;
+    int fn = 2;
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        fn = 3;
+        lua_pushnil(L);
+        while (lua_next(L, 2) != 0) {
+            const char * k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+            if (std::strcmp(k, "dtype") == 0) {
+                if (lua_type(L, -1) != LUA_TSTRING)
+                    bind_fail("option 'dtype': expected a string, got %s", luaL_typename(L, -1));
+                dtype = dtype_parse(lua_tostring(L, -1));
+            } else if (std::strcmp(k, "enabled") == 0 || std::strcmp(k, "cache_enabled") == 0) {
+                if (lua_type(L, -1) != LUA_TBOOLEAN)
+                    bind_fail("option '%s': expected a boolean, got %s", k, luaL_typename(L, -1));
+                (k[0] == 'e' ? enabled : cache) = lua_toboolean(L, -1);
+            } else {
+                bind_fail("unknown option '%s' (expected dtype, enabled, cache_enabled)",
+                          lua_type(L, -2) == LUA_TSTRING ? k : luaL_typename(L, -2));
+            }
+            lua_pop(L, 1);
+        }
+    }
+    if (lua_type(L, fn) != LUA_TFUNCTION)
+        bind_fail("argument #%d (fn): expected a function, got %s", fn, luaL_typename(L, fn));
+    // the dtypes autocast kernels exist for (PyTorch warns and disables; an error is clearer)
+    if (dtype != at::kBFloat16 && dtype != at::kHalf)
+        bind_fail("dtype %s is not supported by autocast (expected bfloat16 or float16)",
+                  dtype_name(dtype, true).c_str());
+    int nargs = lua_gettop(L) - fn;
+    int status;
+    {
+        AutocastScope scope(dev, enabled, dtype, cache);
+        status = lua_pcall(L, nargs, LUA_MULTRET, 0);
+    }
+    if (status != 0) return lua_error(L);  // re-raise after the scope has restored the state
+    return lua_gettop(L) - (fn - 1);
+}
+
+// torch.is_autocast_enabled([device_type]): PyTorch's default device type is 'cuda'.
+int f_is_autocast_enabled(lua_State * L) {
+    at::DeviceType dev = lua_isnoneornil(L, 1) ? at::kCUDA : autocast_device(L, 1);
+    lua_pushboolean(L, at::autocast::is_autocast_enabled(dev));
+    return 1;
+}
+
+int f_get_autocast_dtype(lua_State * L) {
+    lua_pushstring(L, dtype_name(at::autocast::get_autocast_dtype(autocast_device(L, 1)), true).c_str());
+    return 1;
+}
 
 std::vector<at::Tensor> one_or_list(lua_State * L, int idx, const char * what) {
     if (at::Tensor * t = tensor_test(L, idx)) return {*t};
@@ -648,6 +737,37 @@ int f_cuda_memory(lua_State * L) {
     return 1;
 }
 
+// PyTorch's names for the same counters; the peak is reset per device so a benchmark can
+// measure one phase (CUDA only; on a CPU-only build they read 0 and reset nothing).
+int f_cuda_memory_allocated(lua_State * L) {
+    double v = 0;
+#ifdef QATLAB_WITH_CUDA
+    if (at::detail::getCUDAHooks().getNumGPUs() > 0)
+        v = (double)c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device())
+                .allocated_bytes[0].current;
+#endif
+    lua_pushnumber(L, v);
+    return 1;
+}
+int f_cuda_max_memory_allocated(lua_State * L) {
+    double v = 0;
+#ifdef QATLAB_WITH_CUDA
+    if (at::detail::getCUDAHooks().getNumGPUs() > 0)
+        v = (double)c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device())
+                .allocated_bytes[0].peak;
+#endif
+    lua_pushnumber(L, v);
+    return 1;
+}
+int f_cuda_reset_peak_memory_stats(lua_State * L) {
+#ifdef QATLAB_WITH_CUDA
+    if (at::detail::getCUDAHooks().getNumGPUs() > 0)
+        c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+#endif
+    (void)L;
+    return 0;
+}
+
 const BindFn functions[] = {
     {"tensor", f_tensor}, {"zeros", f_zeros}, {"ones", f_ones}, {"empty", f_empty}, {"rand", f_rand},
     {"randn", f_randn}, {"full", f_full}, {"zeros_like", f_zeros_like}, {"ones_like", f_ones_like},
@@ -657,6 +777,8 @@ const BindFn functions[] = {
     {"cat", f_cat_}, {"stack", f_stack}, {"einsum", f_einsum},
     {"no_grad", f_no_grad}, {"enable_grad", f_enable_grad}, {"is_grad_enabled", f_is_grad_enabled},
     {"set_grad_enabled", f_set_grad_enabled},
+    {"autocast", f_autocast}, {"is_autocast_enabled", f_is_autocast_enabled},
+    {"get_autocast_dtype", f_get_autocast_dtype},
     {"save", f_save}, {"load", f_load}, {"load_state_dict", f_load_state_dict}, {"manual_seed", f_manual_seed},
     {"set_default_device", f_set_default_device}, {"get_default_device", f_get_default_device},
     {"set_default_dtype", f_set_default_dtype}, {"get_default_dtype", f_get_default_dtype},
@@ -671,6 +793,8 @@ const BindFn linalg_fns[] = {{"svd", f_svd}, {"norm", f_linalg_norm}, {nullptr, 
 const BindFn cuda_fns[] = {
     {"is_available", f_cuda_is_available}, {"device_count", f_cuda_device_count},
     {"synchronize", f_cuda_synchronize}, {"empty_cache", f_cuda_empty_cache}, {"memory", f_cuda_memory},
+    {"memory_allocated", f_cuda_memory_allocated}, {"max_memory_allocated", f_cuda_max_memory_allocated},
+    {"reset_peak_memory_stats", f_cuda_reset_peak_memory_stats},
     {nullptr, nullptr},
 };
 

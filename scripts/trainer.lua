@@ -15,8 +15,9 @@ Trainer.__index = Trainer
 M.CSV_HEADER = 'step,train_loss,eval_loss,lr,elapsed_sec'
 
 local KNOWN = {}
-for k in ([[model optimizer schedule loss data eval steps time_budget grad_accum clip eval_every eval_at_start
-  log_every save_every keep_last save_final out config hooks ema seed resume progress]]):gmatch('%S+') do
+for k in ([[model optimizer schedule loss data shard_data eval steps time_budget grad_accum clip
+  eval_every eval_at_start log_every
+  save_every keep_last save_final out config hooks ema seed resume progress precision]]):gmatch('%S+') do
   KNOWN[k] = true
 end
 
@@ -32,6 +33,12 @@ local function rm_rf(d) sh('rm -rf ' .. q(d), 'remove ' .. d) end
 local function exists(p) return os.rename(p, p) ~= nil end
 local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
 local function num(v) return torch.is_tensor(v) and v:item() or v end
+
+-- The `dist` module when dist.init() joined a world of more than one process, else nil.
+local function dist_active()
+  local ok, d = pcall(require, 'dist')
+  if ok and d.is_initialized() and d.world_size() > 1 then return d end
+end
 
 local function read_file(path)
   local f = io.open(path, 'rb')
@@ -68,10 +75,26 @@ local function filter_lines(path, keep)
   write_atomic(path, table.concat(out))
 end
 
+-- precision 'auto' | 'fp32' | 'bf16' -> the resolved name and the autocast device type (nil: plain fp32).
+-- 'auto' is bf16 on CUDA and fp32 on the CPU, where bf16 matmuls are slower than fp32 ones.
+local function resolve_precision(p, params, h)
+  p = p or 'auto'
+  local dev = params[1] and params[1].device or h.device or 'cpu'
+  local dtype = tostring(dev):match('^cuda') and 'cuda' or 'cpu'
+  if p == 'auto' then p = dtype == 'cuda' and 'bf16' or 'fp32' end
+  if p == 'fp32' then return p, nil end
+  if p == 'bf16' then return p, dtype end
+  error(("trainer.new: precision must be 'auto', 'fp32' or 'bf16', got %q"):format(tostring(p)), 3)
+end
+
 -- trainer.new{model=, optimizer=, loss=fn(model, batch) -> loss, parts, data=fn(step, micro, t) | iterator,
 --   schedule=, eval=fn(model) -> {eval_loss=, ...}, steps=, time_budget= (s), grad_accum=1, clip=, eval_every=,
 --   eval_at_start=true, log_every=10, save_every=, keep_last=2, save_final=true, out= (qatlab.out), config=,
---   hooks={on_step=, on_eval=, on_save=}, ema= (decay), seed= (qatlab.seed or 0), resume=false, progress=}
+--   hooks={on_step=, on_eval=, on_save=}, ema= (decay), seed= (qatlab.seed or 0), resume=false, progress=,
+--   precision='auto'|'fp32'|'bf16'}
+-- precision 'bf16' runs loss (forward + loss) and eval under bf16 autocast (torch.autocast); parameters, grads and
+-- the optimizer stay as they are (fp32 masters), backward runs outside autocast. When given, the resolved choice
+-- goes into config.json.
 -- Steps count from 0 like the schedules: step index s (0-based) gives the row/checkpoint `s + 1`. The
 -- schedule's multiplier scales each group's initial LR (PyTorch's LambdaLR); a schedule built with `lr=`
 -- (other than 1) sets that LR on every group. An iterator (`:next()` -> batch or nil, `:reset()`) restarts
@@ -80,6 +103,14 @@ end
 -- (dropout, a data function's randint) as an uninterrupted one. Resume restores model, optimizer, EMA, step,
 -- elapsed, best eval and the data position (`data:state()`/`:set_state()` when offered, else an iterator is
 -- fast-forwarded by epochs and batches); log rows after the checkpoint's step are dropped.
+-- Data parallel (dist.init() with a world > 1): the parameters are wrapped by dist.ddp (gradients averaged over
+-- ranks during backward; earlier micro-batches of grad_accum only accumulate); rank r keeps rows
+-- r*B/W+1 .. (r+1)*B/W of every tensor in each global batch of B rows (batch = a tensor or a table of them), unless
+-- shard_data=true says the data function returns this rank's rows already (it reads t.shard = {rank=, world=}) or
+-- the iterator has :shard(rank, world), which is called once. Only rank 0 writes logs, checkpoints and the
+-- progress bar (hooks and eval run on every rank: test dist.is_main() there before writing); the logged
+-- train_loss is the mean over ranks; the saved data position counts global batches, so a run resumes with any
+-- number of ranks. With time_budget, rank 0's clock decides for all.
 function M.new(o)
   assert(type(o) == 'table', 'trainer.new: expected an options table')
   for k in pairs(o) do
@@ -101,34 +132,53 @@ function M.new(o)
     global_step = 0, elapsed0 = 0, data_pos = { epoch = 0, batch = 0 }, base_lrs = {}, params = {},
   }, Trainer)
   assert(self.grad_accum >= 1, 'trainer.new: grad_accum must be >= 1')
+  self.dist = dist_active()
+  self.writes = self.dist == nil or self.dist.is_main()   -- only rank 0 writes logs and checkpoints
+  if self.dist then
+    self.shard = { rank = self.dist.rank(), world = self.dist.world_size() }
+    self.shard_data = o.shard_data == true
+    if self.iter and self.data.shard then self.data:shard(self.shard.rank, self.shard.world); self.shard_data = true end
+  end
   for i, g in ipairs(self.optimizer:param_groups()) do
     self.base_lrs[i] = g.lr
     for _, p in ipairs(g.params) do self.params[#self.params + 1] = p end
   end
   self.lr = self.base_lrs[1]
+  self.precision, self.autocast = resolve_precision(o.precision, self.params, h)
   self.iter = type(self.data) ~= 'function'
   self.absolute_lr = self.schedule ~= nil and self.schedule.base_lr ~= nil and self.schedule.base_lr ~= 1
   if o.ema then self.ema = ema_mod.new(self.params, { decay = o.ema }) end
   self:reset_window()
-  if self.out then
+  if self.out and self.writes then
     mkdir(self.out)
-    if o.config ~= nil then write_atomic(self.out .. '/config.json', json.encode(o.config) .. '\n') end
+    local conf = o.config
+    if conf == nil or type(conf) == 'table' then   -- the precision that ran is part of the resolved config
+      conf = {}   -- a copy: the user's table stays as given
+      for k, v in pairs(o.config or {}) do conf[k] = v end
+      conf.precision = self.precision   -- resolved ('auto' -> what ran)
+    end
+    if conf ~= nil then write_atomic(self.out .. '/config.json', json.encode(conf) .. '\n') end
   end
   local resumed = false
   if o.resume then
     assert(self.out, 'trainer.new: resume=true needs out (or qatlab --out)')
     resumed = self:restore()
   end
-  if self.out and not resumed and #list_ckpts(self.out) > 0 then
+  if self.out and self.writes and not resumed and #list_ckpts(self.out) > 0 then
     log.warn(('trainer: %s holds checkpoints of an earlier run (a fresh run does not resume them)'):format(self.out))
   end
-  if self.out then self:open_logs(resumed) end
+  -- After restore: the reducer hooks the tensors training will update; rank 0's values win.
+  if self.dist then self.ddp = self.dist.ddp(self.params) end
+  if self.out and self.writes then self:open_logs(resumed) end
   self.t0 = self.clock()
   return self
 end
 
 -- Seconds of training so far, across resumes.
-function Trainer:elapsed() return self.elapsed0 + (self.clock() - (self.t0 or self.clock())) end
+function Trainer:elapsed()
+  if self.elapsed_sync then return self.elapsed_sync end
+  return self.elapsed0 + (self.clock() - (self.t0 or self.clock()))
+end
 
 function Trainer:reset_window()
   self.window = { loss = 0, n = 0, tokens = 0, parts = {}, t0 = self.clock() }
@@ -153,7 +203,7 @@ end
 -- The next batch: data(step, micro, trainer) for a function; an iterator restarts at the epoch's end.
 function Trainer:next_batch(s, micro)
   local d = self.data
-  if type(d) == 'function' then return d(s, micro, self) end
+  if type(d) == 'function' then return self:shard_batch(d(s, micro, self)) end
   local b = d:next()
   if b == nil then
     d:reset()
@@ -162,7 +212,28 @@ function Trainer:next_batch(s, micro)
     if b == nil then error('trainer: the data source gave no batch right after :reset()', 0) end
   end
   self.data_pos.batch = self.data_pos.batch + 1
-  return b
+  return self:shard_batch(b)
+end
+
+-- This rank's rows of a global batch: every tensor of >= 1 dim (the batch, or the fields of a batch table)
+-- is cut along dim 1 into world equal parts. As is without dist or when the source shards itself.
+function Trainer:shard_batch(b)
+  if not self.shard or self.shard_data then return b end
+  local r, w = self.shard.rank, self.shard.world
+  local function cut(t, key)
+    if not torch.is_tensor(t) or t:dim() == 0 then return t end
+    local n = t:size(1)
+    if n % w ~= 0 then
+      error(('trainer: batch%s has %d rows, which do not split evenly over %d ranks'):format(
+        key and ('.' .. tostring(key)) or '', n, w), 0)
+    end
+    local rows = math.floor(n / w)
+    return t:narrow(1, r * rows + 1, rows)
+  end
+  if type(b) ~= 'table' or getmetatable(b) ~= nil then return cut(b) end
+  local out = {}
+  for k, v in pairs(b) do out[k] = cut(v, k) end
+  return out
 end
 
 -- Sets the scheduled LR for step index s (0-based); returns the LR of group 1.
@@ -179,6 +250,12 @@ function Trainer:apply_schedule(s)
   return self.base_lrs[1] * m
 end
 
+-- fn(...) under the trainer's precision: bf16 autocast for 'bf16', as is for 'fp32'.
+function Trainer:with_precision(fn, ...)
+  if not self.autocast then return fn(...) end
+  return torch.autocast(self.autocast, { dtype = 'bfloat16' }, fn, ...)
+end
+
 -- One optimizer step over grad_accum micro-batches; returns the mean loss (a number).
 function Trainer:step()
   local s, accum = self.global_step, self.grad_accum
@@ -189,14 +266,16 @@ function Trainer:step()
   local total, tokens, parts_sum = 0, 0, {}
   for micro = 1, accum do
     local batch = self:next_batch(s, micro)
-    local loss, parts = self.loss_fn(self.model, batch)
+    local sync = self.ddp ~= nil and micro == accum   -- earlier micro-batches only accumulate (no_sync)
+    if sync then self.ddp:prepare_forward() end
+    local loss, parts = self:with_precision(self.loss_fn, self.model, batch)
     local v = num(loss)
     if type(v) ~= 'number' or not finite(v) then
       local detail = parts and (' (' .. progress.postfix(parts) .. ')') or ''
       error(('non-finite loss at step %d: %s%s'):format(s + 1, tostring(v), detail), 0)
     end
     if accum > 1 then loss = loss / accum end
-    loss:backward()
+    if sync then self.ddp:backward(loss) else loss:backward() end
     total = total + v
     for k, pv in pairs(parts or {}) do
       pv = num(pv)
@@ -217,7 +296,7 @@ end
 function Trainer:evaluate()
   local m = self.model
   if m.eval then m:eval() end
-  local ok, res = pcall(torch.no_grad, self.eval_fn, m)
+  local ok, res = pcall(torch.no_grad, self.with_precision, self, self.eval_fn, m)
   if m.train then m:train() end
   if not ok then error(res, 0) end
   assert(type(res) == 'table', 'trainer: eval must return a table {eval_loss=, ...}')
@@ -238,7 +317,7 @@ function Trainer:state()
   return {
     step = self.global_step, elapsed = self:elapsed(), best_eval = self.best_eval, best_step = self.best_step,
     seed = self.seed, schedule_step = self.global_step, lr = self.lr, base_lrs = self.base_lrs,
-    data = self.iter and self.data.state and { state = self.data:state() } or self.data_pos,
+    data = self.iter and self.data.state and not self.dist and { state = self.data:state() } or self.data_pos,
     ema_updates = self.ema and self.ema.num_updates or nil, time = os.date('!%Y-%m-%dT%H:%M:%SZ'),
   }
 end
@@ -260,6 +339,7 @@ end
 
 -- Writes dir/<name> as <name>.tmp first, then renames it into place.
 function Trainer:write_dir(name, light)
+  if not self.writes then return nil end
   local final = self.out .. '/' .. name
   local tmp = final .. '.tmp'
   rm_rf(tmp)
@@ -276,6 +356,7 @@ function Trainer:write_best() return self:write_dir('best', true) end
 -- A checkpoint ckpt_<step>/ in out; keeps the newest keep_last (<= 0 keeps all). Returns its path.
 function Trainer:save()
   assert(self.out, 'trainer: save needs out')
+  if not self.writes then return nil end
   local dir = self:write_dir('ckpt_' .. self.global_step)
   self.saved_step = self.global_step
   if self.keep_last > 0 then   -- stale checkpoints of a later step (an older run) are left alone
@@ -289,7 +370,7 @@ end
 
 -- Loads the newest checkpoint in out; false when there is none.
 function Trainer:restore()
-  os.execute('rm -rf ' .. q(self.out) .. '/ckpt_*.tmp ' .. q(self.out) .. '/best.tmp')
+  if self.writes then os.execute('rm -rf ' .. q(self.out) .. '/ckpt_*.tmp ' .. q(self.out) .. '/best.tmp') end
   local steps = list_ckpts(self.out)
   local k = steps[#steps]
   if not k then return false end
@@ -328,7 +409,7 @@ function Trainer:log_row(ev)
   local w, now = self.window, self.clock()
   local rec = { step = self.global_step, lr = self.lr, elapsed_sec = self:elapsed() }
   if w.n > 0 then
-    rec.train_loss = w.loss / w.n
+    rec.train_loss = self:rank_mean(w.loss / w.n)
     for k, v in pairs(w.parts) do rec[k] = v / w.n end
     if w.tokens > 0 and now > w.t0 then
       rec.tokens_per_sec = w.tokens / (now - w.t0)
@@ -347,6 +428,19 @@ function Trainer:log_row(ev)
   self.last_train_loss = rec.train_loss or self.last_train_loss
   self:reset_window()
   return rec
+end
+
+-- The mean of x over the ranks (one all-reduce, at log steps only); x itself without dist.
+function Trainer:rank_mean(x)
+  if not self.dist then return x end
+  return self.dist.all_reduce(torch.tensor({ x }, { dtype = 'float64' }), 'mean'):item()
+end
+
+-- Rank 0's elapsed time for every rank this step: the budget stop and time-based schedules must agree.
+function Trainer:sync_elapsed()
+  self.elapsed_sync = nil
+  local t = torch.tensor({ self:elapsed() }, { dtype = 'float64' })
+  self.elapsed_sync = self.dist.broadcast(t, 0):item()
 end
 
 -- Logging, eval, hooks and saving after step `global_step`.
@@ -377,7 +471,7 @@ function Trainer:run()
     self:log_row(ev)
   end
   local bar
-  if self.progress_opts ~= false then
+  if self.progress_opts ~= false and self.writes then
     local po = { desc = 'train', total = self.steps and math.max(self.steps - start, 0) }
     for k, v in pairs(type(self.progress_opts) == 'table' and self.progress_opts or {}) do po[k] = v end
     bar = progress.new(po)
@@ -386,6 +480,7 @@ function Trainer:run()
   self:reset_window()
   while true do
     if self.steps and self.global_step >= self.steps then break end
+    if self.dist and self.time_budget then self:sync_elapsed() end
     if self.time_budget and self:elapsed() >= self.time_budget then stopped = 'time_budget'; break end
     local loss = self:step()
     ev = self:after_step(loss)
