@@ -1,6 +1,36 @@
--- sweep: grid / random / ablation / list spaces and an in-process, resumable sweep runner with a
--- runs.jsonl ledger, per-run metrics.jsonl, median pruning and a ranked summary (Markdown + results.csv).
--- Left out: subprocess isolation, fsync (Lua has none: records are flushed), hyperband, meta.json.
+-- sweep: grid / random / ablation / list spaces and a resumable sweep runner: trials in this process, in worker
+-- processes one per GPU, or shared over a Slurm job array; records per trial, median pruning, ranked summary.
+--
+--   local sweep = require 'sweep'
+--   local res = sweep.run{name = 'lr', space = sweep.grid{lr = {1e-3, 3e-4}}, seeds = {1, 2},
+--                         metric = {name = 'loss', goal = 'minimize'},
+--                         fn = function(run, cfg) ... run:log{step=, loss=}; return {loss = ...} end}
+--
+-- Options of sweep.run (besides name, space, fn, metric, seeds, base, out, prune, force, fail_fast, print):
+--   workers = N           trials at once, each in its own `qatlab` process (N > 1), spread over the GPUs in
+--                         turn (or on the host device). Default: one per GPU when the host runs on cuda:0 and
+--                         sees several (restrict with CUDA_VISIBLE_DEVICES) outside a data-parallel run
+--                         (WORLD_SIZE > 1), else 1: in this process.
+--   devices = {...}       the worker slots instead: {'cuda:0', 'cuda:1'}, 'cuda:2,cuda:3', {'cpu', 'cpu'}.
+--   shard = {index=, count=}  run only trials index+1, index+1+count, ... (index from 0); shard = false ignores
+--                         the environment. Default: QATLAB_SWEEP_SHARD='i/n', else a Slurm job array
+--                         (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT or _MAX): task i of n runs its share.
+-- A worker reruns this process's command line (/proc/self/cmdline) with --device set and the environment
+-- variable QATLAB_SWEEP_WORKER=<index>:<run_id>:<slot>:<name>: the script runs up to sweep.run again (keep
+-- that part cheap or cached on disk), runs that one trial, writes its record and exits. Its output goes to
+-- <trial dir>/worker.log; a worker that dies before recording is recorded failed with the log's tail.
+-- sweep.worker() returns {index=, id=, slot=, name=} in a worker, sweep.shard{} this process's share of an
+-- array ({index=, count=, from=}); both nil elsewhere. Every process writes records/<run_id>.json
+-- (atomically) and rebuilds runs.jsonl from them; completed and pruned trials are skipped in any later run,
+-- whichever mode ran them. sweep.summarize(dir) rebuilds summary.md and results.csv of a sweep folder
+-- <out>/<name> from any process, e.g. once a job array is done.
+--
+--   multi-GPU node:  qatlab run my_sweep.lua --out runs          (one trial per GPU at a time)
+--   on the CPU:      qatlab run my_sweep.lua --out runs  with workers = 2 or devices = {'cpu', 'cpu'}
+--   Slurm array:     sbatch --array=0-7 --gres=gpu:1 --wrap 'qatlab run my_sweep.lua --out runs'
+--                    then: qatlab -e "print(require('sweep').summarize('runs/<name>').markdown)"
+-- Array tasks start the script at once: set-up that writes shared files before sweep.run must be done once
+-- first (experiments/sweep_lr.lua: --set prepare=true, then the array).
 local json = require 'json'
 local config = require 'config'
 
@@ -197,42 +227,26 @@ end
 
 -- Runner ----------------------------------------------------------------------------------
 
+local store = require 'sweep_store'
+local workers = require 'sweep_workers'
+
 -- error(sweep.PRUNED) inside a trial ends it as pruned (Optuna's TrialPruned).
 M.PRUNED = setmetatable({}, { __tostring = function() return 'trial pruned' end })
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-local function mkdir(d) assert(os.execute('mkdir -p ' .. q(d)) == 0, 'sweep: cannot create ' .. d) end
+-- {index=, id=, slot=, name=} in a worker process started by a parallel sweep, else nil.
+M.worker = workers.this_worker
+
+-- sweep.shard(o): this process's share {index=, count=, from=} (see the shard option), or nil: all trials.
+M.shard = workers.shard
+
 local function utc() return os.date('!%Y-%m-%dT%H:%M:%SZ') end
-local clock = (function()
+local host = (function()
   local ok, qt = pcall(require, 'qatlab')
-  return ok and type(qt) == 'table' and qt.time or os.clock
+  return ok and type(qt) == 'table' and qt or {}
 end)()
+local clock = host.time or os.clock
 
-local function write_atomic(path, text)
-  local f = assert(io.open(path .. '.tmp', 'w'))
-  f:write(text)
-  f:close()
-  assert(os.rename(path .. '.tmp', path))
-end
-
-local function append_line(path, v)
-  local f = assert(io.open(path, 'a'))
-  f:write(json.encode(v), '\n')
-  f:flush()
-  f:close()
-end
-
--- Last record per run_id in a runs.jsonl (a torn last line from a crash is ignored).
-function M.read_ledger(path)
-  local last, f = {}, io.open(path)
-  if not f then return last end
-  for line in f:lines() do
-    local ok, rec = pcall(json.decode, line)
-    if ok and type(rec) == 'table' and rec.run_id then last[rec.run_id] = rec end
-  end
-  f:close()
-  return last
-end
+M.read_ledger = store.read_ledger
 
 -- Finite numbers, strings and booleans pass; NaN/Inf become 'nan'/'inf'/'-inf' (JSON has none,
 -- and a diverged run must still be recorded); anything else (a tensor) is shown with tostring.
@@ -273,7 +287,8 @@ end
 
 -- The median rule (Optuna's MedianPruner): after startup_trials completed trials and from
 -- warmup_steps on, prune when this trial's best value so far is worse than the median of the
--- completed trials' values reported at the same step.
+-- completed trials' values reported at the same step. In a worker, the completed trials are those
+-- recorded when it started.
 function Run:should_prune()
   local p, last = self.sweep.prune, self.reports[#self.reports]
   if not p or not last or self.pruned then return self.pruned end
@@ -301,13 +316,30 @@ function Run:progress(o)
   return require('progress').new(o)
 end
 
+local function new_record(t, status)
+  return { run_id = t.id, index = t.index, name = t.name, dir = t.dir, seed = t.seed, config = t.config,
+           overrides = t.overrides, status = status, started_at = utc() }
+end
+
+-- Records a trial's state: its record file and, when final, status.json and the merged ledger.
+local function save(sw, rec)
+  store.write_record(sw.root, rec)
+  if rec.status == 'running' then return end
+  store.write_atomic(rec.dir .. '/status.json', json.encode(rec) .. '\n')
+  if sw.rebuild then store.rebuild_ledger(sw.root) end
+end
+
+local function prepare(t)
+  store.mkdir(t.dir)
+  store.write_atomic(t.dir .. '/config.json', json.encode(t.config) .. '\n')
+  store.write_atomic(t.dir .. '/overrides.json', json.encode(t.overrides) .. '\n')
+end
+
 local function run_trial(sw, t)
-  mkdir(t.dir)
-  write_atomic(t.dir .. '/config.json', json.encode(t.config) .. '\n')
-  write_atomic(t.dir .. '/overrides.json', json.encode(t.overrides) .. '\n')
-  local rec = { run_id = t.id, index = t.index, name = t.name, dir = t.dir, seed = t.seed,
-                config = t.config, overrides = t.overrides, status = 'running', started_at = utc() }
-  append_line(sw.ledger, rec)
+  prepare(t)
+  local rec = new_record(t, 'running')
+  rec.device = host.device
+  save(sw, rec)
   local run = setmetatable({ id = t.id, index = t.index, name = t.name, seed = t.seed, dir = t.dir,
                              config = t.config, reports = {}, pruned = false, sweep = sw,
                              prefix = ('[run %d/%d %s]'):format(t.index, sw.total, t.name) }, Run)
@@ -331,10 +363,26 @@ local function run_trial(sw, t)
     for i, r in ipairs(run.reports) do rec.reports[i] = { r[1], scalar(r[2]) } end
   end
   rec.ended_at, rec.duration_s = utc(), clock() - t0
-  write_atomic(t.dir .. '/status.json', json.encode(rec) .. '\n')
-  append_line(sw.ledger, rec)
+  save(sw, rec)
   if rec.status == 'completed' then sw.history[#sw.history + 1] = run.reports end
   collectgarbage()
+  return rec
+end
+
+-- The record of a worker process that exited: its own, or a failed one when it died before writing it.
+local function worker_record(sw, t, rc, device, log, seconds)
+  local old = store.read_record(sw.root, t.id)
+  if old and old.status ~= 'running' then return old end
+  local began, rec = old ~= nil, new_record(t, 'failed')
+  rec.started_at = began and old.started_at or rec.started_at
+  rec.device, rec.exit_code, rec.duration_s, rec.ended_at = device, rc, seconds, utc()
+  rec.log_tail = workers.tail(log, 20)
+  rec.error = ('worker process exited with status %d %s; the end of %s:\n%s'):format(rc, began
+    and 'during the trial (a crash, a kill or os.exit)'
+    or ('before starting the trial (does the script reach sweep.run{name = %q} the same way in a worker?)')
+      :format(sw.name), log, rec.log_tail)
+  rec.summary = {}
+  save(sw, rec)
   return rec
 end
 
@@ -346,8 +394,12 @@ local function csv_field(v)
   return v
 end
 
+local summarize_dir
+
 -- Groups the trials by name (seeds together), ranked by the mean metric; Markdown and CSV text.
+-- sweep.summarize(dir): the same from the files of <out>/<name>, written there again (any process).
 function M.summarize(results, metric, goal)
+  if type(results) == 'string' then return summarize_dir(results) end
   local groups, by_name = {}, {}
   for _, r in ipairs(results) do
     local g = by_name[r.name]
@@ -399,33 +451,62 @@ function M.summarize(results, metric, goal)
     local row = { r.index, r.run_id, csv_field(r.name), r.seed, r.status,
                   r.duration_s and ('%.3f'):format(r.duration_s) }
     for _, k in ipairs(ckeys) do row[#row + 1] = csv_field(value_text(flats[i][k])) end
-    for _, k in ipairs(skeys) do row[#row + 1] = csv_field(r.summary[k]) end
+    for _, k in ipairs(skeys) do row[#row + 1] = csv_field((r.summary or {})[k]) end
     for j = 1, #head do row[j] = row[j] == nil and '' or tostring(row[j]) end
     rows[#rows + 1] = table.concat(row, ',')
   end
   return groups, table.concat(lines, '\n') .. '\n', table.concat(rows, '\n') .. '\n'
 end
 
+-- Every trial's record from disk (status 'pending' where none), the ledger rebuilt, the summary written.
+local function collect(root, trials, metric, goal, write)
+  local recs, results, failed = store.load(root), {}, 0
+  for k, t in ipairs(trials) do
+    local rec = recs[t.id]
+    if rec then
+      rec.index = k
+    else
+      rec = new_record(t, 'pending')
+      rec.started_at = nil
+    end
+    if rec.status == 'failed' then failed = failed + 1 end
+    results[k] = rec
+  end
+  local groups, md, csv = M.summarize(results, metric, goal)
+  if write then
+    store.rebuild_ledger(root, recs)
+    store.write_atomic(root .. '/results.csv', csv)
+    store.write_atomic(root .. '/summary.md', md)
+  end
+  return { results = results, groups = groups, markdown = md, csv = csv, failed = failed, dir = root }
+end
+
+summarize_dir = function(root)
+  root = root:gsub('/+$', '')
+  local meta = store.read_meta(root)
+  local trials = {}
+  for k, t in ipairs(meta.trials or {}) do
+    trials[k] = { id = t.run_id, index = k, name = t.name, seed = t.seed, dir = t.dir, config = t.config,
+                  overrides = t.overrides }
+  end
+  return collect(root, trials, meta.metric, meta.goal, true)
+end
+
 -- sweep.run{name=, out=, space=, fn=function(run, cfg) ... return {metric=...} end, base=, seeds={1},
 --           metric={name=, goal='minimize'}, prune={rule='median', warmup_steps=0, startup_trials=5},
---           force=false, fail_fast=false, print=print}
--- Completed and pruned run_ids in <out>/<name>/runs.jsonl are skipped; failed and running ones rerun.
--- Returns {results=, groups=, markdown=, csv=, failed=}.
+--           force=false, fail_fast=false, print=print, workers=, devices=, shard=}
+-- Completed and pruned trials recorded in <out>/<name> are skipped; failed, running and new ones run.
+-- Returns {results=, groups=, markdown=, csv=, failed=, dir=} over every trial of the space (those left
+-- to other shards show as 'pending'); failed counts the whole sweep's failed trials.
 function M.run(o)
   assert(type(o.name) == 'string' and o.name ~= '', 'sweep.run: needs a name')
   assert(getmetatable(o.space) == Space, 'sweep.run: space must come from sweep.grid/random/ablate/list')
   assert(type(o.fn) == 'function', 'sweep.run: needs fn(run, cfg)')
-  local out = o.out
-  if not out then
-    local ok, qt = pcall(require, 'qatlab')
-    out = ok and type(qt) == 'table' and qt.out or 'runs'
-  end
-  local root, say, seeds = out .. '/' .. o.name, o.print or print, o.seeds or { 1 }
-  mkdir(root)
+  local root, say, seeds = (o.out or host.out or 'runs') .. '/' .. o.name, o.print or print, o.seeds or { 1 }
   local metric = o.metric or {}
+  local me = workers.this_worker()
   local sw = { fn = o.fn, prune = o.prune, metric = metric.name or 'metric', goal = metric.goal or 'minimize',
-               ledger = root .. '/runs.jsonl', history = {}, total = #o.space.items * #seeds }
-  local prev = M.read_ledger(sw.ledger)
+               root = root, name = o.name, history = {}, total = #o.space.items * #seeds, rebuild = not me }
   -- Resolve every trial first, so a bad override stops the sweep before anything runs.
   local trials = {}
   for _, item in ipairs(o.space.items) do
@@ -439,34 +520,80 @@ function M.run(o)
                     overrides = item.overrides, dir = root .. '/' .. dir_name }
     end
   end
+  -- A worker for another sweep of the same script: this one is read, not run.
+  if me and me.name ~= o.name then return collect(root, trials, sw.metric, sw.goal, false) end
+  local share, devices = workers.shard(o), not me and workers.devices(o)
+  store.mkdir(root)
+  local prev = store.load(root)
   -- Earlier completed trials inform the pruner, unless force reruns them.
   local rerun = {}
   for _, t in ipairs(trials) do rerun[t.id] = o.force end
   for id, rec in pairs(prev) do
     if rec.status == 'completed' and not rerun[id] then sw.history[#sw.history + 1] = rec.reports or {} end
   end
-  local results, failed = {}, 0
+  local function line(t, rec, where)
+    return ('[run %d/%d %s] %s %s=%s (%.1fs%s)%s'):format(t.index, sw.total, t.name, rec.status, sw.metric,
+      tostring((rec.summary or {})[sw.metric]), rec.duration_s or 0, where or '', rec.error and ': ' .. rec.error or '')
+  end
+  if me then   -- a worker: run the one trial it was started for, record it, exit
+    local t = trials[me.index]
+    if not t or t.id ~= me.id then
+      error(('sweep %s: worker trial %d resolves to another config here than in the process that started it; '
+             .. 'build the space the same way in every process (fixed seeds, no clock or randomness)')
+            :format(o.name, me.index), 0)
+    end
+    local rec = run_trial(sw, t)
+    say(line(t, rec))
+    io.stdout:flush()
+    os.exit(rec.status == 'failed' and 1 or 0, true)
+  end
+  local metas = {}
   for k, t in ipairs(trials) do
-    local old, rec = prev[t.id]
-    if old and (old.status == 'completed' or old.status == 'pruned') and not o.force then
-      rec, old.index = old, k
-      say(('[run %d/%d %s] %s earlier, skipped'):format(k, sw.total, t.name, old.status))
-    else
-      rec = run_trial(sw, t)
-      say(('[run %d/%d %s] %s %s=%s (%.1fs)%s'):format(k, sw.total, t.name, rec.status, sw.metric,
-        tostring(rec.summary[sw.metric]), rec.duration_s, rec.error and ': ' .. rec.error or ''))
-      if rec.status == 'failed' then
-        failed = failed + 1
-        if o.fail_fast then error(('sweep: run %s failed (fail_fast)\n%s'):format(t.name, rec.traceback), 0) end
+    metas[k] = { run_id = t.id, name = t.name, seed = t.seed, dir = t.dir, config = t.config, overrides = t.overrides }
+  end
+  store.write_meta(root, { name = o.name, metric = sw.metric, goal = sw.goal, trials = metas })
+  local todo = {}
+  for k, t in ipairs(trials) do
+    if not share or (k - 1) % share.count == share.index then
+      local old = prev[t.id]
+      if old and (old.status == 'completed' or old.status == 'pruned') and not o.force then
+        say(('[run %d/%d %s] %s earlier, skipped'):format(k, sw.total, t.name, old.status))
+      else
+        todo[#todo + 1] = t
       end
     end
-    results[k] = rec
   end
-  local groups, md, csv = M.summarize(results, sw.metric, sw.goal)
-  write_atomic(root .. '/results.csv', csv)
-  write_atomic(root .. '/summary.md', md)
-  say(md)
-  return { results = results, groups = groups, markdown = md, csv = csv, failed = failed, dir = root }
+  if share then
+    say(('sweep %s: share %d/%d (%s): %d trials to run'):format(o.name, share.index + 1, share.count, share.from,
+                                                                #todo))
+  end
+  local failures = 0
+  local function done(t, rec, where)
+    say(line(t, rec, where))
+    if rec.status == 'failed' then
+      failures = failures + 1
+      if o.fail_fast and not where then
+        error(('sweep: run %s failed (fail_fast)\n%s'):format(t.name, rec.traceback or rec.error), 0)
+      end
+    end
+    return rec
+  end
+  if #todo > 0 and workers.parallel(devices) then
+    say(('sweep %s: %d trials in worker processes on %s'):format(o.name, #todo, table.concat(devices, ', ')))
+    workers.dispatch(sw, todo, devices, function(t, rc, device, log, seconds)
+      local rec = worker_record(sw, t, rc, device, log, seconds)
+      store.rebuild_ledger(root)
+      return done(t, rec, ', ' .. device)
+    end, o.fail_fast)
+    if o.fail_fast and failures > 0 then
+      error(('sweep: %d run(s) failed (fail_fast); see their records in %s/records'):format(failures, root), 0)
+    end
+  else
+    for _, t in ipairs(todo) do done(t, run_trial(sw, t)) end
+  end
+  local res = collect(root, trials, sw.metric, sw.goal, true)
+  say(res.markdown)
+  return res
 end
 
 return M

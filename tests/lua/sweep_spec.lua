@@ -98,12 +98,12 @@ describe('sweep.run', function()
     assert.equal(0, r.failed)
     local root = out .. '/toy'
     local ledger = lines(root .. '/runs.jsonl')
-    assert.equal(24, #ledger)                  -- running + completed per trial
-    assert.equal('running', ledger[1].status)
-    assert.equal('completed', ledger[2].status)
-    assert.same({ x = 1, y = 0 }, ledger[2].config)
-    assert.equal(1.1, ledger[2].summary.loss)
-    assert.equal('001_x=1,y=0,seed=1', ledger[2].dir:match('[^/]+$'))
+    assert.equal(12, #ledger)                  -- the merged ledger: each trial's last record, by index
+    assert.equal('completed', ledger[1].status)
+    assert.same({ x = 1, y = 0 }, ledger[1].config)
+    assert.equal(1.1, ledger[1].summary.loss)
+    assert.equal('001_x=1,y=0,seed=1', ledger[1].dir:match('[^/]+$'))
+    assert.same(ledger[1], json.decode(read(root .. '/records/' .. ledger[1].run_id .. '.json')))
     local d = root .. '/001_x=1,y=0,seed=1'
     assert.same({ x = 1, y = 0 }, json.decode(read(d .. '/config.json')))
     assert.equal('completed', json.decode(read(d .. '/status.json')).status)
@@ -122,7 +122,7 @@ describe('sweep.run', function()
     -- the second run resumes: nothing is recomputed, the summary is the same
     local r2 = sweep.run(opts)
     assert.equal(12, calls)
-    assert.equal(24, #lines(root .. '/runs.jsonl'))
+    assert.equal(12, #lines(root .. '/runs.jsonl'))
     assert.equal(r.markdown, r2.markdown)
     -- a grown space only runs its new trials
     opts.space = sweep.grid{ x = { 1, 2, 3, 4 }, y = { 0, 1 } }
@@ -240,4 +240,172 @@ describe('sweep.run', function()
                end }
     assert.same({}, stopped_at)
   end)
+end)
+
+describe('sweep.run on a legacy ledger', function()
+  it('skips trials an older runs.jsonl (no records/) holds as completed', function()
+    local out, calls = h.tmpdir(), {}
+    local opts = { name = 'old', out = out, space = sweep.list{ { a = 1 }, { a = 2 } }, print = quiet,
+                   fn = function(_, cfg) calls[#calls + 1] = cfg.a; return { metric = cfg.a } end }
+    os.execute('mkdir -p ' .. h.q(out .. '/old'))
+    local f = assert(io.open(out .. '/old/runs.jsonl', 'w'))
+    local id = sweep.hash{ config = { a = 2 }, seed = 1 }
+    f:write(json.encode{ run_id = id, index = 2, name = 'a=2', status = 'running' }, '\n')
+    f:write(json.encode{ run_id = id, index = 2, name = 'a=2', status = 'completed', summary = { metric = 7 } }, '\n')
+    f:write('{"run_id": "torn', '\n')
+    f:close()
+    local r = sweep.run(opts)
+    assert.same({ 1 }, calls)
+    assert.equal(7, r.results[2].summary.metric)
+    assert.equal(2, #lines(out .. '/old/runs.jsonl'))   -- rebuilt: the old trial kept, the torn line gone
+  end)
+end)
+
+describe('sweep worker options', function()
+  local workers = require 'sweep_workers'
+
+  it('resolves devices and workers, and shares', function()
+    assert.same({ 'cpu', 'cpu' }, workers.devices{ devices = 'cpu,cpu' })
+    assert.same({ 'cuda:0', 'cuda:1' }, workers.devices{ devices = { 'cuda:0', 'cuda:1' } })
+    assert.same({ 'cpu', 'cpu', 'cpu' }, workers.devices{ workers = 3 })   -- the specs run on the CPU
+    assert.same({ 'cpu' }, workers.devices{})
+    assert.is_false(workers.parallel{ 'cpu' })
+    assert.is_true(workers.parallel{ 'cpu', 'cpu' })
+    assert.has_error(function() workers.devices{ devices = { 'gpu0' } } end, 'sweep: device "gpu0": expected cpu, cuda or cuda:N')
+    assert.has_error(function() workers.devices{ workers = 1.5 } end)
+    assert.has_error(function() workers.devices{ workers = 3, devices = 'cpu,cpu' } end)
+    assert.same({ index = 1, count = 3, from = 'shard' }, workers.shard{ shard = { index = 1, count = 3 } })
+    assert.is_nil(workers.shard{ shard = false })
+    assert.has_error(function() workers.shard{ shard = { index = 3, count = 3 } } end)
+    assert.is_nil(sweep.worker())
+  end)
+end)
+
+-- The toy sweep the process tests run: 4 trials (x = 1, 2; seeds 1, 2) whose loss comes from torch's
+-- seeded generator. Each execution of a trial appends its index to <out>/calls.txt.
+local toy = [[
+local sweep = require 'sweep'
+local torch = require 'torch'
+local qatlab = require 'qatlab'
+local args = ...
+local function exists(p) local f = io.open(p); if f then f:close() end; return f ~= nil end
+local function append(p, s) local f = assert(io.open(p, 'a')); f:write(s, '\n'); f:close() end
+local function pid() local f = io.open('/proc/self/stat'); local p = f:read('*n'); f:close(); return p end
+local res = sweep.run{
+  name = 'toy', space = sweep.grid{ x = { 1, 2 } }, seeds = { 1, 2 }, metric = { name = 'loss' },
+  workers = args.workers,
+  fn = function(run, cfg)
+    append(qatlab.out .. '/calls.txt', run.index)
+    local together
+    if args.barrier and run.index <= 2 then   -- trials 1 and 2 wait for each other: they must run at once
+      append(qatlab.out .. '/started_' .. run.index, 'x')
+      local t0 = qatlab.time()
+      while not exists(qatlab.out .. '/started_' .. (3 - run.index)) and qatlab.time() - t0 < 20 do
+        os.execute('sleep 0.05')
+      end
+      together = exists(qatlab.out .. '/started_' .. (3 - run.index))
+    end
+    if args.fail == run.index then error('boom in trial ' .. run.index) end
+    if args.crash == run.index then io.stderr:write('worker dies\n'); os.exit(3) end
+    return { loss = torch.randn(3):sum():item() + cfg.x, pid = pid(), device = qatlab.device, together = together }
+  end }
+print(('failed=%d'):format(res.failed))
+]]
+
+describe('sweep.run in worker processes and job arrays', function()
+  local hr = require 'hostrun'
+  local dir = hr.files{ ['toy.lua'] = toy }
+  local clean = 'env -u SLURM_ARRAY_TASK_ID -u QATLAB_SWEEP_SHARD -u QATLAB_SWEEP_WORKER '
+  local function cmd(out, extra, env)
+    return clean .. (env or '') .. ' ' .. hr.cmd(('run %s --device cpu --threads 1 --out %s %s'):format(
+      h.q(dir .. '/toy.lua'), h.q(dir .. '/' .. out), extra or ''))
+  end
+  local function records(out)
+    local by_index = {}
+    for _, rec in ipairs(lines(dir .. '/' .. out .. '/toy/runs.jsonl')) do by_index[rec.index] = rec end
+    return by_index
+  end
+  local function calls(out)
+    local n = {}
+    for line in (hr.slurp(dir .. '/' .. out .. '/calls.txt') or ''):gmatch('%d+') do
+      n[tonumber(line)] = (n[tonumber(line)] or 0) + 1
+    end
+    return n
+  end
+  local slurm = 'SLURM_ARRAY_TASK_COUNT=2 SLURM_ARRAY_TASK_ID='
+  -- All at once: in this process, two CPU workers, a simulated 2-task job array, workers that fail.
+  local runs
+  setup(function()
+    runs = hr.many({ cmd('inproc'), cmd('par', '--set workers=2 --set barrier=true'),
+                     cmd('array', '', slurm .. '0'), cmd('array', '', slurm .. '1'),
+                     cmd('fail', '--set workers=2 --set fail=2 --set crash=3') }, 5)
+    for i, r in ipairs(runs) do assert(r.rc == 0, ('run %d failed:\n%s\n%s'):format(i, r.out, r.err)) end
+  end)
+
+  it('runs trials in two worker processes at once, with the in-process results', function()
+    local a, b = records('inproc'), records('par')
+    hr.has(runs[2].out, 'sweep toy: 4 trials in worker processes on cpu, cpu')
+    local pids = {}
+    for k = 1, 4 do
+      assert.equal('completed', b[k].status)
+      assert.equal(a[k].summary.loss, b[k].summary.loss)           -- same seeds, same values
+      assert.equal(a[1].summary.pid, a[k].summary.pid)             -- one process in-process ...
+      assert.is_nil(pids[b[k].summary.pid])                        -- ... one per trial with workers
+      pids[b[k].summary.pid] = true
+      hr.has(hr.slurp(b[k].dir .. '/worker.log'), ('[run %d/4 '):format(k))
+    end
+    assert.is_nil(pids[a[1].summary.pid])
+    assert.is_true(b[1].summary.together and b[2].summary.together)
+    assert.same({ 1, 1, 1, 1 }, calls('par'))
+    assert.equal(hr.slurp(dir .. '/inproc/toy/summary.md'), hr.slurp(dir .. '/par/toy/summary.md'))
+  end)
+
+  it('spreads a job array over its tasks, each trial once, and summarizes from the files', function()
+    assert.same({ 1, 1, 1, 1 }, calls('array'))
+    hr.has(runs[3].out, 'share 1/2 (SLURM_ARRAY_TASK_ID=0): 2 trials to run')
+    assert.truthy(runs[3].out:find('[run 1/4 ', 1, true) and runs[3].out:find('[run 3/4 ', 1, true))
+    assert.truthy(runs[4].out:find('[run 2/4 ', 1, true) and runs[4].out:find('[run 4/4 ', 1, true))
+    local r = sweep.summarize(dir .. '/array/toy')
+    assert.equal(4, #r.results)
+    for k = 1, 4 do assert.equal('completed', r.results[k].status) end
+    assert.equal(hr.slurp(dir .. '/inproc/toy/summary.md'), r.markdown)
+    assert.equal(r.markdown, hr.slurp(dir .. '/array/toy/summary.md'))
+    assert.equal(4, #lines(dir .. '/array/toy/runs.jsonl'))
+    local pending = sweep.run{ name = 'toy', out = dir .. '/pending', space = sweep.grid{ x = { 1, 2 } },
+                               shard = { index = 0, count = 2 }, print = quiet, fn = function() return {} end }
+    assert.equal('pending', pending.results[2].status)
+  end)
+
+  it('records a failing or dying worker as failed and finishes the others', function()
+    local r = records('fail')
+    hr.has(runs[5].out, 'failed=2')
+    assert.equal('completed', r[1].status)
+    assert.equal('completed', r[4].status)
+    assert.equal('failed', r[2].status)
+    hr.has(r[2].error, 'boom in trial 2')
+    hr.has(r[2].traceback, 'stack traceback')
+    assert.equal('failed', r[3].status)
+    assert.equal(3, r[3].exit_code)
+    hr.has(r[3].error, 'exited with status 3 during the trial')
+    hr.has(r[3].error, 'worker dies')
+    hr.has(hr.slurp(r[3].dir .. '/worker.log'), 'worker dies')
+    hr.has(hr.slurp(r[3].dir .. '/status.json'), '"status":"failed"')
+  end)
+
+  it('resumes across modes: finished trials are skipped whichever mode ran them', function()
+    -- the failed run again in this process: only trials 2 and 3 run
+    local res = hr.many({ cmd('fail'), cmd('array', '--set workers=2'), cmd('par', '', slurm .. '1') }, 3)
+    for i, x in ipairs(res) do assert(x.rc == 0, ('run %d failed:\n%s\n%s'):format(i, x.out, x.err)) end
+    assert.same({ 1, 2, 2, 1 }, calls('fail'))
+    assert.equal(2, select(2, res[1].out:gsub('completed earlier, skipped', '')))
+    hr.has(res[1].out, 'failed=0')
+    assert.equal('completed', records('fail')[3].status)
+    -- the array's trials under workers, the workers' trials under an array task: nothing runs
+    assert.same({ 1, 1, 1, 1 }, calls('array'))
+    assert.equal(4, select(2, res[2].out:gsub('completed earlier, skipped', '')))
+    assert.same({ 1, 1, 1, 1 }, calls('par'))
+    hr.has(res[3].out, '0 trials to run')
+  end)
+
+  teardown(function() hr.rmtree(dir) end)
 end)
