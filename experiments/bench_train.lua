@@ -1,0 +1,384 @@
+-- bench_train: the seed's V2-KD training step (Q2A4 student, KD on teacher top-k, AdamW, clip 1.0)
+-- timed side by side in qatlab and in the Python reference of the seed (experiments/seed_ref).
+--
+--   build/qatlab run experiments/bench_train.lua [--out runs/bench_train]              (CPU, tiny, ~1 min)
+--   build/qatlab run experiments/bench_train.lua --device cuda --set full=true [--out DIR]
+--       [--set L=64,128] [--set batches=8,64,256,504] [--set peak_tflops=989]
+--
+-- Options (--set key=value):
+--   full=false     Qwen3-0.6B shape (hidden 1024, 28 layers, 16/8 heads, head_dim 128, inter 3072,
+--                  vocab 151936, tied) instead of the tiny one (2 layers, hidden 128, vocab 4096)
+--   tiny=false     a smoke-test size (1 layer, hidden 64, vocab 512, L 16, 1 step)
+--   layers hidden inter heads kv_heads head_dim vocab   override single dims
+--   L='64'  batches='2,8'  K=32  preset='q2a4'  T=2  hard_top1=0.2  hard_full=0.00005  lr=5e-5
+--   warmup=1  steps=2       untimed + timed steps per row (step time = median of the timed ones)
+--   ckpt=true      per-decoder-layer activation checkpointing in both (the seed's benchmark has it on)
+--   ste=false      STE-FP16 in the V2 forward (both)
+--   impls='qatlab,seed-ref'   dtype='auto' (qatlab: bfloat16 on CUDA, float32 on the CPU;
+--                  'autocast' = fp32 params + bf16 autocast)   amp='auto' (seed-ref: autocast on CUDA)
+--   peak_tflops=0  MFU denominator; 0 = 989 (H100/H200 dense bf16) on CUDA, measured fp32 GEMM on the CPU
+--   help=true      print this usage
+--   threads=0      threads of each row's process (0 = 1 on the CPU, this process's count on CUDA)
+--
+-- Every row runs in its own process (qatlab child or Python), so peak memory is that row's alone:
+-- CUDA max allocated over the process, or on the CPU the peak RSS (VmHWM after clear_refs) during
+-- the timed steps; "+step" is that peak minus the RSS / allocated bytes before them.
+-- Model FLOPs per step (both impls, recomputation not counted), B batch, L length, S = L-1:
+--   F = B·L·(6·N_mm + 12·n_layer·L·n_head·head_dim)      dense GEMMs fwd+bwd (grad-x and grad-W, since
+--                                                        dS = dW ⊙ Q) + attention (PaLM's count)
+--     + B·S·4·H·(V + K)                                  full-vocab CE + top-K logits, fwd + grad-h
+--     + 6·Σ_proj out·in·r                                S = (A g) B per projection, fwd + dA, dB
+--   N_mm = n_layer·(H·q + 2·H·kv + q·H + 3·H·I), q = n_head·head_dim, kv = n_kv·head_dim.
+--   MFU = F / step time / peak. Results: results.json and results.csv in the out dir.
+local args = ...
+local torch, nn, quant, kd, optim = require 'torch', require 'nn', require 'quant', require 'kd', require 'optim'
+local config, bench, json, qatlab = require 'config', require 'bench', require 'json', require 'qatlab'
+
+args = args or {}
+for _, k in ipairs({'L', 'batches', 'impls'}) do   -- a single number arrives as a number
+  if type(args[k]) == 'number' then args[k] = tostring(args[k]) end
+end
+
+local TINY = {layers = 2, hidden = 128, inter = 384, heads = 4, kv_heads = 2, head_dim = 32, vocab = 4096}
+local SMOKE = {layers = 1, hidden = 64, inter = 192, heads = 4, kv_heads = 2, head_dim = 16, vocab = 512}
+local FULL = {layers = 28, hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128, vocab = 151936}
+
+local cfg = config.merge({
+  role = '', job = '',   -- internal: 'qatlab' child with its job file; 'lib' returns the functions
+  help = false,          -- print this header and exit
+  full = false, tiny = false, layers = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0,
+  L = '', batches = '', K = 32, preset = 'q2a4', T = 2, hard_top1 = 0.2, hard_full = 0.00005, lr = 5e-5,
+  clip = 1.0, warmup = 1, steps = 2, ckpt = true, ste = false, impls = 'qatlab,seed-ref',
+  dtype = 'auto', amp = 'auto', peak_tflops = 0, threads = 0, seed = 0,
+}, args)
+
+local M = {}
+
+-- The model dims: the tiny or full shape, then single overrides.
+function M.dims(c)
+  local d = {}
+  for k, v in pairs(c.full and FULL or (c.tiny and SMOKE or TINY)) do d[k] = (c[k] or 0) > 0 and c[k] or v end
+  return d
+end
+
+function M.qwen3_config(d, L)
+  return {model_type = 'qwen3', vocab_size = d.vocab, hidden_size = d.hidden, intermediate_size = d.inter,
+          num_hidden_layers = d.layers, num_attention_heads = d.heads, num_key_value_heads = d.kv_heads,
+          head_dim = d.head_dim, max_position_embeddings = math.max(L, 64), tie_word_embeddings = true,
+          rope_theta = 1e6, rms_norm_eps = 1e-6, initializer_range = 0.02}
+end
+
+-- A V2 student: random Qwen3 init, the preset's LUT layers (SVD init, frozen Q), all scales trainable.
+-- o: {preset=, form='materialized'|'loop'|'batched'|'seed', ste=, dtype=, device=, ckpt=}
+-- ('seed' = the seed's choice per layer: batched for rank >= 16, else loop).
+function M.build_model(d, L, o)
+  local mc = M.qwen3_config(d, L)
+  local m = o.device and nn.from_config(mc, {device = o.device}) or nn.from_config(mc)
+  local form, preset, ste = o.form or 'materialized', o.preset or 'q2a4', o.ste or false
+  if form == 'seed' then   -- the seed's per-layer default: batched for rank >= 16, else the loop
+    local p = quant.preset(preset)
+    local function f(r) return r >= 16 and 'batched' or 'loop' end
+    quant.replace(m, {preset = preset, ste_fp16 = ste, attn = false, forward = f(p.mlp_rank)})
+    quant.replace(m, {preset = preset, ste_fp16 = ste, mlp = false, forward = f(p.attn_rank)})
+  else
+    quant.replace(m, {preset = preset, ste_fp16 = ste, forward = form})
+  end
+  quant.set_trainable(m, 'all')
+  if o.dtype and o.dtype ~= 'float32' and o.dtype ~= 'autocast' then m:to{dtype = o.dtype} end
+  m:gradient_checkpointing(o.ckpt ~= false)
+  m:train()
+  return m
+end
+
+-- Teacher top-k generated on the fly: (B, L) ids, (B, S, K) random ids, logits sorted descending (fp16).
+function M.synthetic_batch(d, B, L, K, device)
+  local S = L - 1
+  local logits = (torch.randn(B, S, K) * 3):sort(3, {descending = true})
+  return {input_ids = torch.randint(0, d.vocab, {B, L}, {dtype = 'int64'}):to{device = device},
+          topk_idx = torch.randint(0, d.vocab, {B, S, K}, {dtype = 'int64'}):to{device = device},
+          topk_logits = logits:half():to{device = device}}
+end
+
+-- The lm_head weight (V, H): the tied embedding.
+function M.head_weight(m)
+  for _, kv in ipairs(m:named_parameters()) do
+    if kv[1] == 'model.embed_tokens.weight' then return kv[2] end
+  end
+  error('bench_train: the model has no model.embed_tokens.weight', 0)
+end
+
+-- One training step as a function () -> loss: KD loss (fused chunked kd.loss_model, or the unfused
+-- kd.loss_reference on the hidden states when o.fused == false), backward, clip, AdamW, zero_grad.
+function M.make_step(m, batch, o)
+  local opt = optim.AdamW(m, {lr = o.lr or 5e-5, weight_decay = 0})
+  local kopts = {T = o.T or 2, hard_top1 = o.hard_top1 or 0.2, hard_full = o.hard_full or 0.00005}
+  local W = M.head_weight(m)
+  local function loss_of()
+    if o.fused == false then
+      local h = m:forward(batch.input_ids, {output = 'hidden'})   -- (B, L, H)
+      return (kd.loss_reference(h, W, batch, kopts))
+    end
+    return (kd.loss_model(m, batch, kopts))
+  end
+  return function()
+    local loss = o.autocast and torch.autocast('cuda', {dtype = 'bfloat16'}, loss_of) or loss_of()
+    loss:backward()
+    if (o.clip or 1) > 0 then optim.clip_grad_norm(m:parameters(), o.clip or 1) end
+    opt:step()
+    opt:zero_grad()
+    local v = loss:item()
+    loss:free()
+    return v
+  end
+end
+
+-- Model FLOPs of one step (see the header) and their parts.
+function M.train_flops(d, B, L, K, preset)
+  local p = quant.preset(preset)
+  local H, q, kv, I = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.inter
+  local n_mm = d.layers * (H * q + 2 * H * kv + q * H + 3 * H * I)
+  local dense = B * L * (6 * n_mm + 12 * d.layers * L * q)
+  local head = B * (L - 1) * 4 * H * (d.vocab + K)
+  local scales = 6 * d.layers * (p.attn_rank * (H * q + 2 * H * kv + q * H) + p.mlp_rank * 3 * H * I)
+  return dense + head + scales, {dense = dense, head = head, scales = scales, n_mm = n_mm}
+end
+
+M.FLOP_FORMULA = 'F = B*L*(6*N_mm + 12*n_layer*L*n_head*head_dim) + B*(L-1)*4*H*(V+K) + 6*sum_proj(out*in*r)'
+
+if cfg.role == 'lib' then return M end
+
+if cfg.help then   -- the header comment is the usage
+  local f = assert(io.open(require('qatlab').script or arg[0]))
+  for line in f:lines() do
+    if not line:match('^%-%-') then break end
+    print((line:gsub('^%-%- ?', '')))
+  end
+  f:close()
+  return
+end
+
+local device = tostring(qatlab.device or 'cpu')
+local cuda = device:match('^cuda') ~= nil
+
+-- qatlab child: one row, printed as "RESULT {json}" ---------------------------------------------
+if cfg.role == 'qatlab' then
+  local f = assert(io.open(cfg.job, 'rb'), 'bench_train: cannot read job ' .. cfg.job)
+  local job = json.decode(f:read('*a'))
+  f:close()
+  torch.manual_seed(job.seed)
+  local d = job.dims
+  local dtype = job.dtype
+  local m = M.build_model(d, job.L, {preset = job.preset, ste = job.ste, dtype = dtype, device = device,
+                                     ckpt = job.ckpt})
+  local batch = M.synthetic_batch(d, job.batch, job.L, job.K, device)
+  local step = M.make_step(m, batch, {lr = job.lr, T = job.T, hard_top1 = job.hard_top1,
+                                      hard_full = job.hard_full, clip = job.clip, autocast = dtype == 'autocast'})
+  local losses, times = {}, {}
+  for _ = 1, job.warmup do losses[#losses + 1] = step() end
+  collectgarbage(); collectgarbage()
+  local base
+  if cuda then
+    torch.cuda.synchronize()
+    base = torch.cuda.memory().allocated_bytes or 0
+  else
+    base = bench.status_kb('VmRSS') * 1024
+    bench.reset_peak_rss()
+  end
+  for _ = 1, job.steps do
+    local t0 = qatlab.time()
+    losses[#losses + 1] = step()
+    if cuda then torch.cuda.synchronize() end
+    times[#times + 1] = qatlab.time() - t0
+  end
+  local peak = cuda and (torch.cuda.memory().peak_allocated_bytes or 0) or bench.status_kb('VmHWM') * 1024
+  local step_s = bench.median(times)
+  print('RESULT ' .. json.encode({impl = 'qatlab', L = job.L, batch = job.batch, step_s = step_s,
+    tokens_s = job.batch * job.L / step_s, peak_bytes = peak, base_bytes = base, losses = losses,
+    loss = losses[#losses], device = device, threads = torch.get_num_threads(), dtype = dtype}))
+  return
+end
+
+-- driver -------------------------------------------------------------------------------------------
+local function list(s, what)
+  local out = {}
+  for x in tostring(s):gmatch('[^,%s]+') do
+    local n = tonumber(x)
+    if what ~= 'string' and not (n and n >= 1 and n == math.floor(n)) then
+      error(('bench_train: %s: expected positive integers separated by commas, got %q'):format(what, s), 0)
+    end
+    out[#out + 1] = what == 'string' and x or n
+  end
+  return out
+end
+
+local d = M.dims(cfg)
+if cfg.tiny then cfg.warmup, cfg.steps, cfg.K = 0, 1, 8 end
+local Ls = list(cfg.L ~= '' and cfg.L or (cfg.full and '64,128' or (cfg.tiny and '16' or '64')), 'L')
+local batches = list(cfg.batches ~= '' and cfg.batches or (cfg.full and '8,64,256' or '2,8'), 'batches')
+local impls = {}
+for _, x in ipairs(list(cfg.impls, 'string')) do
+  if x ~= 'qatlab' and x ~= 'seed-ref' then
+    error('bench_train: impls: expected qatlab and/or seed-ref, got ' .. x, 0)
+  end
+  impls[x] = true
+end
+-- 1 thread on the CPU by default: on a shared machine OpenMP threads that lose their core make
+-- timings swing by 5x; each row still gets the same count
+local threads = cfg.threads > 0 and cfg.threads or (cuda and torch.get_num_threads() or 1)
+local qdtype = cfg.dtype == 'auto' and (cuda and 'bfloat16' or 'float32') or cfg.dtype
+local source = qatlab.scripts_dir .. '/..'
+local out = qatlab.out or 'runs/bench_train'
+assert(os.execute("mkdir -p '" .. out .. "/jobs'") == 0, 'bench_train: cannot create ' .. out)
+local qbin = bench.qatlab_bin()
+if not (qbin or ''):match('qatlab$') then qbin = source .. '/build/qatlab' end
+local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Python with torch for the reference, or why not.
+local py, py_why = os.getenv('QATLAB_PYTHON'), nil
+if not py or py == '' then
+  local venv = source .. '/.venv/bin/python'
+  py = io.open(venv) and venv or 'python3'
+end
+local ref_script = source .. '/experiments/seed_ref/anemll_step.py'
+if impls['seed-ref'] then
+  local probe = bench.sh(q(py) .. ' -c "import torch, safetensors; print(\'TORCH\', torch.__version__)" 2>&1')
+  if not probe:match('TORCH') then
+    py_why = ('%s cannot import torch (%s); set QATLAB_PYTHON to a Python with torch. Showing qatlab rows only.')
+      :format(py, (probe:gsub('%s+$', ''):match('[^\n]*$')))
+    impls['seed-ref'] = nil
+  end
+end
+
+-- MFU denominator.
+local peak_flops, peak_note
+if cfg.peak_tflops > 0 then
+  peak_flops, peak_note = cfg.peak_tflops * 1e12, ('%g TFLOP/s (given)'):format(cfg.peak_tflops)
+elseif cuda then
+  peak_flops, peak_note = 989e12, '989 TFLOP/s (H100/H200 SXM dense bf16; --set peak_tflops= to change)'
+else
+  torch.set_num_threads(threads)   -- the rows' thread count
+  local n = 1024
+  local a, b = torch.randn(n, n), torch.randn(n, n)
+  local best = math.huge
+  for _ = 1, 5 do
+    local t0 = qatlab.time()
+    local c = a:matmul(b)
+    c:free()
+    best = math.min(best, qatlab.time() - t0)
+  end
+  peak_flops = 2 * n ^ 3 / best
+  peak_note = ('%.1f GFLOP/s (measured fp32 %d^3 GEMM, %d threads, this machine)'):format(peak_flops / 1e9, n, threads)
+end
+
+local function run_qatlab(L, B, id)
+  local job = out .. '/jobs/' .. id .. '.json'
+  local f = assert(io.open(job, 'wb'))
+  f:write(json.encode({dims = d, L = L, batch = B, K = cfg.K, preset = cfg.preset, ste = cfg.ste, ckpt = cfg.ckpt,
+    dtype = qdtype, lr = cfg.lr, T = cfg.T, hard_top1 = cfg.hard_top1, hard_full = cfg.hard_full, clip = cfg.clip,
+    warmup = cfg.warmup, steps = cfg.steps, seed = cfg.seed}))
+  f:close()
+  return ('%s run --device %s --threads %d --seed %d %s --set role=qatlab --set job=%s'):format(
+    q(qbin), device, threads, cfg.seed, q(qatlab.script), q(job))
+end
+
+local function run_ref(L, B)
+  return ('%s %s --layers %d --hidden %d --inter %d --heads %d --kv-heads %d --head-dim %d --vocab %d '
+    .. '--preset %s --L %d --batch %d --K %d --T %g --hard %.17g --lr %g --clip %g --ckpt %d --ste %d '
+    .. '--amp %s --device %s --threads %d --seed %d --warmup %d --steps %d'):format(q(py), q(ref_script),
+    d.layers, d.hidden, d.inter, d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, L, B, cfg.K, cfg.T,
+    cfg.hard_top1 + cfg.hard_full, cfg.lr, cfg.clip, cfg.ckpt and 1 or 0, cfg.ste and 1 or 0, cfg.amp,
+    device, threads, cfg.seed, cfg.warmup, cfg.steps)
+end
+
+local function finite(x) return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge end
+
+print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, vocab %d, %s, K %d, device %s, '
+  .. '%d threads, checkpointing %s, STE %s; qatlab %s, seed-ref amp %s'):format(d.layers, d.hidden, d.inter,
+  d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, threads, cfg.ckpt and 'on' or 'off',
+  cfg.ste and 'on' or 'off', qdtype, cfg.amp))
+if py_why then print('seed-ref: ' .. py_why) end
+
+local rows = {}
+local n = 0
+for _, L in ipairs(Ls) do
+  for _, B in ipairs(batches) do
+    for _, impl in ipairs({'qatlab', 'seed-ref'}) do
+      if impls[impl] then
+        n = n + 1
+        local cmd = impl == 'qatlab' and run_qatlab(L, B, ('row%03d'):format(n)) or run_ref(L, B)
+        io.stderr:write(('[bench_train] %s L=%d batch=%d ...\n'):format(impl, L, B))
+        local text = bench.sh(cmd .. ' 2>&1')
+        local line = impl == 'qatlab' and text:match('RESULT (%b{})') or text:match('(%b{})%s*$')
+        local ok, r = pcall(json.decode, line or '')
+        if not (ok and type(r) == 'table' and finite(r.step_s)) then
+          local oom = bench.is_oom(text)
+          r = {impl = impl, L = L, batch = B, status = oom and 'OOM' or 'FAILED',
+               error = (text:gsub('%s+$', '')):sub(-400)}
+          if not oom then
+            io.stderr:write(('[bench_train] %s L=%d batch=%d failed:\n%s\n'):format(impl, L, B, r.error))
+          end
+        else
+          r.status = 'OK'
+          r.flops = M.train_flops(d, B, L, cfg.K, cfg.preset)
+          r.mfu = r.flops / r.step_s / peak_flops
+          r.step_bytes = r.peak_bytes - r.base_bytes
+        end
+        r.impl = impl
+        rows[#rows + 1] = r
+      end
+    end
+  end
+end
+
+-- ratio qatlab / seed-ref of tokens/s (speed-up) and of peak memory, same L and batch.
+local by = {}
+for _, r in ipairs(rows) do by[r.impl .. ':' .. r.L .. ':' .. r.batch] = r end
+for _, r in ipairs(rows) do
+  local s = by['seed-ref:' .. r.L .. ':' .. r.batch]
+  if r.impl == 'qatlab' and r.status == 'OK' and s and s.status == 'OK' then
+    r.speedup = r.tokens_s / s.tokens_s
+    r.mem_ratio = r.peak_bytes / s.peak_bytes
+  end
+end
+
+local function mib(b) return b and ('%s'):format(bench.commas(b / 2 ^ 20)) or '-' end
+print(('\n| impl | L | batch | step (s) | tokens/s | peak MiB | +step MiB | MFU | speed-up q/s | mem q/s |'))
+print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+for _, r in ipairs(rows) do
+  if r.status == 'OK' then
+    print(('| %s | %d | %d | %.4f | %s | %s | %s | %.2f%% | %s | %s |'):format(r.impl, r.L, r.batch, r.step_s,
+      bench.commas(r.tokens_s), mib(r.peak_bytes), mib(r.step_bytes), 100 * r.mfu,
+      r.speedup and ('%.2fx'):format(r.speedup) or '', r.mem_ratio and ('%.2f'):format(r.mem_ratio) or ''))
+  else
+    print(('| %s | %d | %d | - | - | - | - | - | %s | |'):format(r.impl, r.L, r.batch, r.status))
+  end
+end
+print(('\nFLOPs/step: %s  (N_mm = %s matmul params; tokens = B*L)'):format(M.FLOP_FORMULA,
+  bench.commas(select(2, M.train_flops(d, 1, Ls[1], cfg.K, cfg.preset)).n_mm)))
+print('MFU peak: ' .. peak_note .. (cuda and '' or '; on the CPU MFU is against that GEMM rate, not a datasheet'))
+print(('memory: %s; +step = peak minus the %s before the timed steps'):format(
+  cuda and 'CUDA max allocated over the row\'s process'
+    or 'peak RSS (VmHWM) of the row\'s process during the timed steps',
+  cuda and 'allocated bytes' or 'RSS'))
+print(('speed-up q/s = qatlab tokens/s / seed-ref tokens/s; mem q/s = qatlab peak / seed-ref peak; loss = the '
+  .. 'seed\'s KD loss T^2*KL_K + %g*CE_full on synthetic teacher top-%d'):format(cfg.hard_top1 + cfg.hard_full, cfg.K))
+
+-- results.json / results.csv (written to a temporary name, then renamed)
+local function write(path, text)
+  local f = assert(io.open(path .. '.tmp', 'wb'))
+  f:write(text)
+  f:close()
+  assert(os.rename(path .. '.tmp', path))
+end
+write(out .. '/results.json', json.encode({config = cfg, dims = d, device = device, threads = threads,
+  qatlab_dtype = qdtype, flop_formula = M.FLOP_FORMULA, peak_flops = peak_flops, peak_note = peak_note,
+  seed_ref = py_why and {skipped = py_why} or {python = py}, rows = rows}) .. '\n')
+local csv = {'impl,L,batch,status,step_s,tokens_s,peak_bytes,step_bytes,flops,mfu,speedup,mem_ratio,loss'}
+local function f(v, fmt) return v == nil and '' or (fmt):format(v) end
+for _, r in ipairs(rows) do
+  csv[#csv + 1] = table.concat({r.impl, r.L, r.batch, r.status, f(r.step_s, '%.6f'), f(r.tokens_s, '%.2f'),
+    f(r.peak_bytes, '%.0f'), f(r.step_bytes, '%.0f'), f(r.flops, '%.6g'), f(r.mfu, '%.6g'), f(r.speedup, '%.4f'),
+    f(r.mem_ratio, '%.4f'), f(r.loss, '%.6f')}, ',')
+end
+write(out .. '/results.csv', table.concat(csv, '\n') .. '\n')
+print(('results: %s/results.json, %s/results.csv'):format(out, out))

@@ -1,0 +1,148 @@
+-- bench_train_spec: experiments/bench_train.lua runs at tiny size (both impls when Python has torch), the fast
+-- step (materialized W_eff, fused KD, checkpointing) matches the plain one, and both match the seed reference.
+local torch = require 'torch'
+local json = require 'json'
+local h = require 'helper'
+
+local SCRIPT = h.source_dir .. '/experiments/bench_train.lua'
+local REF = h.source_dir .. '/experiments/seed_ref/anemll_step.py'
+local lib = assert(loadfile(SCRIPT))({role = 'lib'})
+
+-- Tiny Qwen3 shape: MLP rank 32 (LUT4) and attention rank 8 (LUT16) as in Q2A4.
+local D = {layers = 2, hidden = 64, inter = 192, heads = 4, kv_heads = 2, head_dim = 16, vocab = 512}
+local L, B, K, STEPS, LR = 16, 2, 8, 3, 1e-3
+-- fp32 tolerances: losses agree to rounding (measured ≤ 1e-7 relative), parameters after 3 AdamW
+-- steps at lr 1e-3 to a few 1e-6 (Adam's m/√v amplifies rounding only where a gradient is ~0).
+local LOSS_RTOL, PARAM_ATOL = 1e-5, 2e-5
+
+local function finite(x) return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge end
+
+local function has_torch()
+  local rc = h.sh(h.q(h.python) .. ' -c "import torch, safetensors" >/dev/null 2>&1')
+  return rc == 0
+end
+
+local function trainable(m)
+  local ps = {}
+  for _, kv in ipairs(m:named_parameters()) do
+    if kv[2].requires_grad then ps[kv[1]] = kv[2]:detach():clone() end
+  end
+  return ps
+end
+
+local function max_diff(a, b)
+  local worst, n = 0, 0
+  for k, v in pairs(a) do
+    assert(b[k], 'missing parameter ' .. k)
+    worst = math.max(worst, (v:double() - b[k]:double()):abs():max():item())
+    n = n + 1
+  end
+  return worst, n
+end
+
+describe('bench_train', function()
+  local dir = h.tmpdir()
+  torch.manual_seed(0)
+  local init = lib.build_model(D, L, {}):state_dict()
+  local batch = lib.synthetic_batch(D, B, L, K)
+
+  -- STEPS steps from the shared init on the same batch; returns the losses and trainable params.
+  local function train(o)
+    local m = lib.build_model(D, L, o)
+    m:load_state_dict(init)
+    local step = lib.make_step(m, batch, {lr = LR, fused = o.fused})
+    local losses = {}
+    for i = 1, STEPS do losses[i] = step() end
+    return losses, trainable(m)
+  end
+  local fast_losses, fast_params = train{form = 'materialized', fused = true, ckpt = true}
+
+  it('runs end to end at tiny size and writes results.json / results.csv', function()
+    local sets = {}
+    for k, v in pairs(D) do sets[#sets + 1] = ('--set %s=%d'):format(k, v) end
+    local out = dir .. '/run'
+    local rc, text, err = h.sh(('%s run --device cpu %s %s --set L=16 --set batches=2 --set K=8 '
+      .. '--set warmup=0 --set steps=1 --out %s'):format(h.q(h.bin), h.q(SCRIPT), table.concat(sets, ' '), h.q(out)))
+    assert.are.equal(0, rc, text .. '\n' .. err)
+    assert.truthy(text:find('| impl | L | batch | step (s) | tokens/s |', 1, true), text)
+    assert.truthy(text:find('FLOPs/step: F = ', 1, true))
+    local f = assert(io.open(out .. '/results.json'))
+    local res = json.decode(f:read('*a'))
+    f:close()
+    assert.truthy(io.open(out .. '/results.csv'))
+    local seen = {}
+    for _, r in ipairs(res.rows) do
+      assert.are.equal('OK', r.status, json.encode(r))
+      for _, k in ipairs({'step_s', 'tokens_s', 'peak_bytes', 'flops', 'mfu', 'loss'}) do
+        assert.is_true(finite(r[k]) and r[k] > 0, ('%s %s = %s'):format(r.impl, k, tostring(r[k])))
+      end
+      seen[r.impl] = r
+    end
+    assert.truthy(seen.qatlab)
+    if has_torch() then
+      assert.truthy(seen['seed-ref'], 'Python has torch but no seed-ref row:\n' .. text)
+      assert.is_true(finite(seen.qatlab.speedup) and seen.qatlab.speedup > 0)
+    else
+      assert.truthy(text:find('Showing qatlab rows only', 1, true))
+    end
+  end)
+
+  it('counts the FLOPs of the stated formula', function()
+    local F, parts = lib.train_flops(D, B, L, K, 'q2a4')
+    local H, q, kv, I = 64, 64, 32, 192
+    local n_mm = 2 * (H * q + 2 * H * kv + q * H + 3 * H * I)
+    assert.are.equal(n_mm, parts.n_mm)
+    local want = B * L * (6 * n_mm + 12 * 2 * L * q) + B * (L - 1) * 4 * H * (512 + K)
+      + 6 * 2 * (8 * (H * q + 2 * H * kv + q * H) + 32 * 3 * H * I)
+    assert.are.equal(want, F)
+  end)
+
+  it('the fast step (materialized, fused KD, checkpointing) matches the plain one within fp32 tolerance', function()
+    -- plain: the seed's forms (batched MLP, per-rank loop attention), unfused KD, no checkpointing
+    local losses, params = train{form = 'seed', fused = false, ckpt = false}
+    for i = 1, STEPS do
+      assert.is_true(math.abs(fast_losses[i] - losses[i]) <= LOSS_RTOL * math.abs(losses[i]),
+        ('step %d: fast %.9g vs plain %.9g'):format(i, fast_losses[i], losses[i]))
+    end
+    assert.is_true(fast_losses[STEPS] < fast_losses[1], 'the loss should fall')
+    local worst, n = max_diff(fast_params, params)
+    assert.are.equal(2 * 7 * 3, n)   -- A, B, g of 7 projections x 2 layers
+    assert.is_true(worst <= PARAM_ATOL, 'parameters differ by ' .. worst)
+    -- each fast path on its own
+    for _, o in ipairs({{form = 'loop', fused = true, ckpt = true}, {form = 'materialized', fused = false, ckpt = true},
+                        {form = 'materialized', fused = true, ckpt = false}}) do
+      local l2 = train(o)
+      assert.is_true(math.abs(fast_losses[STEPS] - l2[STEPS]) <= LOSS_RTOL * math.abs(l2[STEPS]), json.encode(o))
+    end
+  end)
+
+  it('the Python seed reference gives the same losses and parameters from the same init and batch', function()
+    if not has_torch() then
+      pending(h.python .. ' has no torch + safetensors')
+      return
+    end
+    torch.save(dir .. '/init.safetensors', init)
+    torch.save(dir .. '/batch.safetensors', batch)
+    local rc, text, err = h.sh(('%s %s --layers %d --hidden %d --inter %d --heads %d --kv-heads %d --head-dim %d '
+      .. '--vocab %d --K %d --init %s --batch-file %s --warmup 0 --steps %d --lr %g --ckpt 0 --amp none --device cpu '
+      .. '--threads 1 --save-params %s'):format(h.q(h.python), h.q(REF), D.layers, D.hidden, D.inter, D.heads,
+      D.kv_heads, D.head_dim, D.vocab, K, h.q(dir .. '/init.safetensors'), h.q(dir .. '/batch.safetensors'), STEPS, LR,
+      h.q(dir .. '/after.safetensors')))
+    assert.are.equal(0, rc, text .. err)
+    local r = json.decode(text:match('(%b{})%s*$'))
+    for i = 1, STEPS do
+      assert.is_true(math.abs(fast_losses[i] - r.losses[i]) <= LOSS_RTOL * math.abs(r.losses[i]),
+        ('step %d: qatlab %.9g vs seed-ref %.9g'):format(i, fast_losses[i], r.losses[i]))
+    end
+    local worst, n = max_diff(fast_params, torch.load(dir .. '/after.safetensors'))
+    assert.are.equal(42, n)
+    assert.is_true(worst <= PARAM_ATOL, 'parameters differ by ' .. worst)
+  end)
+
+  it('refuses a bad batch list with a clear error', function()
+    local rc, _, err = h.sh(('%s run --device cpu %s --set batches=0,x --out %s'):format(h.q(h.bin), h.q(SCRIPT),
+      h.q(dir .. '/bad')))
+    assert.are.equal(1, rc)
+    assert.truthy(err:find('batches: expected positive integers', 1, true), err)
+  end)
+end)
