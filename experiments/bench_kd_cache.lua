@@ -1,7 +1,7 @@
 -- bench_kd_cache: KD cache throughput: build (sequences/s through a tiny random teacher, real KJV text
 -- packed with the Qwen3 tokenizer) and read (sequences/s and MB/s of the prefetching reader).
 --
---   qatlab run experiments/bench_kd_cache.lua [--set n=512] [--set L=64] [--set K=32] [--set R=0]
+--   qatlab run experiments/bench_kd_cache.lua [--set n=512] [--set L=64] [--set K=32] [--set R=0] [--set text=FILE]
 local torch = require 'torch'
 local nn = require 'nn'
 local kd = require 'kd'
@@ -14,20 +14,22 @@ local args = ...
 local cfg = config.merge({
   n = 512, L = 64, K = 32, R = 0, shard_size = 128, batch_size = 16, read_batch = 32, epochs = 3,
   hidden = 64, layers = 2, out = '', device = '',
+  text = '',   -- a text file instead of the KJV (data.kjv_text needs Debian's bible-kjv)
   tokenizer = qatlab.scripts_dir .. '/../../shared/data/qwen3-tokenizer',
 }, args)
 
--- Data: the KJV packed with the real Qwen3 tokenizer; ids folded into the tiny teacher's vocab.
+-- Data: the KJV (or --set text=) packed with the real Qwen3 tokenizer; ids folded into the tiny teacher's vocab.
 local vocab = 4096
 local tk = tokenizers.from_file(cfg.tokenizer)
-local text = data.kjv_text()
-local lines = {}
+local text = cfg.text ~= '' and table.concat(data.read_text(cfg.text), '\n') or data.kjv_text()
+local lines, bytes = {}, 0
 for line in text:gmatch('[^\n]+') do
   lines[#lines + 1] = line
-  if #lines >= cfg.n * cfg.L / 20 then break end   -- ~30 tokens a verse: enough for n blocks
+  bytes = bytes + #line + 1
+  if bytes >= cfg.n * cfg.L * 6 then break end   -- ~4.5 bytes a token: enough for n blocks
 end
 local ids = data.pack(tk, lines, {L = cfg.L})
-assert(ids:size()[1] >= cfg.n, 'not enough text for n sequences')
+assert(ids:size()[1] >= cfg.n, ('not enough text for n=%d sequences of L=%d tokens'):format(cfg.n, cfg.L))
 ids = ids:narrow(1, 1, cfg.n):remainder(vocab)
 
 torch.manual_seed(0)

@@ -4,6 +4,7 @@
 -- 3072, q 2048x1024, k/v 1024x1024, o 1024x2048), Q2A4, on the CPU. A benchmark, not a test.
 --
 --   qatlab run experiments/bench_quant_forms.lua [--set layers=1] [--set tokens=128] [--set iters=3]
+--   (a smoke-test size: --set hidden=64 --set inter=128 --set heads=4 --set kv_heads=2 --set head_dim=16)
 --
 -- Each form runs in two child processes: one timed with the normal allocator, one measuring
 -- memory with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so the RSS follows
@@ -23,6 +24,7 @@ local cfg = config.merge({
   measure = 'time',     -- child: 'time' or 'mem' (the driver sets the allocator for 'mem')
   layers = 1, batch = 1, tokens = 128, iters = 3, warmup = 1, threads = 2,
   preset = 'q2a4', ste_fp16 = false, vocab = 1024,
+  hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128,   -- Qwen3-0.6B's decoder layer
 }, args)
 
 if cfg.form ~= '' then
@@ -30,8 +32,9 @@ if cfg.form ~= '' then
   torch.set_num_threads(cfg.threads)
   torch.manual_seed(0)
   local m = nn.from_config({
-    model_type = 'qwen3', vocab_size = cfg.vocab, hidden_size = 1024, intermediate_size = 3072,
-    num_hidden_layers = cfg.layers, num_attention_heads = 16, num_key_value_heads = 8, head_dim = 128,
+    model_type = 'qwen3', vocab_size = cfg.vocab, hidden_size = cfg.hidden, intermediate_size = cfg.inter,
+    num_hidden_layers = cfg.layers, num_attention_heads = cfg.heads, num_key_value_heads = cfg.kv_heads,
+    head_dim = cfg.head_dim,
     max_position_embeddings = 4096, tie_word_embeddings = true, initializer_range = 0.02,
   })
   quant.replace(m, {preset = cfg.preset, forward = cfg.form, ste_fp16 = cfg.ste_fp16})
@@ -71,9 +74,11 @@ local res = {}
 local function child(f, measure)
   local cmd = ('%s%s run --device cpu %s --set form=%s --set measure=%s --set layers=%d --set batch=%d '
                .. '--set tokens=%d --set iters=%d --set warmup=%d --set threads=%d --set preset=%s '
-               .. '--set ste_fp16=%s --set vocab=%d'):format(
+               .. '--set ste_fp16=%s --set vocab=%d --set hidden=%d --set inter=%d --set heads=%d '
+               .. '--set kv_heads=%d --set head_dim=%d'):format(
     measure == 'mem' and 'MALLOC_MMAP_THRESHOLD_=65536 ' or '', qbin, script, f, measure, cfg.layers, cfg.batch,
-    cfg.tokens, cfg.iters, cfg.warmup, cfg.threads, cfg.preset, tostring(cfg.ste_fp16), cfg.vocab)
+    cfg.tokens, cfg.iters, cfg.warmup, cfg.threads, cfg.preset, tostring(cfg.ste_fp16), cfg.vocab, cfg.hidden,
+    cfg.inter, cfg.heads, cfg.kv_heads, cfg.head_dim)
   io.stderr:write(('[bench_quant_forms] %s (%s) ...\n'):format(f, measure))
   local out = sh(cmd .. ' 2>&1')
   local t, mem = out:match('RESULT %S+ (%S+) (%S+)')
@@ -86,9 +91,10 @@ for _, f in ipairs(forms) do
   res[f] = {time = t, mem = mem}
 end
 
-print(('\nV2 training step (forward + backward), Qwen3-0.6B-shaped, %d decoder layer(s) x 7 projections, %s, '
-       .. '%d x %d tokens, CPU, %d threads, STE-FP16 %s\n'):format(cfg.layers, cfg.preset, cfg.batch, cfg.tokens,
-       cfg.threads, tostring(cfg.ste_fp16)))
+print(('\nV2 training step (forward + backward), hidden %d, intermediate %d%s, %d decoder layer(s) x 7 projections, '
+       .. '%s, %d x %d tokens, CPU, %d threads, STE-FP16 %s\n'):format(cfg.hidden, cfg.inter,
+       (cfg.hidden == 1024 and cfg.inter == 3072) and ' (Qwen3-0.6B)' or '', cfg.layers, cfg.preset, cfg.batch,
+       cfg.tokens, cfg.threads, tostring(cfg.ste_fp16)))
 print('| form | step time (s) | time / materialized | peak step memory (MB) | memory / materialized |')
 print('|---|---|---|---|---|')
 local base = res.materialized

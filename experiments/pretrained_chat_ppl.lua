@@ -1,6 +1,7 @@
 -- pretrained_chat_ppl: loads a real pretrained model (a Hugging Face directory, or the
 -- SmolLM2-135M-Instruct GGUF fetched by scripts/fetch_smollm2.sh), chats from a prompt with the
--- KV-cache generator, and measures perplexity and bits per byte on a text file.
+-- KV-cache generator, and measures perplexity and bits per byte on a text file; with --out, the
+-- answer and the numbers also go to results.json.
 --
 --   qatlab run experiments/pretrained_chat_ppl.lua [--set prompt='...'] [--set dir=HF_DIR]
 --          [--set text=FILE] [--set max_tokens=4096] [--device cuda --set dtype=bfloat16]
@@ -9,6 +10,7 @@ local nn = require 'nn'
 local gguf = require 'gguf'
 local tokenizers = require 'tokenizers'
 local log = require 'log'
+local json = require 'json'
 local config = require 'config'
 local qatlab = require 'qatlab'
 local args = ...
@@ -90,3 +92,15 @@ local r = model:perplexity(torch.tensor(used, {dtype = 'int64'}),
   {max_length = cfg.max_length, stride = cfg.stride, bytes = bytes})
 log.info(('perplexity %.3f, bits/byte %.4f on %d tokens (%d bytes) of %s, window %d stride %d, %.1f s'):format(
   r.ppl, r.bpb, r.tokens, bytes, cfg.text, cfg.max_length, cfg.stride, qatlab.time() - t0))
+if qatlab.out then
+  local res = {model = cfg.dir ~= '' and cfg.dir or cfg.gguf, prompt = cfg.prompt,
+               answer = tk:decode(produced, {skip_special_tokens = true}), new_tokens = out.new_tokens,
+               tokens_per_second = out.tokens_per_second, ppl = r.ppl, bpb = r.bpb, tokens = r.tokens,
+               bytes = bytes, text = cfg.text, max_length = cfg.max_length, stride = cfg.stride}
+  local path = qatlab.out .. '/results.json'
+  local rf = assert(io.open(path .. '.tmp', 'w'))
+  rf:write(json.encode(res), '\n')
+  rf:close()
+  assert(os.rename(path .. '.tmp', path))
+  log.info('wrote ' .. path)
+end
