@@ -204,7 +204,7 @@ int optim_clip_grad_norm(lua_State * L) {
         ps = params_read(L, 1, "argument #1 (params)");
     }
     if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #2 (max_norm): expected a number, got %s", luaL_typename(L, 2));
-    lua_pushnumber(L, clip_grad_norm(ps, lua_tonumber(L, 2)));
+    tensor_push(L, clip_grad_norm(ps, lua_tonumber(L, 2)));
     return 1;
 }
 

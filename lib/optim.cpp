@@ -373,12 +373,12 @@ void Optimizer::load_state_dict(const OptimStateDict & sd) {
 
 // -- clipping ------------------------------------------------------------------------------------
 
-double clip_grad_norm(const std::vector<at::Tensor> & params, double max_norm) {
+at::Tensor clip_grad_norm(const std::vector<at::Tensor> & params, double max_norm) {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> grads;
     for (auto & p : params)
         if (p.grad().defined()) grads.push_back(p.grad());
-    if (grads.empty()) return 0.0;
+    if (grads.empty()) return at::zeros({}, at::kFloat);
     // As torch: per-tensor norms (in each grad's dtype), the norm of their stack, one coefficient.
     std::vector<at::Tensor> norms = at::_foreach_norm(grads, 2);
     at::ScalarType dt = norms[0].scalar_type();
@@ -387,7 +387,7 @@ double clip_grad_norm(const std::vector<at::Tensor> & params, double max_norm) {
     at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
     at::Tensor coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
     for (auto & g : grads) g.mul_(coef.to(g.device()));
-    return total.item<double>();
+    return total;   // a tensor, as torch: reading it would wait for the device
 }
 
 } // namespace qatlab

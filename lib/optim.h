@@ -86,7 +86,7 @@ at::Tensor muon_orthogonalize(const at::Tensor & G, int64_t steps = 5, bool bf16
 
 // torch.nn.utils.clip_grad_norm_(params, max_norm) with norm_type 2: scales every gradient by
 // min(1, max_norm/(total+1e-6)) and returns the total norm before clipping. Parameters without a
-// gradient are ignored; no gradients → 0.
-double clip_grad_norm(const std::vector<at::Tensor> & params, double max_norm);
+// gradient are ignored; no gradients → 0. The norm is a 0-dim tensor on the gradients' device (no host sync).
+at::Tensor clip_grad_norm(const std::vector<at::Tensor> & params, double max_norm);
 
 } // namespace qatlab

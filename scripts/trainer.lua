@@ -17,7 +17,7 @@ M.CSV_HEADER = 'step,train_loss,eval_loss,lr,elapsed_sec'
 local KNOWN = {}
 for k in ([[model optimizer schedule loss data shard_data eval steps time_budget grad_accum clip
   eval_every eval_at_start log_every
-  save_every keep_last save_final out config hooks ema seed resume progress precision]]):gmatch('%S+') do
+  save_every keep_last save_final out config hooks ema seed resume progress precision sync_every]]):gmatch('%S+') do
   KNOWN[k] = true
 end
 
@@ -87,14 +87,30 @@ local function resolve_precision(p, params, h)
   error(("trainer.new: precision must be 'auto', 'fp32' or 'bf16', got %q"):format(tostring(p)), 3)
 end
 
+-- sync_every 'auto' | N -> N: the loss is read on the host (a device sync) every N steps and at log steps.
+-- 'auto' is 1 on the CPU (reading is free there) and log_every on CUDA, where a per-step read would stall
+-- the queue of kernels the host has launched ahead.
+local function resolve_sync(n, params, h, log_every)
+  if n == nil or n == 'auto' then
+    local dev = params[1] and params[1].device or h.device or 'cpu'
+    return tostring(dev):match('^cuda') and math.max(log_every, 1) or 1
+  end
+  if type(n) ~= 'number' or n < 1 or n % 1 ~= 0 then
+    error(("trainer.new: sync_every must be 'auto' or a positive integer, got %s"):format(tostring(n)), 3)
+  end
+  return n
+end
+
 -- trainer.new{model=, optimizer=, loss=fn(model, batch) -> loss, parts, data=fn(step, micro, t) | iterator,
 --   schedule=, eval=fn(model) -> {eval_loss=, ...}, steps=, time_budget= (s), grad_accum=1, clip=, eval_every=,
 --   eval_at_start=true, log_every=10, save_every=, keep_last=2, save_final=true, out= (qatlab.out), config=,
 --   hooks={on_step=, on_eval=, on_save=}, ema= (decay), seed= (qatlab.seed or 0), resume=false, progress=,
---   precision='auto'|'fp32'|'bf16'}
+--   precision='auto'|'fp32'|'bf16', sync_every='auto'|N}
 -- precision 'bf16' runs loss (forward + loss) and eval under bf16 autocast (torch.autocast); parameters, grads and
 -- the optimizer stay as they are (fp32 masters), backward runs outside autocast. When given, the resolved choice
--- goes into config.json.
+-- goes into config.json. sync_every N > 1: steps between reads keep the loss on the device; t:step() then
+-- returns a 0-dim tensor on those steps (a number on read steps), and a non-finite loss is caught at the next
+-- read (the log row's window mean, or the read step's own loss) instead of at once.
 -- Steps count from 0 like the schedules: step index s (0-based) gives the row/checkpoint `s + 1`. The
 -- schedule's multiplier scales each group's initial LR (PyTorch's LambdaLR); a schedule built with `lr=`
 -- (other than 1) sets that LR on every group. An iterator (`:next()` -> batch or nil, `:reset()`) restarts
@@ -132,6 +148,7 @@ function M.new(o)
     global_step = 0, elapsed0 = 0, data_pos = { epoch = 0, batch = 0 }, base_lrs = {}, params = {},
   }, Trainer)
   assert(self.grad_accum >= 1, 'trainer.new: grad_accum must be >= 1')
+  self.iter = type(self.data) ~= 'function'
   self.dist = dist_active()
   self.writes = self.dist == nil or self.dist.is_main()   -- only rank 0 writes logs and checkpoints
   if self.dist then
@@ -145,7 +162,7 @@ function M.new(o)
   end
   self.lr = self.base_lrs[1]
   self.precision, self.autocast = resolve_precision(o.precision, self.params, h)
-  self.iter = type(self.data) ~= 'function'
+  self.sync_every = resolve_sync(o.sync_every, self.params, h, self.log_every)
   self.absolute_lr = self.schedule ~= nil and self.schedule.base_lr ~= nil and self.schedule.base_lr ~= 1
   if o.ema then self.ema = ema_mod.new(self.params, { decay = o.ema }) end
   self:reset_window()
@@ -259,6 +276,7 @@ end
 -- One optimizer step over grad_accum micro-batches; returns the mean loss (a number).
 function Trainer:step()
   local s, accum = self.global_step, self.grad_accum
+  local read = self:reads_at(s + 1)
   torch.manual_seed(self.seed + s)
   math.randomseed(self.seed + s)
   self.lr = self:apply_schedule(s)
@@ -269,8 +287,8 @@ function Trainer:step()
     local sync = self.ddp ~= nil and micro == accum   -- earlier micro-batches only accumulate (no_sync)
     if sync then self.ddp:prepare_forward() end
     local loss, parts = self:with_precision(self.loss_fn, self.model, batch)
-    local v = num(loss)
-    if type(v) ~= 'number' or not finite(v) then
+    local v = read and num(loss) or (torch.is_tensor(loss) and loss:detach():double() or loss)   -- sums as numbers do
+    if read and (type(v) ~= 'number' or not finite(v)) then
       local detail = parts and (' (' .. progress.postfix(parts) .. ')') or ''
       error(('non-finite loss at step %d: %s%s'):format(s + 1, tostring(v), detail), 0)
     end
@@ -278,8 +296,8 @@ function Trainer:step()
     if sync then self.ddp:backward(loss) else loss:backward() end
     total = total + v
     for k, pv in pairs(parts or {}) do
-      pv = num(pv)
-      if type(pv) == 'number' then
+      pv = (read or k == 'tokens') and num(pv) or (torch.is_tensor(pv) and pv:detach():double() or pv)
+      if type(pv) == 'number' or torch.is_tensor(pv) then
         if k == 'tokens' then tokens = tokens + pv else parts_sum[k] = (parts_sum[k] or 0) + pv / accum end
       end
     end
@@ -290,6 +308,12 @@ function Trainer:step()
   self.global_step = s + 1
   self.last_parts, self.last_tokens = parts_sum, tokens
   return total / accum
+end
+
+-- Whether step number n (1-based) reads its loss on the host: every sync_every steps, at log steps, the last.
+function Trainer:reads_at(n)
+  return self.sync_every <= 1 or n % self.sync_every == 0 or (self.log_every > 0 and n % self.log_every == 0)
+    or (self.steps ~= nil and n >= self.steps)
 end
 
 -- Runs eval (no grad, eval mode); updates best (and best/); returns the metrics table.
@@ -409,8 +433,12 @@ function Trainer:log_row(ev)
   local w, now = self.window, self.clock()
   local rec = { step = self.global_step, lr = self.lr, elapsed_sec = self:elapsed() }
   if w.n > 0 then
-    rec.train_loss = self:rank_mean(w.loss / w.n)
-    for k, v in pairs(w.parts) do rec[k] = v / w.n end
+    rec.train_loss = self:rank_mean(num(w.loss) / w.n)
+    if not finite(rec.train_loss) then   -- a lazy (sync_every > 1) step went non-finite since the last row
+      error(('non-finite loss between steps %d and %d: %s'):format(self.global_step - w.n + 1, self.global_step,
+        tostring(rec.train_loss)), 0)
+    end
+    for k, v in pairs(w.parts) do rec[k] = num(v) / w.n end
     if w.tokens > 0 and now > w.t0 then
       rec.tokens_per_sec = w.tokens / (now - w.t0)
       self.tok_rate = rec.tokens_per_sec
@@ -483,9 +511,10 @@ function Trainer:run()
     if self.dist and self.time_budget then self:sync_elapsed() end
     if self.time_budget and self:elapsed() >= self.time_budget then stopped = 'time_budget'; break end
     local loss = self:step()
+    if type(loss) == 'number' then self.last_read = loss end   -- a lazy step's tensor is not read for the bar
     ev = self:after_step(loss)
     if bar then
-      bar:set(self.global_step - start, { step = self.global_step, loss = loss, lr = self.lr,
+      bar:set(self.global_step - start, { step = self.global_step, loss = self.last_read, lr = self.lr,
                                           ['tok/s'] = self.tok_rate })
     end
   end

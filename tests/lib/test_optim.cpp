@@ -309,7 +309,7 @@ TEST(Optim, ClipGradNormMatchesTorch) {
         auto [max_norm, dt] = cs[i];
         auto ps = params_make(dt);
         grads_set(ps, 3);
-        double n = clip_grad_norm(ps, max_norm);
+        double n = clip_grad_norm(ps, max_norm).item<double>();
         double tol = dt == at::kDouble ? 1e-14 : 1e-6;
         EXPECT_NEAR(n, want[2 * i][0], tol * (1 + n)) << i;
         std::vector<at::Tensor> gs;
@@ -323,12 +323,12 @@ TEST(Optim, ClipGradNormByHand) {
     at::Tensor c = at::zeros({3}, at::kFloat).requires_grad_();   // no gradient: ignored
     a.mutable_grad() = at::tensor({3.0f, 0.0f});
     b.mutable_grad() = at::tensor({4.0f});
-    EXPECT_NEAR(clip_grad_norm({a, b, c}, 1.0), 5.0, 1e-6);
+    EXPECT_NEAR(clip_grad_norm({a, b, c}, 1.0).item<double>(), 5.0, 1e-6);
     EXPECT_NEAR(a.grad()[0].item<double>(), 3.0 / (5.0 + 1e-6), 1e-6);
     EXPECT_NEAR(b.grad()[0].item<double>(), 4.0 / (5.0 + 1e-6), 1e-6);
-    EXPECT_NEAR(clip_grad_norm({a, b}, 10.0), 1.0, 1e-5);   // below the limit: unchanged
+    EXPECT_NEAR(clip_grad_norm({a, b}, 10.0).item<double>(), 1.0, 1e-5);   // below the limit: unchanged
     EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-5);
-    EXPECT_EQ(clip_grad_norm({c}, 1.0), 0.0);
+    EXPECT_EQ(clip_grad_norm({c}, 1.0).item<double>(), 0.0);
 }
 
 TEST(Optim, ZeroGradSetsNone) {
@@ -625,7 +625,7 @@ TEST(Optim, CudaMatchesCpu) {
                 << optim_kind_name(kind) << " " << c10::toString(dt);
             std::vector<at::Tensor> gs = {pg};
             pg.mutable_grad() = at::ones_like(pg);
-            EXPECT_NEAR(clip_grad_norm(gs, 1.0), std::sqrt(128.0), 1e-3);
+            EXPECT_NEAR(clip_grad_norm(gs, 1.0).item<double>(), std::sqrt(128.0), 1e-3);
         }
     }
 }

@@ -167,7 +167,7 @@ describe('trainer', function()
     assert.is_true(last.tokens_per_sec > 0)
     assert.is_nil(last.tokens)
     assert.equal(30, t.ema.num_updates)
-    assert.is_true(t.grad_norm > 0)
+    assert.is_true(t.grad_norm:item() > 0)   -- a 0-dim tensor: read only when wanted
   end)
 
   it('grad_accum = 4 with batch 2 equals one SGD step with batch 8', function()
@@ -379,6 +379,41 @@ torch.save(require('qatlab').out .. '/final.safetensors', m:state_dict())
       assert.equal(ra[i].train_loss, r.train_loss)
     end
     os.remove(script)
+  end)
+
+  it('sync_every keeps the loss on the device between reads and changes nothing else', function()
+    local o1, o4 = h.tmpdir(), h.tmpdir()
+    local t1, m1 = lm_trainer(o1, { save_every = 0, log_every = 6 })
+    local t4, m4 = lm_trainer(o4, { save_every = 0, log_every = 6, sync_every = 3 })
+    assert.equal(1, t1.sync_every)                      -- 'auto' on the CPU: every step
+    local kinds = {}
+    for s = 1, 4 do
+      local l1, l4 = t1:step(), t4:step()
+      kinds[s] = torch.is_tensor(l4) and 'tensor' or type(l4)
+      assert.is_true(math.abs((torch.is_tensor(l4) and l4:item() or l4) - l1) < 1e-6)
+    end
+    assert.same({ 'tensor', 'tensor', 'number', 'tensor' }, kinds)   -- read at steps 3 (sync_every)
+    t1:run(); t4:run()
+    same_params(m1, m4)
+    assert.equal(read(o1 .. '/training_log.csv'):gsub(',[%d.]+\n', '\n'),
+                 read(o4 .. '/training_log.csv'):gsub(',[%d.]+\n', '\n'))   -- same rows but elapsed_sec
+    local ok, err = pcall(trainer.new, { model = m1, optimizer = t1.optimizer, loss = lm_loss, data = lm_data,
+                                         steps = 1, sync_every = 0 })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("sync_every must be 'auto' or a positive integer, got 0", 1, true), err)
+  end)
+
+  it('with sync_every a non-finite loss stops the run at the next read', function()
+    local t
+    t = reg_trainer{ sync_every = 4, log_every = 0, loss = function(m, batch)
+      local l = mse(m, batch)
+      if t and t.global_step == 1 then return l * (0 / 0), { n = 1 } end
+      return l, { n = 1 }
+    end }
+    local ok, err = pcall(t.run, t)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find('non-finite loss at step 4: ', 1, true), err)   -- NaN weights since step 2
+    assert.equal(3, t.global_step)
   end)
 
   it('aborts on a non-finite loss naming the step', function()
