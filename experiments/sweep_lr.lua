@@ -44,10 +44,10 @@ torch.manual_seed(cfg.seed)
 log.info('sweep_lr on ' .. qatlab.device .. ': ' .. config.format(cfg))
 
 local work = qatlab.out or 'runs/sweep_lr'
--- Processes that run at once (sweep workers, job-array tasks) set up in folders of their own, linked to the
--- teacher and KD caches of the first process (or of a --set prepare=true run before a job array), so that
--- they never write the same file.
-local lab_dir, me, share = work, sweep.worker(), sweep.shard{}
+-- Processes that run at once (sweep workers, job-array tasks) share this folder: they load the teacher and KD
+-- caches of the first process (or of a --set prepare=true run before a job array) instead of building them
+-- together, and kd_lab's other files are written atomically, only when they differ.
+local me, share = sweep.worker(), sweep.shard{}
 if me or share then
   local ready = io.open(work .. '/prepared')
   if not ready then
@@ -55,18 +55,9 @@ if me or share then
            .. 'qatlab run experiments/sweep_lr.lua --out %s --set prepare=true'):format(work, work), 0)
   end
   ready:close()
-  local parts = {}
-  if share then parts[#parts + 1] = 'task_' .. share.index end
-  if me then parts[#parts + 1] = 'slot_' .. me.slot end
-  lab_dir = work .. '/workers/' .. table.concat(parts, '_')
-  for _, f in ipairs({'teacher.safetensors', 'kd_train', 'kd_held'}) do
-    assert(os.execute(("mkdir -p '%s' && ln -sfn '../../%s' '%s/%s'"):format(lab_dir, f, lab_dir, f)) == 0,
-           'sweep_lr: cannot link ' .. f .. ' into ' .. lab_dir)
-  end
 end
-local lab = kd_lab.setup(cfg, lab_dir, {keep_teacher = true,
-  sub_out = function(n) return (qatlab.out or 'runs/sweep_lr') .. '/' .. n end})
-if lab_dir == work then
+local lab = kd_lab.setup(cfg, work, {keep_teacher = true, sub_out = function(n) return work .. '/' .. n end})
+if not (me or share) then
   local f = assert(io.open(work .. '/prepared', 'w'))
   f:write('teacher.safetensors, kd_train and kd_held are complete\n')
   f:close()
@@ -97,7 +88,7 @@ local res = sweep.run{
     local init = kd_eval(student)
     -- every trial reads the KD cache from its start: the same batches in any order, process or resume
     lab.reader:close()
-    lab.reader = kd.open_cache(lab_dir .. '/kd_train', {batch_size = cfg.batch, shuffle = true, seed = cfg.seed})
+    lab.reader = kd.open_cache(work .. '/kd_train', {batch_size = cfg.batch, shuffle = true, seed = cfg.seed})
     kd_train(student, 'trial_' .. preset .. '_lr' .. t.lr, cfg.steps, t.lr)
     local loss = kd_eval(student)
     run:report(cfg.steps, loss)

@@ -26,6 +26,7 @@ struct HostOptions {
     long long seed = -1;
     int threads = 0;
     std::string out_dir;
+    std::vector<std::string> argv;      // the process's command line as given, argv[0] first
 };
 
 // Owns one lua_State; closing it runs every __gc before LibTorch is torn down.

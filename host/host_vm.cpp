@@ -172,7 +172,19 @@ static int host_isatty(lua_State * L) {
 
 // -- the VM -------------------------------------------------------------------------------
 
+// The trial a sweep worker was started for (scripts/sweep_workers.lua): this process's alone, so it is taken
+// out of the environment before anything else runs; the qatlab processes a trial starts are not workers.
+static const char * SWEEP_WORKER_ENV = "QATLAB_SWEEP_WORKER";
+
+static std::string env_take(const char * name) {
+    const char * v = getenv(name);
+    std::string s = v ? v : "";
+    if (v) unsetenv(name);
+    return s;
+}
+
 HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
+    const std::string sweep_worker = env_take(SWEEP_WORKER_ENV);
     L_ = luaL_newstate();
     if (!L_) throw std::runtime_error("cannot create a Lua state (out of memory)");
     luaL_openlibs(L_);
@@ -216,6 +228,13 @@ HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
         lua_pushnumber(L_, (lua_Number)opt.seed);
         lua_setfield(L_, -2, "seed");
     }
+    if (!sweep_worker.empty()) setstr("sweep_worker", sweep_worker);
+    lua_newtable(L_);  // argv: the command line as given (argv[0] at 1), for rerunning it
+    for (size_t i = 0; i < opt.argv.size(); i++) {
+        lua_pushlstring(L_, opt.argv[i].data(), opt.argv[i].size());
+        lua_rawseti(L_, -2, (int)i + 1);
+    }
+    lua_setfield(L_, -2, "argv");
     lua_setfield(L_, -2, "qatlab");
     lua_pop(L_, 2);
 

@@ -9,6 +9,8 @@
 #include <luajit.h>
 #include "lib/logging.h"
 #include <torch/version.h>
+#include <cerrno>
+#include <climits>
 #include <cstring>
 #include <iostream>
 #include <sys/stat.h>
@@ -44,6 +46,20 @@ const char * USAGE =
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+
+// The command line as given, before any option is taken out: require('qatlab').argv.
+std::vector<std::string> g_argv;
+
+// The whole number given to --NAME, within [lo, hi]; else a usage error naming the option and what it expects.
+long long int_option(const std::string & name, const std::string & v, long long lo, long long hi,
+                     const char * expected) {
+    char * end = nullptr;
+    errno = 0;
+    long long k = strtoll(v.c_str(), &end, 10);
+    if (v.empty() || isspace((unsigned char)v[0]) || *end || errno == ERANGE || k < lo || k > hi)
+        throw UsageError("--" + name + " expects " + expected + ", got '" + v + "'");
+    return k;
+}
 
 int print_version() {
     std::cout << "qatlab " << QATLAB_VERSION << "\n";
@@ -114,8 +130,9 @@ void options_add_common(cxxopts::Options & o) {
         ("set", "set args.KEY = VALUE (typed: number, true/false, string; KEY may be dotted)",
          cxxopts::value<std::vector<std::string>>())
         ("device", "default device: auto, cpu, cuda, cuda:N", cxxopts::value<std::string>()->default_value("auto"))
-        ("seed", "seed torch and math.random", cxxopts::value<long long>())
-        ("threads", "intra-op CPU threads", cxxopts::value<int>())
+        // Numbers are taken as text and checked here, so that a bad one is reported with its option's name.
+        ("seed", "seed torch and math.random (an integer >= 0)", cxxopts::value<std::string>())
+        ("threads", "intra-op CPU threads (an integer >= 1)", cxxopts::value<std::string>())
         ("out", "output directory (created; log copied to OUT/qatlab.log)", cxxopts::value<std::string>())
         ("log-level", "trace, debug, info, warn, error, critical, off",
          cxxopts::value<std::string>()->default_value("info"))
@@ -195,11 +212,11 @@ int run_command(const std::string & cmd, std::vector<std::string> args) {
     }
     ho.script_args = script_args;
     ho.device = device_resolve(r["device"].as<std::string>());
-    if (r.count("seed")) ho.seed = r["seed"].as<long long>();
-    if (r.count("threads")) {
-        ho.threads = r["threads"].as<int>();
-        if (ho.threads < 1) throw UsageError("--threads must be at least 1");
-    }
+    ho.argv = g_argv;
+    if (r.count("seed"))
+        ho.seed = int_option("seed", r["seed"].as<std::string>(), 0, LLONG_MAX, "a non-negative integer");
+    if (r.count("threads"))
+        ho.threads = (int)int_option("threads", r["threads"].as<std::string>(), 1, INT_MAX, "a positive integer");
     if (r.count("out")) {
         ho.out_dir = r["out"].as<std::string>();
         mkdir_p(ho.out_dir);
@@ -258,6 +275,7 @@ bool wants_help(const std::vector<std::string> & args) {
 }
 
 int dispatch(int argc, char ** argv) {
+    g_argv.assign(argv, argv + argc);
     std::vector<std::string> args(argv + 1, argv + argc);
     if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
         std::cout << USAGE;

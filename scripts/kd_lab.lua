@@ -9,8 +9,41 @@ local tokenizers = require 'tokenizers'
 local trainer = require 'trainer'
 local log = require 'log'
 local qatlab = require 'qatlab'
+local sweep = require 'sweep'   -- sweep.hash: the corpus fingerprint in sp.source
 
 local M = {}
+
+local function read(path)
+  local f = io.open(path, 'rb')
+  if not f then return nil end
+  local s = f:read('*a')
+  f:close()
+  return s
+end
+
+-- A temporary name of this process (host and pid): processes that share a folder never write the same one.
+local function tmp_name(path)
+  local stat, host = read('/proc/self/stat'), read('/proc/sys/kernel/hostname')
+  local pid = stat and stat:match('^(%d+)') or tostring(math.random(1, 2 ^ 30))
+  return ('%s.tmp.%s.%s'):format(path, (host or ''):gsub('%W', ''), pid)
+end
+
+-- Writes text to path unless it already holds exactly that (returns whether it wrote), through a temporary
+-- name and a rename: processes sharing `work` (sweep workers, job-array tasks) never see half a file.
+local function write_once(path, text)
+  if read(path) == text then return false end
+  local tmp = tmp_name(path)
+  local f, err = io.open(tmp, 'wb')
+  if not f then error(('kd_lab: cannot write %s: %s'):format(path, tostring(err)), 0) end
+  local ok, err2 = f:write(text)
+  f:close()
+  if ok then ok, err2 = os.rename(tmp, path) end
+  if not ok then
+    os.remove(tmp)
+    error(('kd_lab: cannot write %s: %s'):format(path, tostring(err2)), 0)
+  end
+  return true
+end
 
 -- Settings every kd_lab experiment takes (merge them into the experiment's own defaults).
 M.defaults = {
@@ -41,11 +74,22 @@ function M.setup(cfg, work, opts)
   -- data ---------------------------------------------------------------------------------------
   local text = (cfg.text ~= '' and table.concat(data.read_text(cfg.text), '\n') or data.kjv_text())
     :sub(1, cfg.text_bytes)
-  local tf = assert(io.open(work .. '/corpus_prefix.txt', 'wb'))
-  tf:write(text)
-  tf:close()
-  lab.tk = tokenizers.sentencepiece(tokenizers.train_sentencepiece{
-    input = work .. '/corpus_prefix.txt', model_prefix = work .. '/sp', vocab_size = cfg.vocab, model_type = 'bpe'})
+  write_once(work .. '/corpus_prefix.txt', text)
+  -- The tokenizer is trained once per corpus and settings: sp.source names what sp.model was trained from
+  -- (written after it), so a process that finds it matching loads the model instead of training its own.
+  -- (train_sentencepiece itself renames sp.vocab, then sp.model, into place.)
+  local sp_train = {input = work .. '/corpus_prefix.txt', model_prefix = work .. '/sp', vocab_size = cfg.vocab,
+                    model_type = 'bpe'}
+  local source = ('vocab_size=%d model_type=%s text_bytes=%d text_hash=%s\n'):format(
+    cfg.vocab, sp_train.model_type, #text, sweep.hash(text))
+  local model, model_file = work .. '/sp.model', io.open(work .. '/sp.model', 'rb')
+  if model_file then model_file:close() end
+  if read(work .. '/sp.source') ~= source or not model_file then
+    os.remove(work .. '/sp.source')   -- names the old model no more, should this process stop mid-way
+    model = tokenizers.train_sentencepiece(sp_train)
+    write_once(work .. '/sp.source', source)
+  end
+  lab.tk = tokenizers.sentencepiece(model)
   local lines = {}
   for line in text:gmatch('[^\n]+') do lines[#lines + 1] = line end
   local ids = data.pack(lab.tk, lines, {L = cfg.L, eos = lab.tk.eos_token_id})

@@ -15,8 +15,9 @@
 --   shard = {index=, count=}  run only trials index+1, index+1+count, ... (index from 0); shard = false ignores
 --                         the environment. Default: QATLAB_SWEEP_SHARD='i/n', else a Slurm job array
 --                         (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT or _MAX): task i of n runs its share.
--- A worker reruns this process's command line (/proc/self/cmdline) with --device set and the environment
--- variable QATLAB_SWEEP_WORKER=<index>:<run_id>:<slot>:<name>: the script runs up to sweep.run again (keep
+-- A worker reruns this process's command line (qatlab.argv) with --device set and the environment
+-- variable QATLAB_SWEEP_WORKER=<index>:<run_id>:<slot>:<name>, which the host takes out of the environment
+-- (processes the trial starts do not inherit it): the script runs up to sweep.run again (keep
 -- that part cheap or cached on disk), runs that one trial, writes its record and exits. Its output goes to
 -- <trial dir>/worker.log; a worker that dies before recording is recorded failed with the log's tail.
 -- sweep.worker() returns {index=, id=, slot=, name=} in a worker, sweep.shard{} this process's share of an

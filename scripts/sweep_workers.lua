@@ -1,6 +1,8 @@
 -- sweep_workers: a sweep's trials in child processes, one per device at a time, and shared out over the tasks
 -- of a Slurm job array. A worker is this same command line started again with its --device set and
 -- QATLAB_SWEEP_WORKER=<index>:<run_id>:<slot>:<sweep name>; sweep.run in it runs that trial, records it, exits.
+-- The host takes that variable out of the environment (require('qatlab').sweep_worker), so the qatlab
+-- processes a trial starts are ordinary runs.
 local store = require 'sweep_store'
 
 local M = {}
@@ -15,7 +17,8 @@ end
 -- The trial this process was started for, {index=, id=, slot=, name=} (slot: which of the sweep's devices,
 -- from 1; no two running workers share one), or nil in an ordinary run.
 function M.this_worker()
-  local v = os.getenv(M.ENV)
+  local v = host_module().sweep_worker
+  if v == nil then v = os.getenv(M.ENV) end   -- a host that leaves the variable in the environment
   if not v or v == '' then return nil end
   local index, id, slot, name = v:match('^(%d+):(%x+):(%d+):(.+)$')
   if not index then
@@ -115,15 +118,24 @@ function M.parallel(devices)
   return #devices > 1 or devices[1] ~= (host_module().device or 'cpu')
 end
 
--- This process's command line, restarted for a worker on `device` (--threads: for CPU workers).
-local function child_argv(device, threads)
+-- This process's command line as given: the host's qatlab.argv, else (an older host) /proc/self/cmdline.
+local function own_argv()
+  local given = host_module().argv
+  if type(given) == 'table' and #given > 0 then return given end
   local text = store.read('/proc/self/cmdline')
   if not text then
-    error('sweep: worker processes restart this command line from /proc/self/cmdline, which this system '
-          .. 'lacks; run with workers = 1, or one process per share with QATLAB_SWEEP_SHARD=i/n', 0)
+    error('sweep: worker processes restart this command line, which this host does not give (qatlab.argv) '
+          .. 'and this system lacks /proc/self/cmdline; run with workers = 1, or one process per share with '
+          .. 'QATLAB_SWEEP_SHARD=i/n', 0)
   end
   local argv = {}
   for a in text:gmatch('([^%z]*)%z') do argv[#argv + 1] = a end
+  return argv
+end
+
+-- This process's command line, restarted for a worker on `device` (--threads: for CPU workers).
+local function child_argv(device, threads)
+  local argv = own_argv()
   if argv[2] == 'repl' then
     error('sweep: worker processes rerun the command line, and a REPL cannot be rerun; '
           .. 'put the sweep in a script (qatlab run SWEEP.lua) or use workers = 1', 0)

@@ -58,6 +58,16 @@ print('global_args=' .. tostring(rawget(_G, 'args')))
 print('global_arg=' .. tostring(rawget(_G, 'arg')))
 ]],
   ['s.lua'] = 'print("ran")\n',
+  ['argv.lua'] = [[
+local q = require 'qatlab'
+print('nargv=' .. #q.argv)
+for i, a in ipairs(q.argv) do print('argv' .. i .. '=' .. a) end
+print('sweep_worker=' .. tostring(q.sweep_worker))
+print('env_worker=' .. tostring(os.getenv('QATLAB_SWEEP_WORKER')))
+local sh = io.popen('echo "child_worker=${QATLAB_SWEEP_WORKER-unset}"')
+io.write(sh:read('*a'))
+sh:close()
+]],
   ['file'] = 'not a directory\n',
   ['rand.lua'] = [[
 local torch = require 'torch'
@@ -132,7 +142,11 @@ local bad_cases = {
   {'run SCRIPT --bogus', 'bogus'},
   {'run SCRIPT --set noequals', "malformed --set 'noequals'"},
   {'run SCRIPT --set 1abc=2', '1abc'},
-  {'run SCRIPT --seed abc', 'abc'},
+  {'run SCRIPT --seed abc', "--seed expects a non-negative integer, got 'abc'"},
+  {'run SCRIPT --seed -3', "--seed expects a non-negative integer, got '-3'"},
+  {'run SCRIPT --threads abc', "--threads expects a positive integer, got 'abc'"},
+  {'run SCRIPT --threads=0', "--threads expects a positive integer, got '0'"},
+  {'run SCRIPT --threads 2.5', "--threads expects a positive integer, got '2.5'"},
   {'run SCRIPT other.lua', 'other.lua'},
   {'frobnicate', "unknown command 'frobnicate'"},
   {'run MISSING', 'No such file'},
@@ -147,6 +161,10 @@ for _, c in ipairs(bad_cases) do
                                               FILE = path('file')})))
 end
 
+-- qatlab.argv is the command line exactly as given, options and all; the sweep worker variable is taken
+-- out of the environment (qatlab.sweep_worker), so that processes the script starts do not inherit it.
+B.host('argv', path('argv.lua') .. [[ --set 'x=a b' --threads 1 -- --seed '' z]])
+B.add('argv_worker', 'QATLAB_SWEEP_WORKER=2:abc:1:toy ' .. hr.cmd('run ' .. path('argv.lua')))
 B.host('e', [[-e 'print(1+1) print(args.x * 2, #arg)' --set x=21]])
 B.host('e_err', [[-e 'error("from -e")']])
 B.host('seed7a', 'run ' .. path('rand.lua') .. ' --seed 7 --threads 1 --device cpu')
@@ -281,6 +299,28 @@ describe('bad command lines exit 2 with a message and run nothing:', function()
       assert.falsy(r.out:find('ran', 1, true), 'the script ran')
     end)
   end
+end)
+
+describe('qatlab.argv and the environment', function()
+  it('gives the command line as given, argv[0] first, before any option is parsed', function()
+    local r = B.get('argv')
+    assert.are.equal(0, r.rc, r.err)
+    local v = hr.kv(r.out)
+    local want = {h.bin, dir .. '/argv.lua', '--set', 'x=a b', '--threads', '1', '--', '--seed', '', 'z'}
+    assert.are.equal(tostring(#want), v.nargv)
+    for i, a in ipairs(want) do assert.are.equal(a, v['argv' .. i], 'argv[' .. i .. ']') end
+    assert.are.equal('nil', v.sweep_worker)
+  end)
+
+  it('takes QATLAB_SWEEP_WORKER out of the environment into qatlab.sweep_worker', function()
+    local r = B.get('argv_worker')
+    assert.are.equal(0, r.rc, r.err)
+    local v = hr.kv(r.out)
+    assert.are.equal('2:abc:1:toy', v.sweep_worker)
+    assert.are.equal('nil', v.env_worker)
+    assert.are.equal('unset', v.child_worker)
+    assert.are.equal('3', v.nargv)   -- qatlab run SCRIPT
+  end)
 end)
 
 describe('running code', function()

@@ -307,7 +307,11 @@ local res = sweep.run{
     end
     if args.fail == run.index then error('boom in trial ' .. run.index) end
     if args.crash == run.index then io.stderr:write('worker dies\n'); os.exit(3) end
-    return { loss = torch.randn(3):sum():item() + cfg.x, pid = pid(), device = qatlab.device, together = together }
+    local sh = io.popen('echo "[${QATLAB_SWEEP_WORKER-unset}]"')   -- what a process the trial starts sees
+    local child_env = sh:read('*a'):match('%[(.-)%]')
+    sh:close()
+    return { loss = torch.randn(3):sum():item() + cfg.x, pid = pid(), device = qatlab.device, together = together,
+             worker = sweep.worker() and sweep.worker().index or 0, child_env = child_env }
   end }
 print(('failed=%d'):format(res.failed))
 ]]
@@ -352,6 +356,9 @@ describe('sweep.run in worker processes and job arrays', function()
       assert.equal(a[1].summary.pid, a[k].summary.pid)             -- one process in-process ...
       assert.is_nil(pids[b[k].summary.pid])                        -- ... one per trial with workers
       pids[b[k].summary.pid] = true
+      assert.equal(0, a[k].summary.worker)
+      assert.equal(k, b[k].summary.worker)                         -- a worker knows its trial ...
+      assert.equal('unset', b[k].summary.child_env)                -- ... and its children are not workers
       hr.has(hr.slurp(b[k].dir .. '/worker.log'), ('[run %d/4 '):format(k))
     end
     assert.is_nil(pids[a[1].summary.pid])
