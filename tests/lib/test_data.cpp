@@ -2,6 +2,7 @@
 // trips and a shard written by numpy, alpaca rendering per thinking mode, text/JSONL readers, the KJV.
 #include "lib/data.h"
 #include "lib/tokenizer.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -126,8 +127,7 @@ TEST(Data, ShardRoundTrip) {
 }
 
 TEST(Data, ShardWrittenByNumpy) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     TmpDir d;
     fs::path path = d.path / "np.bin";
     std::string script = "import numpy as np\n"
@@ -136,7 +136,7 @@ TEST(Data, ShardWrittenByNumpy) {
                          "with open('" + path.string() + "', 'wb') as f:\n"
                          "    f.write(h.tobytes()); f.write(toks.tobytes())\n";
     write_file(d.path / "w.py", script);
-    ASSERT_EQ(std::system((std::string(py) + " " + (d.path / "w.py").string()).c_str()), 0);
+    ASSERT_EQ(test_python_file((d.path / "w.py").string(), {}), 0);
     at::Tensor t = data_shard_read(path.string());
     ASSERT_EQ(t.numel(), 1000);
     at::Tensor want = (at::arange(1000, at::kLong) * 7919).remainder(65536);

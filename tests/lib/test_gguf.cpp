@@ -1,6 +1,7 @@
 // Tests for lib/gguf: files written by Python's gguf package (every metadata type, every decoded
 // tensor type against gguf.quants.dequantize), the llama → HF mapping, the real SmolLM2 file, hostile files.
 #include "lib/gguf.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,7 +21,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 namespace fs = std::filesystem;
@@ -181,31 +181,6 @@ json.dump({"tensors": man, "types": types}, open(f"{out}/manifest.json", "w"))
 print("python ok")
 )PY";
 
-std::string shell_quote(const std::string & s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-// Runs `$QATLAB_PYTHON -c script args...`; returns the exit code, output in *out.
-int python_run(const std::string & script, const std::vector<std::string> & args, std::string * out) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py) {
-        *out = "QATLAB_PYTHON is not set: it must name a python3 with numpy and gguf (CTest sets it)";
-        return -1;
-    }
-    std::string cmd = shell_quote(py) + " -c " + shell_quote(script);
-    for (const auto & a : args) cmd += " " + shell_quote(a);
-    cmd += " 2>&1";
-    FILE * p = ::popen(cmd.c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int status = ::pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 std::string temp_dir(const char * tag) {
     std::string tmpl = ::testing::TempDir() + "qatlab_gguf_" + tag + "_XXXXXX";
     if (!::mkdtemp(tmpl.data())) return "";
@@ -281,7 +256,7 @@ protected:
 
     static void SetUpTestSuite() {
         dir = temp_dir("py");
-        setup_rc = python_run(synth_script, {dir}, &setup_log);
+        setup_rc = test_python_run(synth_script, {dir}, &setup_log);
         if (setup_rc == 0) manifest = nlohmann::json::parse(file_read(dir + "/manifest.json"));
     }
     static void TearDownTestSuite() {
@@ -289,7 +264,7 @@ protected:
         fs::remove_all(dir, ec);
     }
     void SetUp() override {
-        ASSERT_NE(std::getenv("QATLAB_PYTHON"), nullptr)
+        ASSERT_NE(test_python(), nullptr)
             << "QATLAB_PYTHON must name a python3 with numpy and gguf (CTest sets it)";
         ASSERT_EQ(setup_rc, 0) << "the gguf writer script failed:\n" << setup_log;
     }
@@ -749,10 +724,10 @@ TEST(GgufReal, Metadata) {
 
 TEST(GgufReal, TensorsMatchPythonAndHfLayout) {
     REAL_OR_SKIP();
-    ASSERT_NE(std::getenv("QATLAB_PYTHON"), nullptr) << "QATLAB_PYTHON must name a python3 with numpy and gguf";
+    ASSERT_NE(test_python(), nullptr) << "QATLAB_PYTHON must name a python3 with numpy and gguf";
     const std::string dir = temp_dir("real");
     std::string log;
-    ASSERT_EQ(python_run(real_script, {real_path(), dir}, &log), 0) << log;
+    ASSERT_EQ(test_python_run(real_script, {real_path(), dir}, &log), 0) << log;
     const auto man = nlohmann::json::parse(file_read(dir + "/manifest.json"));
     EXPECT_EQ(man["types"], nlohmann::json({{"F32", 61}, {"Q4_1", 210}, {"Q8_0", 1}}));
 

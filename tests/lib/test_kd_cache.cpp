@@ -4,6 +4,7 @@
 #include "lib/data.h"
 #include "lib/model.h"
 #include "lib/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -265,8 +266,7 @@ TEST(KdCache, ReaderShufflesDeterministicallyAndCoversEpoch) {
 }
 
 TEST(KdCache, ReadsSeedPtCacheWrittenByPyTorch) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     TmpDir d;
     // The seed's flush_shard layout: a plain dict, int32/uint8/int32/fp16/int32/fp16, values that are
     // exact in fp16 and recomputable here.
@@ -289,7 +289,7 @@ json.dump({'format': 'qwen_kd_topk_cache_v1', 'max_length': L, 'topk': K, 'top_k
            'random_negatives': R, 'num_sequences': 8, 'vocab_size': 151936}, open(f'{d}/meta.json', 'w'))
 )";
     std::ofstream(d.path / "w.py") << script;
-    ASSERT_EQ(std::system((std::string(py) + " " + (d.path / "w.py").string() + " " + d.path.string()).c_str()), 0);
+    ASSERT_EQ(test_python_file((d.path / "w.py").string(), {d.path.string()}), 0);
     CacheReaderOptions ro;
     ro.batch_size = 8;
     ro.shuffle = false;

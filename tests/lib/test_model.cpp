@@ -1,6 +1,7 @@
 // Tests for lib/model: a hand-written reference forward (loops, own RoPE, no SDPA), HF directory
 // round trips, KV-cache decoding, checkpointed gradients, padding, errors, and HF transformers.
 #include "lib/model.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -565,10 +566,11 @@ TEST(ModelErrors, NamedInMessages) {
 // -- (optional) Hugging Face transformers gives the same logits --------------------------------
 
 TEST(ModelInterop, TransformersLogits) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) GTEST_SKIP() << "QATLAB_PYTHON not set";
-    std::string probe = std::string("'") + py + "' -c 'import transformers' >/dev/null 2>&1";
-    if (std::system(probe.c_str()) != 0) GTEST_SKIP() << "transformers is not importable by " << py;
+    const char * py = test_python();
+    if (!py) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    std::string quiet;  // the output is dropped, as with >/dev/null
+    if (test_python_run("import transformers", {}, &quiet) != 0)
+        GTEST_SKIP() << "transformers is not importable by " << py;
     // One python run for every model: importing transformers dominates the time.
     std::vector<std::pair<std::string, bool>> cases = {{"qwen3", false}, {"qwen3", true}, {"llama", true}, {"llama", false}};
     std::vector<std::shared_ptr<DecoderModel>> models;
@@ -589,8 +591,8 @@ TEST(ModelInterop, TransformersLogits) {
         "    st.save_file({'logits': l.contiguous()}, d + '/hf_logits.safetensors')\n";
     std::string script = (dirs[0]->path / "hf.py").string();
     std::ofstream(script) << code;
-    std::string cmd = std::string("'") + py + "' '" + script + "' >/dev/null 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << "transformers failed on our save_pretrained output: " << script;
+    ASSERT_EQ(test_python_file(script, {}, &quiet), 0)
+        << "transformers failed on our save_pretrained output: " << script;
     for (size_t k = 0; k < cases.size(); k++) {
         at::Tensor hf = safetensors_load((dirs[k]->path / "hf_logits.safetensors").string()).tensors.at(0).second;
         at::Tensor ours = models[k]->forward(ids_tensor({1, 5, 9, 33, 2, 96, 50, 50}));

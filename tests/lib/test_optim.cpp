@@ -2,6 +2,7 @@
 // explicit double-loop implementation and SVD bands, bf16 masters, state-dict round trips, accumulation.
 #include "lib/optim.h"
 #include "lib/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -59,19 +60,12 @@ const char * py_prelude =
 
 // Runs Python code after the prelude; returns each output line as numbers. Skips without Python.
 std::vector<std::vector<double>> py_run(const std::string & body) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) return {};
+    if (!test_python()) return {};
     std::string script = "/tmp/qatlab_test_optim_" + std::to_string(getpid()) + ".py";
     std::ofstream(script) << py_prelude << body;
-    std::string cmd = std::string("'") + py + "' " + script;
-    FILE * f = popen(cmd.c_str(), "r");
     std::vector<std::vector<double>> rows;
-    if (!f) return rows;
     std::string text;
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
-    int rc = pclose(f);
+    int rc = test_python_file(script, {}, &text, false);  // stdout only: stderr stays the test's
     std::remove(script.c_str());
     EXPECT_EQ(rc, 0) << "python failed on:\n" << body;
     std::istringstream lines(text);
@@ -100,11 +94,6 @@ void rows_expect_near(const std::vector<double> & got, const std::vector<double>
     double worst = 0;
     for (size_t i = 0; i < got.size(); i++) worst = std::max(worst, std::abs(got[i] - want[i]) / (1.0 + std::abs(want[i])));
     EXPECT_LE(worst, tol) << what;
-}
-
-bool python_available() {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    return py && *py;
 }
 
 // One trajectory case: the C++ optimizer, the same in Python, a mid-run hyper-parameter change.
@@ -262,17 +251,17 @@ std::string tmp_path(const char * name) {
 // -- AdamW / SGD against torch.optim ---------------------------------------------------------------
 
 TEST(Optim, TrajectoriesMatchTorchFloat64) {
-    if (!python_available()) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     traj_check(cases_make(), at::kDouble, 1e-13);
 }
 
 TEST(Optim, TrajectoriesMatchTorchFloat32) {
-    if (!python_available()) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     traj_check(cases_make(), at::kFloat, 2e-6);
 }
 
 TEST(Optim, ParamsWithoutGradAreSkipped) {
-    if (!python_available()) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     // ps[1] has no gradient on odd steps: its step count (bias correction) lags, as in torch.
     auto want = py_run("ps = make(torch.float64)\nopt = torch.optim.AdamW(ps, lr=0.01, foreach=False)\n"
                        "for t in range(1, 7):\n"
@@ -295,7 +284,7 @@ TEST(Optim, ParamsWithoutGradAreSkipped) {
 }
 
 TEST(Optim, ClipGradNormMatchesTorch) {
-    if (!python_available()) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     const std::vector<std::pair<double, at::ScalarType>> cs = {
         {0.5, at::kDouble}, {100.0, at::kDouble}, {0.5, at::kFloat}, {100.0, at::kFloat}};
     std::string body;

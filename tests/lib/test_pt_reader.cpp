@@ -1,6 +1,7 @@
 // Tests for lib/pt_reader: files written by real PyTorch (dicts, state dicts, views, KD shards,
 // CUDA tags, protocols 2-5), hand-built zips and pickles, and hostile input (truncation, flips, fuzz).
 #include "lib/pt_reader.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -21,7 +22,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 namespace fs = std::filesystem;
@@ -72,27 +72,6 @@ std::string hex_decode(const std::string & h) {
     std::string out;
     for (size_t i = 0; i + 1 < h.size(); i += 2) out += char(std::stoi(h.substr(i, 2), nullptr, 16));
     return out;
-}
-
-std::string shell_quote(const std::string & s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-// Runs `$QATLAB_PYTHON -c script args...`; returns the exit code, output in *out.
-int python_run(const std::string & script, const std::vector<std::string> & args, std::string * out) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    std::string cmd = shell_quote(py) + " -c " + shell_quote(script);
-    for (const auto & a : args) cmd += " " + shell_quote(a);
-    cmd += " 2>&1";
-    FILE * p = ::popen(cmd.c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int status = ::pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 // --- an independent zip writer ------------------------------------------------------------
@@ -346,7 +325,7 @@ std::string fixtures_dir() {
     static bool tried = false;
     if (tried) return dir;
     tried = true;
-    const char * py = std::getenv("QATLAB_PYTHON");
+    const char * py = test_python();
     if (!py) return dir;
     const std::string final_dir = ::testing::TempDir() + "qatlab_pt_fixtures_" +
                                   std::to_string(std::hash<std::string>{}(std::string(fixtures_py) + py));
@@ -354,7 +333,7 @@ std::string fixtures_dir() {
     std::string tmpl = final_dir + ".tmp_XXXXXX";
     if (!::mkdtemp(tmpl.data())) return dir;
     std::string out;
-    if (python_run(fixtures_py, {tmpl}, &out) != 0) {
+    if (test_python_run(fixtures_py, {tmpl}, &out) != 0) {
         std::fprintf(stderr, "fixture script failed:\n%s\n", out.c_str());
         return dir;
     }
@@ -383,7 +362,7 @@ protected:
 
     // The fixture's path; fails the test clearly when Python is not available.
     std::string fixture(const std::string & stem) {
-        if (!std::getenv("QATLAB_PYTHON")) {
+        if (!test_python()) {
             ADD_FAILURE() << "QATLAB_PYTHON is not set: it must name a python3 with torch (CTest sets it)";
             return {};
         }

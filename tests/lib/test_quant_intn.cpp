@@ -2,6 +2,7 @@
 // bounds, the STE gradient, bit packing, the zstd artifact (sizes, errors) and the QAT switch.
 #include "lib/quant_intn.h"
 #include "lib/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -351,8 +352,7 @@ TEST(QuantIntN, ExportRejectsBadInput) {
 // -- an independent reader: PyTorch's quantizer and a numpy decoder of the file ---------------
 
 TEST(QuantIntNInterop, PyTorchQuantizerAndNumpyReaderAgree) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     if (std::system("zstd --version >/dev/null 2>&1") != 0) GTEST_SKIP() << "no zstd command";
     TmpDir tmp;
     at::manual_seed(7);
@@ -400,10 +400,8 @@ TEST(QuantIntNInterop, PyTorchQuantizerAndNumpyReaderAgree) {
         "print('ok', len(W))\n";
     std::string script = (tmp.path / "ref.py").string();
     std::ofstream(script) << code;
-    std::string cmd = std::string("'") + py + "' '" + script + "' '" + wst + "' '" + art + "' > '" + script + ".out' 2>&1";
-    int rc = std::system(cmd.c_str());
-    std::ifstream out(script + ".out");
-    std::string text((std::istreambuf_iterator<char>(out)), std::istreambuf_iterator<char>());
+    std::string text;
+    int rc = test_python_file(script, {wst, art}, &text);
     EXPECT_EQ(rc, 0) << text;
     EXPECT_NE(text.find("ok 5"), std::string::npos) << text;
 }

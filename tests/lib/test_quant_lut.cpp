@@ -4,6 +4,7 @@
 #include "lib/quant_lut.h"
 #include "lib/pt_reader.h"
 #include "lib/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -676,8 +677,7 @@ TEST(QuantLut, ModelQ4ToQ2AndV1ToV2) {
 }
 
 TEST(QuantLut, LoadSeedPtCheckpoint) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    if (!py || !*py) GTEST_SKIP() << "QATLAB_PYTHON is not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON is not set";
     fs::path d = tmp_dir("pt");
     // A Qwen3-shaped tiny model saved with the seed's V2 key layout by real PyTorch: q2a4,
     // layer 0 MLP with int64 _indices, attention with _Q only, o_proj baked, k-means-like LUT.
@@ -734,8 +734,8 @@ torch.save({k: v[1] for k, v in refs.items()}, sys.argv[1] + '/y.pt')
         std::ofstream f(d / "make.py");
         f << script;
     }
-    std::string cmd = std::string(py) + " " + (d / "make.py").string() + " " + d.string();
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::string cmd = test_python_command({(d / "make.py").string(), d.string()});
+    ASSERT_EQ(test_shell_run(cmd), 0) << cmd;
     DecoderModel m(tiny_config(1));
     auto unused = quant_load_checkpoint(m, (d / "best_state_dict.pt").string());
     EXPECT_EQ(unused, std::vector<std::string>{"lm_head.weight"});   // tied

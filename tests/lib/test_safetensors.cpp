@@ -1,6 +1,7 @@
 // Tests for lib/safetensors: hand-built bytes, round trips, interop with Python's safetensors,
 // hostile files (truncation, corruption, fuzzing) and the atomic write.
 #include "lib/safetensors.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -20,7 +21,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 namespace fs = std::filesystem;
@@ -106,27 +106,6 @@ std::string load_error(const std::string & path, std::initializer_list<std::stri
     }
     ADD_FAILURE() << "no error loading " << path;
     return {};
-}
-
-std::string shell_quote(const std::string & s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
-
-// Runs `$QATLAB_PYTHON -c script args...`; returns the exit code, output in *out.
-int python_run(const std::string & script, const std::vector<std::string> & args, std::string * out) {
-    const char * py = std::getenv("QATLAB_PYTHON");
-    std::string cmd = shell_quote(py) + " -c " + shell_quote(script);
-    for (const auto & a : args) cmd += " " + shell_quote(a);
-    cmd += " 2>&1";
-    FILE * p = ::popen(cmd.c_str(), "r");
-    if (!p) return -1;
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-    int status = ::pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 class Safetensors : public ::testing::Test {
@@ -401,7 +380,7 @@ TEST_F(Safetensors, SavesFromCuda) {
 // --- interop with Python's safetensors --------------------------------------------------------
 
 TEST_F(Safetensors, PythonLoadsOurFile) {
-    ASSERT_NE(std::getenv("QATLAB_PYTHON"), nullptr)
+    ASSERT_NE(test_python(), nullptr)
         << "QATLAB_PYTHON must name a python3 with torch and safetensors (CTest sets it)";
     safetensors_save(path("ours.safetensors"), tensors_sample(), {{"format", "pt"}, {"note", "h\u00e9llo"}});
     const std::string script = R"PY(
@@ -438,12 +417,12 @@ with safe_open(path, framework="pt") as f:
 print("python ok")
 )PY";
     std::string out;
-    EXPECT_EQ(python_run(script, {path("ours.safetensors")}, &out), 0) << out;
+    EXPECT_EQ(test_python_run(script, {path("ours.safetensors")}, &out), 0) << out;
     EXPECT_NE(out.find("python ok"), std::string::npos) << out;
 }
 
 TEST_F(Safetensors, LoadsPythonFile) {
-    ASSERT_NE(std::getenv("QATLAB_PYTHON"), nullptr)
+    ASSERT_NE(test_python(), nullptr)
         << "QATLAB_PYTHON must name a python3 with torch and safetensors (CTest sets it)";
     const std::string script = R"PY(
 import sys, torch
@@ -467,7 +446,7 @@ save_file({
 }, sys.argv[1], metadata={"format": "pt", "source": "python"})
 )PY";
     std::string out;
-    ASSERT_EQ(python_run(script, {path("theirs.safetensors")}, &out), 0) << out;
+    ASSERT_EQ(test_python_run(script, {path("theirs.safetensors")}, &out), 0) << out;
     auto f = safetensors_load(path("theirs.safetensors"));
     EXPECT_EQ(f.metadata, (std::map<std::string, std::string>{{"format", "pt"}, {"source", "python"}}));
     auto want = tensors_sample();

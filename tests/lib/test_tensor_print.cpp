@@ -1,6 +1,7 @@
 // Tests for lib/tensor_print: tensor_repr against real PyTorch's repr (one python run for the
 // whole table, via QATLAB_PYTHON), plus hand-written cases for suffixes and dtype names.
 #include "lib/tensor_print.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -216,8 +217,7 @@ at::Tensor tensor_from_bytes(const PyResult & r) {
 }
 
 TEST(TensorPrint, matches_pytorch_repr) {
-    const char * python = std::getenv("QATLAB_PYTHON");
-    ASSERT_TRUE(python && *python)
+    ASSERT_TRUE(test_python())
         << "QATLAB_PYTHON is not set: it must name a python3 with torch installed";
 
     const std::vector<PyCase> cases = py_cases();
@@ -234,12 +234,11 @@ TEST(TensorPrint, matches_pytorch_repr) {
     }
     file_write(dir / "cases.txt", table);
     file_write(dir / "cases.py", kPyScript);
-    const std::string cmd = "\"" + std::string(python) + "\" \"" + (dir / "cases.py").string() + "\" \"" +
-                            (dir / "cases.txt").string() + "\" \"" + (dir / "out.bin").string() +
-                            "\" 2> \"" + (dir / "err.txt").string() + "\"";
-    const int rc = std::system(cmd.c_str());
+    const std::string cmd = test_python_command(
+        {(dir / "cases.py").string(), (dir / "cases.txt").string(), (dir / "out.bin").string()});
+    std::string err;
+    const int rc = test_shell_run(cmd, &err);
     const std::string output = file_read(dir / "out.bin");
-    const std::string err = file_read(dir / "err.txt");
     fs::remove_all(dir);
     ASSERT_EQ(rc, 0) << "python failed: " << cmd << "\n" << err;
 

@@ -1,6 +1,7 @@
 // Tests for lib/tokenizer: the Qwen3 golden sample, GPT-2 known ids, round trips, cross-checks
 // against Python's `tokenizers` and the spm_encode CLI, GGUF-style vocab lists, the chat format.
 #include "lib/tokenizer.h"
+#include "test_util.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Logging.h>
@@ -64,17 +65,6 @@ struct TempDir {
     }
 };
 
-std::string shell_quote(const std::string & s) {
-    std::string out = "'";
-    for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return out + "'";
-}
-
-const char * python() {
-    const char * p = std::getenv("QATLAB_PYTHON");
-    return p && *p ? p : nullptr;
-}
-
 // Runs Python's `tokenizers` on {"texts": [...], "ids": [[...]]}: encodes the texts and
 // decodes the id lists. Returns false (test skipped) when the package is missing.
 const char * kPyScript = R"PY(
@@ -99,15 +89,13 @@ json.dump({'enc': enc, 'dec': dec, 'encs': encs}, open(sys.argv[2], 'w', encodin
 )PY";
 
 bool python_tokenizers(const json & request, json & reply) {
-    const char * py = python();
-    if (!py) return false;
+    if (!test_python()) return false;
     TempDir t;
     file_write(t.path + "/run.py", kPyScript);
     file_write(t.path + "/in.json", request.dump());
-    std::string cmd = shell_quote(py) + " " + shell_quote(t.path + "/run.py") + " " + shell_quote(t.path + "/in.json") +
-                      " " + shell_quote(t.path + "/out.json");
-    int rc = std::system(cmd.c_str());
-    if (WIFEXITED(rc) && WEXITSTATUS(rc) == 3) return false;
+    std::string cmd = test_python_command({t.path + "/run.py", t.path + "/in.json", t.path + "/out.json"});
+    int rc = test_shell_run(cmd);
+    if (rc == 3) return false;
     EXPECT_EQ(rc, 0) << cmd;
     reply = json::parse(file_read(t.path + "/out.json"));
     return true;
@@ -584,8 +572,8 @@ TEST(TokenizerSentencePiece, TrainLoadAndMatchSpmEncode) {
 
     // Our encode against the spm_encode CLI, line by line.
     std::string ids_path = t.path + "/ids.txt";
-    std::string cmd = "spm_encode --model=" + shell_quote(model) + " --output_format=id < " + shell_quote(corpus) +
-                      " > " + shell_quote(ids_path);
+    std::string cmd = "spm_encode --model=" + test_shell_quote(model) + " --output_format=id < " +
+                      test_shell_quote(corpus) + " > " + test_shell_quote(ids_path);
     ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
     std::istringstream text(file_read(corpus)), ids(file_read(ids_path));
     std::string line, id_line;
@@ -715,8 +703,7 @@ TEST(ChatFormat, Qwen3UserAssistant) {
 }
 
 TEST(ChatFormat, Qwen3MatchesJinjaTemplate) {
-    const char * py = python();
-    if (!py) GTEST_SKIP() << "QATLAB_PYTHON not set";
+    if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     std::vector<std::vector<ChatMessage>> convs = {
         {{"user", "Hi", {}}, {"assistant", "Hello!", {}}},
         {{"system", "S", {}}, {"user", "Q1", {}}, {"assistant", "A1", {}}, {"user", "Q2", {}}, {"assistant", "A2", {}}},
@@ -766,11 +753,9 @@ json.dump(out, open(sys.argv[3], 'w', encoding='utf-8'))
     TempDir t;
     file_write(t.path + "/run.py", script);
     file_write(t.path + "/in.json", cases.dump());
-    std::string cmd = shell_quote(py) + " " + shell_quote(t.path + "/run.py") + " " +
-                      shell_quote(qwen_dir() + "/tokenizer_config.json") + " " + shell_quote(t.path + "/in.json") + " " +
-                      shell_quote(t.path + "/out.json");
-    int rc = std::system(cmd.c_str());
-    if (WIFEXITED(rc) && WEXITSTATUS(rc) == 3) GTEST_SKIP() << "jinja2 not installed";
+    int rc = test_python_file(t.path + "/run.py",
+                              {qwen_dir() + "/tokenizer_config.json", t.path + "/in.json", t.path + "/out.json"});
+    if (rc == 3) GTEST_SKIP() << "jinja2 not installed";
     ASSERT_EQ(rc, 0);
     json out = json::parse(file_read(t.path + "/out.json"));
     for (size_t i = 0; i < convs.size(); i++) {
