@@ -3,7 +3,9 @@
 #include "bindings/bind.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <cmath>
 #include <cstdarg>
@@ -615,6 +617,43 @@ at::Tensor tensor_or_scalar(lua_State * L, int idx, const at::Tensor * like) {
     at::Tensor w = at::scalar_to_tensor(s);
     w.unsafeGetTensorImpl()->set_wrapped_number(true);
     return w;
+}
+
+// The number operand of add, sub, mul or div with a float32/float64 CPU tensor `like`: wrapped
+// directly in like's dtype. Promotion gives like's dtype for any number there, and ATen would
+// otherwise copy the wrapped int64/double into a temporary of that dtype before the op (a cast
+// that costs more than a small op); the value it computes with, (float)v, is the same. Not for
+// ops that read scalars in their own dtype (logical, comparison) or with a third operand (where).
+// Anything else: tensor_or_scalar. (Declared where used, to keep bind.h unchanged.)
+at::Tensor arith_operand(lua_State * L, int idx, const at::Tensor & like) {
+    if (lua_type(L, idx) == LUA_TNUMBER && like.defined() && like.device().is_cpu()) {
+        at::ScalarType st = like.scalar_type();
+        double v = lua_tonumber(L, idx);
+        // As scalar_from_lua: an integral number is an int64 (so -0.0 is +0, as before).
+        if (std::floor(v) == v && std::fabs(v) < 9.2e18) v = (double)(int64_t)v;
+        // Out-of-range finite values keep the generic path and its exact behaviour.
+        if (st == at::kDouble || (st == at::kFloat && (std::fabs(v) <= 3.4028234663852886e38 || !std::isfinite(v)))) {
+            // One 0-dim tensor per dtype is reused while nothing else holds it or its storage
+            // (autograd saving it for backward keeps a reference: then a fresh one is made).
+            // It never reaches Lua: these ops return new tensors. Kept for the thread's life.
+            // Not made or used under InferenceMode (an inference tensor cannot be saved later).
+            static thread_local at::Tensor * cache[2] = {nullptr, nullptr};
+            at::Tensor *& c = cache[st == at::kFloat ? 0 : 1];
+            const bool cacheable = !c10::InferenceMode::is_enabled();
+            at::Tensor w;
+            if (cacheable && c && c->use_count() == 1 && c->storage().use_count() == 1) {
+                w = *c;
+            } else {
+                w = at::Tensor(at::detail::empty_cpu({}, st));
+                if (cacheable && !c) c = new at::Tensor(w);
+            }
+            if (st == at::kFloat) *static_cast<float *>(w.data_ptr()) = (float)v;
+            else *static_cast<double *>(w.data_ptr()) = v;
+            w.unsafeGetTensorImpl()->set_wrapped_number(true);
+            return w;
+        }
+    }
+    return tensor_or_scalar(L, idx, &like);
 }
 
 void tensor_release(at::Tensor & t) {

@@ -80,6 +80,15 @@ static std::string shape_str(const at::Tensor & t) {
     return s + ")";
 }
 
+static at::Tensor generic_operand(lua_State * L, int idx, const at::Tensor & self) {
+    return tensor_or_scalar(L, idx, &self);
+}
+} // namespace
+// A number wrapped in self's dtype where promotion gives that dtype anyway (bindings/bind_core.cpp):
+// for add, sub, mul and div only.
+at::Tensor arith_operand(lua_State * L, int idx, const at::Tensor & like);
+namespace {
+
 // Plain-words checks before ATen: the most common mistakes of scripts.
 static void check_same_device(const at::Tensor & x, const at::Tensor & y) {
     if (x.device() != y.device() && x.dim() > 0 && y.dim() > 0)
@@ -87,11 +96,11 @@ static void check_same_device(const at::Tensor & x, const at::Tensor & y) {
                   x.device().str().c_str(), y.device().str().c_str());
 }
 
-#define BINARY(name, expr, inplace_expr)                                \
+#define BINARY_WITH(name, expr, inplace_expr, read)                    \
     int op_##name(lua_State * L) {                                      \
         Args a(L);                                                      \
         SELF(a);                                                        \
-        at::Tensor other = tensor_or_scalar(L, a.find(2, "other") ? a.find(2, "other") : 2, &self); \
+        at::Tensor other = read(L, a.find(2, "other") ? a.find(2, "other") : 2, self); \
         check_same_device(self, other);                                 \
         a.finish();                                                     \
         tensor_push(L, expr);                                           \
@@ -100,7 +109,7 @@ static void check_same_device(const at::Tensor & x, const at::Tensor & y) {
     int op_##name##_(lua_State * L) {                                   \
         Args a(L);                                                      \
         SELF(a);                                                        \
-        at::Tensor other = tensor_or_scalar(L, a.find(2, "other") ? a.find(2, "other") : 2, &self); \
+        at::Tensor other = read(L, a.find(2, "other") ? a.find(2, "other") : 2, self); \
         check_same_device(self, other);                                 \
         a.finish();                                                     \
         inplace_expr;                                                   \
@@ -108,7 +117,9 @@ static void check_same_device(const at::Tensor & x, const at::Tensor & y) {
         return 1;                                                       \
     }
 
-BINARY(mul, at::mul(self, other), self.mul_(other))
+#define BINARY(name, expr, inplace_expr) BINARY_WITH(name, expr, inplace_expr, generic_operand)
+
+BINARY_WITH(mul, at::mul(self, other), self.mul_(other), arith_operand)
 BINARY(pow, at::pow(self, other), self.pow_(other))
 BINARY(maximum, at::maximum(self, other), self.copy_(at::maximum(self, other)))
 BINARY(minimum, at::minimum(self, other), self.copy_(at::minimum(self, other)))
@@ -130,7 +141,7 @@ int op_addsub(lua_State * L, bool sub, bool inplace) {
     Args a(L);
     SELF(a);
     int oi = a.find(2, "other");
-    at::Tensor other = tensor_or_scalar(L, oi ? oi : 2, &self);
+    at::Tensor other = arith_operand(L, oi ? oi : 2, self);
     check_same_device(self, other);
     c10::Scalar alpha = a.has(3, "alpha") ? a.scalar(3, "alpha") : c10::Scalar(1);
     a.finish();
@@ -151,7 +162,7 @@ int op_divide(lua_State * L, bool inplace) {
     Args a(L);
     SELF(a);
     int oi = a.find(2, "other");
-    at::Tensor other = tensor_or_scalar(L, oi ? oi : 2, &self);
+    at::Tensor other = arith_operand(L, oi ? oi : 2, self);
     check_same_device(self, other);
     std::optional<c10::string_view> mode;
     std::string m = a.opt_string(3, "rounding_mode", "");
@@ -205,10 +216,19 @@ int op_lerp(lua_State * L) {
 // -- matrix products ------------------------------------------------------------------------
 
 int op_matmul(lua_State * L) {
-    Args a(L);
-    SELF(a);
-    at::Tensor & other = a.tensor(2, "other");
-    a.finish();
+    at::Tensor * ps = nullptr, * po = nullptr;
+    if (lua_gettop(L) == 2) {  // t:matmul(u): two tensors, read without Args
+        ps = tensor_test(L, 1);
+        po = tensor_test(L, 2);
+        if (!ps || !po || !ps->defined() || !po->defined()) ps = po = nullptr;
+    }
+    if (!ps) {
+        Args a(L);
+        ps = &a.tensor(1, "input");
+        po = &a.tensor(2, "other");
+        a.finish();
+    }
+    at::Tensor & self = *ps, & other = *po;
     check_same_device(self, other);
     if (self.dim() == 0 || other.dim() == 0)
         bind_fail("both arguments need at least 1 dimension, got shapes %s and %s",
@@ -309,7 +329,16 @@ int op_reduce(lua_State * L, Red kind) {
     tensor_push(L, r);
     return 1;
 }
-int op_sum(lua_State * L) { return op_reduce(L, RED_SUM); }
+int op_sum(lua_State * L) {
+    if (lua_gettop(L) == 1) {  // t:sum(): no arguments to read
+        at::Tensor * t = tensor_test(L, 1);
+        if (t && t->defined()) {
+            tensor_push(L, at::sum(*t));
+            return 1;
+        }
+    }
+    return op_reduce(L, RED_SUM);
+}
 int op_mean(lua_State * L) { return op_reduce(L, RED_MEAN); }
 int op_prod(lua_State * L) { return op_reduce(L, RED_PROD); }
 int op_amax(lua_State * L) { return op_reduce(L, RED_AMAX); }

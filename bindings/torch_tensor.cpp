@@ -554,17 +554,35 @@ at::Tensor operand(lua_State * L, int idx, int other) {
     return tensor_or_scalar(L, idx, o);
 }
 
-#define ARITH(mm, expr)                                   \
+// The same with a number operand wrapped in the tensor's dtype where that gives the same result
+// (arith_operand, bindings/bind_core.cpp): for add, sub, mul and div.
+} // namespace
+at::Tensor arith_operand(lua_State * L, int idx, const at::Tensor & like);
+namespace {
+at::Tensor arith_side(lua_State * L, int idx, int other) {
+    at::Tensor * o = tensor_test(L, other);
+    if (o && o->defined() && lua_type(L, idx) == LUA_TNUMBER) return arith_operand(L, idx, *o);
+    return tensor_or_scalar(L, idx, o);
+}
+
+// Two live tensors (the common case) are used in place: no copies, each checked once.
+#define ARITH(mm, expr, side)                             \
     int t_##mm(lua_State * L) {                           \
-        at::Tensor x = operand(L, 1, 2), y = operand(L, 2, 1); \
+        at::Tensor * px = tensor_test(L, 1), * py = tensor_test(L, 2); \
+        if (px && py && px->defined() && py->defined()) { \
+            const at::Tensor & x = *px, & y = *py;        \
+            tensor_push(L, expr);                         \
+            return 1;                                     \
+        }                                                 \
+        at::Tensor x = side(L, 1, 2), y = side(L, 2, 1);  \
         tensor_push(L, expr);                             \
         return 1;                                         \
     }
-ARITH(add, at::add(x, y))
-ARITH(sub, at::sub(x, y))
-ARITH(mul, at::mul(x, y))
-ARITH(div, at::div(x, y))
-ARITH(mod, at::remainder(x, y))
+ARITH(add, at::add(x, y), arith_side)
+ARITH(sub, at::sub(x, y), arith_side)
+ARITH(mul, at::mul(x, y), arith_side)
+ARITH(div, at::div(x, y), arith_side)
+ARITH(mod, at::remainder(x, y), operand)
 
 // t ^ 2 takes pow's scalar-exponent form: its backward is one multiply, not a where().
 int t_pow(lua_State * L) {
