@@ -49,7 +49,7 @@ exp('bench_kd_loss', '--set n=64 --set vocab=512 --set hidden=32 --set k=8 --set
   .. '--set iters=1 --set warmup=0 --set threads=1')
 exp('bench_kd_cache', '--set n=32 --set L=32 --set K=8 --set shard_size=16 --set batch_size=8 --set read_batch=8 '
   .. '--set epochs=1 --set hidden=32 --set layers=1' .. text_opt)
-exp('bench_overhead', '--set iters=200 --set repeats=3 --set startup_runs=1')
+exp('bench_overhead', '--set iters=200 --set repeats=3 --set rounds=1 --set startup_runs=1')
 local sr003 = '--set layers=1 --set hidden=32 --set inter=64 --set head_dim=8 --set vocab=64 --set seq=16 '
   .. '--set max=8 --set steps=1 --set K=8 --set loss='
 exp('sr003_find_max_batch', sr003 .. 'kd')
