@@ -335,6 +335,28 @@ describe('operators', function()
     assert.is_true(a:allclose(a + 1e-9))
     assert.are.same({true, false}, torch.tensor{1, 2}:isclose(torch.tensor{1, 2.1}):totable())
   end)
+
+  it('a number operand computes as a 0-dim tensor of the same dtype would, and autograd keeps each one', function()
+    local a = torch.tensor({0.1, 1e-3, -7, 3.4e38})
+    for _, v in ipairs({0.1, 2, -3.5, 1e-310, 16777217}) do
+      local t = torch.tensor(v)                      -- float32, like a
+      assert.is_true((a * v):equal(a * t), 'mul ' .. v)
+      assert.is_true((a + v):equal(a + t), 'add ' .. v)
+      assert.is_true((a - v):equal(a - t), 'sub ' .. v)
+      assert.is_true((v / a):equal(t / a), 'div ' .. v)
+    end
+    assert.equal('float32', (a * 2.0).dtype)
+    assert.equal('float64', (a:double() * 0.1).dtype)
+    -- the reused wrapped scalar must not leak between saved operands: d/dx of 3x + 5x + x/7
+    local x = torch.tensor({1.5, -2, 3}, {requires_grad = true})
+    local y = ((x * 3 + x * 5 + x / 7) * x):sum()   -- dy/dx = 2 x (8 + 1/7)
+    y:backward()
+    local want = 2 * (8 + 1 / 7)
+    for i, g in ipairs(x.grad:totable()) do
+      local xi = ({1.5, -2, 3})[i]
+      assert.is_true(math.abs(g - want * xi) < 1e-4, ('grad %d: %g vs %g'):format(i, g, want * xi))
+    end
+  end)
 end)
 
 describe('reductions', function()
