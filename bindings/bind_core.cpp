@@ -158,7 +158,9 @@ c10::Scalar scalar_from_lua(lua_State * L, int idx) {
     int t = lua_type(L, idx);
     if (t == LUA_TNUMBER) {
         double v = lua_tonumber(L, idx);
-        if (std::floor(v) == v && std::fabs(v) < 9.2e18) return c10::Scalar((int64_t)v);
+        // Integral values act as Python ints; -0.0 stays a float, as Python's -0.0 does.
+        if (std::floor(v) == v && std::fabs(v) < 9.2e18 && !(v == 0 && std::signbit(v)))
+            return c10::Scalar((int64_t)v);
         return c10::Scalar(v);
     }
     if (t == LUA_TBOOLEAN) return c10::Scalar((bool)lua_toboolean(L, idx));
@@ -629,8 +631,8 @@ at::Tensor arith_operand(lua_State * L, int idx, const at::Tensor & like) {
     if (lua_type(L, idx) == LUA_TNUMBER && like.defined() && like.device().is_cpu()) {
         at::ScalarType st = like.scalar_type();
         double v = lua_tonumber(L, idx);
-        // As scalar_from_lua: an integral number is an int64 (so -0.0 is +0, as before).
-        if (std::floor(v) == v && std::fabs(v) < 9.2e18) v = (double)(int64_t)v;
+        // As scalar_from_lua: an integral number is an int64 (-0.0 stays -0.0).
+        if (std::floor(v) == v && std::fabs(v) < 9.2e18 && !(v == 0 && std::signbit(v))) v = (double)(int64_t)v;
         // Out-of-range finite values keep the generic path and its exact behaviour.
         if (st == at::kDouble || (st == at::kFloat && (std::fabs(v) <= 3.4028234663852886e38 || !std::isfinite(v)))) {
             // One 0-dim tensor per dtype is reused while nothing else holds it or its storage
@@ -654,6 +656,13 @@ at::Tensor arith_operand(lua_State * L, int idx, const at::Tensor & like) {
         }
     }
     return tensor_or_scalar(L, idx, &like);
+}
+
+// t.data = x: the userdata now holds x's storage; the accounting follows it.
+void tensor_set_data(lua_State * L, at::Tensor & t, const at::Tensor & data) {
+    mem_untrack(t);
+    t.set_data(data);
+    mem_track(t, L);
 }
 
 void tensor_release(at::Tensor & t) {

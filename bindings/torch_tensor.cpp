@@ -9,6 +9,7 @@
 #include <cstring>
 
 namespace qatlab {
+void tensor_set_data(lua_State * L, at::Tensor & t, const at::Tensor & data);  // bind_core.cpp
 namespace {
 
 #define SELF(a) at::Tensor & self = (a).tensor(1, "self")
@@ -469,7 +470,7 @@ void t_set_property(lua_State * L, at::Tensor & self, const char * k) {
     } else if (strcmp(k, "requires_grad") == 0) {
         self.requires_grad_(lua_toboolean(L, 3));
     } else if (strcmp(k, "data") == 0) {
-        self.set_data(tensor_check(L, 3, "data"));
+        tensor_set_data(L, self, tensor_check(L, 3, "data"));
     } else {
         bind_fail("cannot set field '%s' of a Tensor (settable: grad, requires_grad, data)", k);
     }

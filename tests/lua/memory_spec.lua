@@ -109,6 +109,20 @@ describe('accounting in this process', function()
     assert.is_true(t:is_freed())
   end)
 
+  it('t.data = x moves the accounting to x\'s storage', function()
+    local before = live()
+    local t = torch.empty(T4)                        -- 4 MiB
+    local x = torch.empty(2 * MiB / 4)               -- 2 MiB
+    assert.are.equal(before + 6 * MiB, live())
+    t.data = x                                       -- t now shares x's storage; its 4 MiB are gone
+    assert.are.equal(before + 2 * MiB, live())
+    x = nil
+    collectgarbage(); collectgarbage()
+    assert.are.equal(before + 2 * MiB, live())       -- t still holds the 2 MiB
+    t:free()
+    assert.are.equal(before, live())
+  end)
+
   it('a freed tensor errors on use, with a message that says so', function()
     local t = torch.ones(8)
     t:free()

@@ -345,6 +345,9 @@ describe('operators', function()
       assert.is_true((a - v):equal(a - t), 'sub ' .. v)
       assert.is_true((v / a):equal(t / a), 'div ' .. v)
     end
+    -- -0.0 is a float, as in Python: a * -0.0 keeps the sign of zero (1 / -0 = -inf)
+    assert.same({-math.huge, math.huge}, (1 / (torch.tensor({1, -1}) * -0.0)):totable())
+    assert.same({-math.huge}, (1 / (torch.tensor({1}, {dtype = 'float64'}) * -0.0)):totable())
     assert.equal('float32', (a * 2.0).dtype)
     assert.equal('float64', (a:double() * 0.1).dtype)
     -- the reused wrapped scalar must not leak between saved operands: d/dx of 3x + 5x + x/7
