@@ -20,6 +20,18 @@
 --   help=true      print this usage
 --   threads=0      threads of each row's process (0 = 1 on the CPU, this process's count on CUDA)
 --
+-- Max-batch mode (issue 7: "a maximum batch at least 4x the seed's at equal memory"):
+--   build/qatlab run experiments/bench_train.lua --set max_batch_mb=800 [--set L=64] [--set max_batch_cap=4096]
+--   max_batch_mb=0     a memory budget in MiB (the peak below: RSS on the CPU, CUDA max allocated); > 0 turns
+--                      the mode on: per impl and L, the largest batch whose row fits it
+--   max_batch_oom=false  CUDA only: search up to the first out-of-memory (no budget needed; with one, both)
+--   max_batch_start=1  max_batch_cap=4096   the search: doubling from start until a miss or the cap, then
+--                      bisection between the last fit and the first miss (to 1 sample)
+--   Each try is a row process of 1 warm-up + 1 timed step; a miss is a peak over the budget, an OOM or a
+--   killed process (any other failure stops that impl's search). `batches`, `warmup`, `steps` do not apply.
+--   Prints | impl | L | budget | max batch | tokens/s at max | peak at max | and the ratio qatlab/seed-ref of
+--   the max batches (a bound when one side hit the cap); results.json has every try, results.csv the table.
+--
 -- Every row runs in its own process (qatlab child or Python), so peak memory is that row's alone:
 -- CUDA max allocated over the process, or on the CPU the peak RSS (VmHWM after clear_refs) during
 -- the timed steps; "+step" is that peak minus the RSS / allocated bytes before them.
@@ -50,6 +62,7 @@ local cfg = config.merge({
   L = '', batches = '', K = 32, preset = 'q2a4', T = 2, hard_top1 = 0.2, hard_full = 0.00005, lr = 5e-5,
   clip = 1.0, warmup = 1, steps = 2, ckpt = true, ste = false, impls = 'qatlab,seed-ref',
   dtype = 'auto', amp = 'auto', peak_tflops = 0, threads = 0, seed = 0,
+  max_batch_mb = 0, max_batch_oom = false, max_batch_start = 1, max_batch_cap = 4096,
 }, args)
 
 local M = {}
@@ -145,6 +158,24 @@ end
 
 M.FLOP_FORMULA = 'F = B*L*(6*N_mm + 12*n_layer*L*n_head*head_dim) + B*(L-1)*4*H*(V+K) + 6*sum_proj(out*in*r)'
 
+-- The largest batch in [start, cap] for which fits(batch) holds: doubling from start until a miss or
+-- the cap, then bisection between the last fit and the first miss (fits is assumed monotone; each batch
+-- is tried once). Returns the max batch (nil when start misses) and the first miss (nil when cap fits).
+function M.search_max_batch(fits, start, cap)
+  assert(start >= 1 and cap >= start, 'bench_train: need 1 <= max_batch_start <= max_batch_cap')
+  local lo, hi, b = nil, nil, start
+  while true do
+    if fits(b) then lo = b else hi = b; break end
+    if b >= cap then break end
+    b = math.min(2 * b, cap)
+  end
+  while lo and hi and hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if fits(mid) then lo = mid else hi = mid end
+  end
+  return lo, hi
+end
+
 if cfg.role == 'lib' then return M end
 
 if cfg.help then   -- the header comment is the usage
@@ -213,6 +244,27 @@ end
 
 local d = M.dims(cfg)
 if cfg.tiny then cfg.warmup, cfg.steps, cfg.K = 0, 1, 8 end
+local max_mode = cfg.max_batch_mb ~= 0 or cfg.max_batch_oom
+if max_mode then
+  local function int(k) return cfg[k] >= 1 and cfg[k] == math.floor(cfg[k]) end
+  if cfg.max_batch_mb < 0 then
+    error(('bench_train: max_batch_mb: expected a budget in MiB > 0, got %g'):format(cfg.max_batch_mb), 0)
+  end
+  if cfg.max_batch_oom and not cuda then
+    error('bench_train: max_batch_oom needs --device cuda (on the CPU give a budget: max_batch_mb=N)', 0)
+  end
+  if not (int('max_batch_start') and int('max_batch_cap') and cfg.max_batch_cap >= cfg.max_batch_start) then
+    error(('bench_train: need integers 1 <= max_batch_start (%g) <= max_batch_cap (%g)'):format(
+      cfg.max_batch_start, cfg.max_batch_cap), 0)
+  end
+  for _, k in ipairs({'batches', 'warmup', 'steps'}) do   -- refused rather than silently ignored
+    if args[k] ~= nil then
+      error(('bench_train: %s does not apply with max_batch_mb / max_batch_oom (the search picks the batches; '
+        .. 'each try is 1 warm-up + 1 timed step)'):format(k), 0)
+    end
+  end
+  cfg.warmup, cfg.steps = 1, 1   -- one timed step per try: the peak, not the timing, decides
+end
 local Ls = list(cfg.L ~= '' and cfg.L or (cfg.full and '64,128' or (cfg.tiny and '16' or '64')), 'L')
 local batches = list(cfg.batches ~= '' and cfg.batches or (cfg.full and '8,64,256' or '2,8'), 'batches')
 local impls = {}
@@ -298,34 +350,149 @@ print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, voc
   cfg.ste and 'on' or 'off', qdtype, cfg.amp))
 if py_why then print('seed-ref: ' .. py_why) end
 
-local rows = {}
+-- One row in its own process: its result, or {status = 'OOM' | 'KILLED' | 'FAILED', error = output tail}.
 local n = 0
+local function run_row(impl, L, B)
+  n = n + 1
+  local cmd = impl == 'qatlab' and run_qatlab(L, B, ('row%03d'):format(n)) or run_ref(L, B)
+  io.stderr:write(('[bench_train] %s L=%d batch=%d ...\n'):format(impl, L, B))
+  local text = bench.sh(cmd .. ' 2>&1; echo "__rc=$?"')
+  local rc = tonumber(text:match('__rc=(%d+)%s*$'))
+  text = (text:gsub('__rc=%d+%s*$', ''))
+  local line = impl == 'qatlab' and text:match('RESULT (%b{})') or text:match('(%b{})%s*$')
+  local ok, r = pcall(json.decode, line or '')
+  if not (ok and type(r) == 'table' and finite(r.step_s)) then
+    -- a signal (rc > 128: the kernel's OOM killer sends SIGKILL) is a memory limit too
+    local status = bench.is_oom(text) and 'OOM' or ((rc or 0) > 128 and 'KILLED' or 'FAILED')
+    r = {L = L, batch = B, status = status, rc = rc, error = (text:gsub('%s+$', '')):sub(-400)}
+    if status == 'FAILED' then
+      io.stderr:write(('[bench_train] %s L=%d batch=%d failed (exit %s):\n%s\n'):format(impl, L, B,
+        tostring(rc), r.error))
+    end
+  else
+    r.status = 'OK'
+    r.flops = M.train_flops(d, B, L, cfg.K, cfg.preset)
+    r.mfu = r.flops / r.step_s / peak_flops
+    r.step_bytes = r.peak_bytes - r.base_bytes
+  end
+  r.impl = impl
+  return r
+end
+
+local function mib(b) return b and ('%s'):format(bench.commas(b / 2 ^ 20)) or '-' end
+
+-- results.json / results.csv (written to a temporary name, then renamed)
+local function write(path, text)
+  local f = assert(io.open(path .. '.tmp', 'wb'))
+  f:write(text)
+  f:close()
+  assert(os.rename(path .. '.tmp', path))
+end
+local function f(v, fmt) return v == nil and '' or (fmt):format(v) end
+local function write_json(extra)
+  local t = {config = cfg, dims = d, device = device, threads = threads, qatlab_dtype = qdtype,
+    flop_formula = M.FLOP_FORMULA, peak_flops = peak_flops, peak_note = peak_note,
+    seed_ref = py_why and {skipped = py_why} or {python = py}}
+  for k, v in pairs(extra) do t[k] = v end
+  write(out .. '/results.json', json.encode(t) .. '\n')
+end
+local memory_note = cuda and 'CUDA max allocated over the row\'s process'
+  or 'peak RSS (VmHWM) of the row\'s process during the timed steps'
+
+if max_mode then
+  -- max batch per impl and L --------------------------------------------------------------------
+  local budget = cfg.max_batch_mb > 0 and cfg.max_batch_mb * 2 ^ 20 or nil
+  local budget_s = (budget and (mib(budget) .. ' MiB') or '')
+    .. (cfg.max_batch_oom and (budget and ' / OOM' or 'OOM') or '')
+  local rows, results = {}, {}
+  for _, L in ipairs(Ls) do
+    for _, impl in ipairs({'qatlab', 'seed-ref'}) do
+      if impls[impl] then
+        local by_batch, failed = {}, nil
+        local function fits(B)
+          local r = run_row(impl, L, B)
+          rows[#rows + 1] = r
+          by_batch[B] = r
+          if r.status == 'OK' then
+            r.fits = budget == nil or r.peak_bytes <= budget
+            r.miss = not r.fits and 'over budget' or nil
+          elseif r.status == 'OOM' or r.status == 'KILLED' then
+            r.fits, r.miss = false, r.status
+          else
+            failed = r
+            error(r)   -- not a memory limit: this impl's search stops here
+          end
+          io.stderr:write(('[bench_train]   peak %s MiB: %s\n'):format(mib(r.peak_bytes),
+            r.fits and 'fits' or r.miss))
+          return r.fits
+        end
+        local ok, best, miss = pcall(M.search_max_batch, fits, cfg.max_batch_start, cfg.max_batch_cap)
+        if not ok and not failed then error(best, 0) end
+        local at, tries = ok and best and by_batch[best] or {}, 0
+        for _ in pairs(by_batch) do tries = tries + 1 end
+        results[#results + 1] = {impl = impl, L = L, budget_bytes = budget, oom_limit = cfg.max_batch_oom,
+          status = failed and 'FAILED' or (best and 'OK' or 'NONE'), max_batch = ok and best or nil,
+          tokens_s = at.tokens_s, step_s = at.step_s, peak_bytes = at.peak_bytes,
+          first_miss = ok and miss or nil, first_miss_reason = ok and miss and by_batch[miss].miss or nil,
+          first_miss_peak = ok and miss and by_batch[miss].peak_bytes or nil,
+          hit_cap = ok and best == cfg.max_batch_cap or false, tries = tries, error = failed and failed.error or nil}
+      end
+    end
+  end
+
+  -- the ratio qatlab / seed-ref of max batches per L (a bound when a side stopped at the cap)
+  local ratios = {}
+  for _, q in ipairs(results) do
+    for _, s in ipairs(results) do
+      if q.impl == 'qatlab' and s.impl == 'seed-ref' and q.L == s.L and q.max_batch and s.max_batch then
+        local bound = q.hit_cap and not s.hit_cap and 'lower' or (s.hit_cap and not q.hit_cap and 'upper')
+          or (q.hit_cap and 'unknown') or nil
+        q.ratio, q.ratio_bound = q.max_batch / s.max_batch, bound
+        ratios[#ratios + 1] = {L = q.L, ratio = q.ratio, bound = bound, qatlab = q.max_batch, seed_ref = s.max_batch}
+      end
+    end
+  end
+
+  print(('\n| impl | L | budget | max batch | tokens/s at max | peak at max | first miss | tries |'))
+  print('|---|---:|---:|---:|---:|---:|---|---:|')
+  for _, r in ipairs(results) do
+    local miss = r.first_miss and ('%d (%s%s)'):format(r.first_miss, r.first_miss_reason,
+      r.first_miss_peak and (', ' .. mib(r.first_miss_peak) .. ' MiB') or '') or (r.hit_cap and 'none: cap' or '-')
+    print(('| %s | %d | %s | %s | %s | %s | %s | %d |'):format(r.impl, r.L, budget_s,
+      r.max_batch and tostring(r.max_batch) or r.status, r.tokens_s and bench.commas(r.tokens_s) or '-',
+      r.peak_bytes and (mib(r.peak_bytes) .. ' MiB') or '-', miss, r.tries))
+  end
+  print('')
+  for _, x in ipairs(ratios) do
+    print(('max batch qatlab/seed-ref at L=%d: %d / %d = %.2fx%s'):format(x.L, x.qatlab, x.seed_ref, x.ratio,
+      x.bound == 'lower' and ' (qatlab hit max_batch_cap: a lower bound)'
+        or x.bound == 'upper' and ' (seed-ref hit max_batch_cap: an upper bound)'
+        or x.bound == 'unknown' and ' (both hit max_batch_cap: raise it)' or ''))
+  end
+  print(('search: doubling from %d, bisection to 1, cap %d; each try 1 warm-up + 1 timed step in its own process; '
+    .. 'a miss = peak over the budget%s, OOM or killed'):format(cfg.max_batch_start, cfg.max_batch_cap,
+    cfg.max_batch_oom and ' (if any)' or ''))
+  print('memory: ' .. memory_note)
+
+  write_json({rows = rows, max_batch = {budget_bytes = budget, oom_limit = cfg.max_batch_oom,
+    start = cfg.max_batch_start, cap = cfg.max_batch_cap, results = results, ratios = ratios}})
+  local csv = {'impl,L,budget_bytes,status,max_batch,tokens_s,step_s,peak_bytes,first_miss,first_miss_reason,'
+    .. 'hit_cap,tries,ratio,ratio_bound'}
+  for _, r in ipairs(results) do
+    csv[#csv + 1] = table.concat({r.impl, r.L, f(r.budget_bytes, '%.0f'), r.status, f(r.max_batch, '%d'),
+      f(r.tokens_s, '%.2f'), f(r.step_s, '%.6f'), f(r.peak_bytes, '%.0f'), f(r.first_miss, '%d'),
+      r.first_miss_reason or '', tostring(r.hit_cap), r.tries, f(r.ratio, '%.4f'), r.ratio_bound or ''}, ',')
+  end
+  write(out .. '/results.csv', table.concat(csv, '\n') .. '\n')
+  print(('results: %s/results.json, %s/results.csv'):format(out, out))
+  return
+end
+
+local rows = {}
 for _, L in ipairs(Ls) do
   for _, B in ipairs(batches) do
     for _, impl in ipairs({'qatlab', 'seed-ref'}) do
-      if impls[impl] then
-        n = n + 1
-        local cmd = impl == 'qatlab' and run_qatlab(L, B, ('row%03d'):format(n)) or run_ref(L, B)
-        io.stderr:write(('[bench_train] %s L=%d batch=%d ...\n'):format(impl, L, B))
-        local text = bench.sh(cmd .. ' 2>&1')
-        local line = impl == 'qatlab' and text:match('RESULT (%b{})') or text:match('(%b{})%s*$')
-        local ok, r = pcall(json.decode, line or '')
-        if not (ok and type(r) == 'table' and finite(r.step_s)) then
-          local oom = bench.is_oom(text)
-          r = {impl = impl, L = L, batch = B, status = oom and 'OOM' or 'FAILED',
-               error = (text:gsub('%s+$', '')):sub(-400)}
-          if not oom then
-            io.stderr:write(('[bench_train] %s L=%d batch=%d failed:\n%s\n'):format(impl, L, B, r.error))
-          end
-        else
-          r.status = 'OK'
-          r.flops = M.train_flops(d, B, L, cfg.K, cfg.preset)
-          r.mfu = r.flops / r.step_s / peak_flops
-          r.step_bytes = r.peak_bytes - r.base_bytes
-        end
-        r.impl = impl
-        rows[#rows + 1] = r
-      end
+      if impls[impl] then rows[#rows + 1] = run_row(impl, L, B) end
     end
   end
 end
@@ -341,7 +508,6 @@ for _, r in ipairs(rows) do
   end
 end
 
-local function mib(b) return b and ('%s'):format(bench.commas(b / 2 ^ 20)) or '-' end
 print(('\n| impl | L | batch | step (s) | tokens/s | peak MiB | +step MiB | MFU | speed-up q/s | mem q/s |'))
 print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
 for _, r in ipairs(rows) do
@@ -356,25 +522,13 @@ end
 print(('\nFLOPs/step: %s  (N_mm = %s matmul params; tokens = B*L)'):format(M.FLOP_FORMULA,
   bench.commas(select(2, M.train_flops(d, 1, Ls[1], cfg.K, cfg.preset)).n_mm)))
 print('MFU peak: ' .. peak_note .. (cuda and '' or '; on the CPU MFU is against that GEMM rate, not a datasheet'))
-print(('memory: %s; +step = peak minus the %s before the timed steps'):format(
-  cuda and 'CUDA max allocated over the row\'s process'
-    or 'peak RSS (VmHWM) of the row\'s process during the timed steps',
+print(('memory: %s; +step = peak minus the %s before the timed steps'):format(memory_note,
   cuda and 'allocated bytes' or 'RSS'))
 print(('speed-up q/s = qatlab tokens/s / seed-ref tokens/s; mem q/s = qatlab peak / seed-ref peak; loss = the '
   .. 'seed\'s KD loss T^2*KL_K + %g*CE_full on synthetic teacher top-%d'):format(cfg.hard_top1 + cfg.hard_full, cfg.K))
 
--- results.json / results.csv (written to a temporary name, then renamed)
-local function write(path, text)
-  local f = assert(io.open(path .. '.tmp', 'wb'))
-  f:write(text)
-  f:close()
-  assert(os.rename(path .. '.tmp', path))
-end
-write(out .. '/results.json', json.encode({config = cfg, dims = d, device = device, threads = threads,
-  qatlab_dtype = qdtype, flop_formula = M.FLOP_FORMULA, peak_flops = peak_flops, peak_note = peak_note,
-  seed_ref = py_why and {skipped = py_why} or {python = py}, rows = rows}) .. '\n')
+write_json({rows = rows})
 local csv = {'impl,L,batch,status,step_s,tokens_s,peak_bytes,step_bytes,flops,mfu,speedup,mem_ratio,loss'}
-local function f(v, fmt) return v == nil and '' or (fmt):format(v) end
 for _, r in ipairs(rows) do
   csv[#csv + 1] = table.concat({r.impl, r.L, r.batch, r.status, f(r.step_s, '%.6f'), f(r.tokens_s, '%.2f'),
     f(r.peak_bytes, '%.0f'), f(r.step_bytes, '%.0f'), f(r.flops, '%.6g'), f(r.mfu, '%.6g'), f(r.speedup, '%.4f'),

@@ -1,5 +1,6 @@
 -- bench_train_spec: experiments/bench_train.lua runs at tiny size (both impls when Python has torch), the fast
--- step (materialized W_eff, fused KD, checkpointing) matches the plain one, and both match the seed reference.
+-- step (materialized W_eff, fused KD, checkpointing) matches the plain one, and both match the seed reference;
+-- max-batch mode (max_batch_mb) finds a consistent max batch per impl.
 local torch = require 'torch'
 local json = require 'json'
 local h = require 'helper'
@@ -144,5 +145,94 @@ describe('bench_train', function()
       h.q(dir .. '/bad')))
     assert.are.equal(1, rc)
     assert.truthy(err:find('batches: expected positive integers', 1, true), err)
+  end)
+
+  it('search_max_batch doubles to the first miss, then bisects to the last fit', function()
+    for _, c in ipairs({{limit = 37, start = 1, cap = 4096, best = 37, miss = 38},
+                        {limit = 64, start = 1, cap = 4096, best = 64, miss = 65},
+                        {limit = 100, start = 3, cap = 50, best = 50, miss = nil},
+                        {limit = 5, start = 8, cap = 64, best = nil, miss = 8},
+                        {limit = 1, start = 1, cap = 1, best = 1, miss = nil}}) do
+      local tried = {}
+      local best, miss = lib.search_max_batch(function(b)
+        assert.is_nil(tried[b], 'batch tried twice: ' .. b)
+        assert.is_true(b >= c.start and b <= c.cap, 'outside [start, cap]: ' .. b)
+        tried[b] = true
+        return b <= c.limit
+      end, c.start, c.cap)
+      assert.are.equal(c.best, best, json.encode(c))
+      assert.are.equal(c.miss, miss, json.encode(c))
+    end
+  end)
+
+  -- The max batch's row fits the budget, and the batch above it is a tried miss or the max is the cap.
+  local function check_search(res, budget, cap)
+    local rows = {}
+    for _, r in ipairs(res.rows) do rows[r.impl .. ':' .. r.batch] = r end
+    for _, s in ipairs(res.max_batch.results) do
+      local at = s.max_batch and rows[s.impl .. ':' .. s.max_batch]
+      if at then
+        assert.are.equal('OK', at.status, json.encode(at))
+        assert.is_true(at.fits and at.peak_bytes <= budget, json.encode(at))
+        assert.are.equal(at.peak_bytes, s.peak_bytes)
+        assert.is_true(finite(s.tokens_s) and s.tokens_s > 0, json.encode(s))
+      end
+      local above = (s.max_batch or 0) + 1
+      if s.max_batch == cap then
+        assert.is_true(s.hit_cap)
+      else
+        local r = assert(rows[s.impl .. ':' .. above], s.impl .. ': batch ' .. above .. ' not tried')
+        assert.is_false(r.fits)
+        assert.is_true(r.status ~= 'OK' or r.peak_bytes > budget, json.encode(r))
+        assert.are.equal(above, s.first_miss)
+      end
+    end
+  end
+
+  it('max_batch_mb: finds each impl\'s largest batch under the budget (smoke)', function()
+    -- tiny model: both impls fit batch 1 in 1 GiB (seed-ref ~330 MiB of Python + torch), so both reach the cap
+    local budget_mb, cap, out = 1024, 2, dir .. '/maxb'
+    local rc, text, err = h.sh(('%s run --device cpu %s --set tiny=true --set max_batch_mb=%d --set max_batch_cap=%d '
+      .. '--out %s'):format(h.q(h.bin), h.q(SCRIPT), budget_mb, cap, h.q(out)))
+    assert.are.equal(0, rc, text .. '\n' .. err)
+    assert.truthy(text:find('| impl | L | budget | max batch | tokens/s at max | peak at max |', 1, true), text)
+    local f = assert(io.open(out .. '/results.json'))
+    local res = json.decode(f:read('*a'))
+    f:close()
+    assert.truthy(io.open(out .. '/results.csv'))
+    assert.are.equal(budget_mb * 2 ^ 20, res.max_batch.budget_bytes)
+    check_search(res, budget_mb * 2 ^ 20, cap)
+    local seen = {}
+    for _, s in ipairs(res.max_batch.results) do seen[s.impl] = s end
+    assert.are.equal(cap, seen.qatlab.max_batch)
+    if has_torch() then
+      assert.are.equal(cap, seen['seed-ref'].max_batch)
+      assert.are.equal(1, seen.qatlab.ratio)
+      assert.truthy(text:find('max batch qatlab/seed-ref at L=16: 2 / 2 = 1.00x', 1, true), text)
+    end
+    -- a budget under qatlab's own footprint: batch 1 already misses, no max batch
+    rc, text, err = h.sh(('%s run --device cpu %s --set tiny=true --set impls=qatlab --set max_batch_mb=16 --out %s')
+      :format(h.q(h.bin), h.q(SCRIPT), h.q(out .. '2')))
+    assert.are.equal(0, rc, text .. '\n' .. err)
+    f = assert(io.open(out .. '2/results.json'))
+    res = json.decode(f:read('*a'))
+    f:close()
+    local s = res.max_batch.results[1]
+    assert.are.equal('NONE', s.status, json.encode(s))
+    assert.are.equal(1, s.first_miss)
+    assert.are.equal('over budget', s.first_miss_reason)
+    check_search(res, 16 * 2 ^ 20, 4096)
+  end)
+
+  it('max-batch mode refuses options that do not apply, with clear errors', function()
+    for _, c in ipairs({{'--set max_batch_mb=-5', 'max_batch_mb: expected a budget in MiB > 0'},
+                        {'--set max_batch_oom=true', 'max_batch_oom needs --device cuda'},
+                        {'--set max_batch_mb=100 --set batches=8', 'batches does not apply'},
+                        {'--set max_batch_mb=100 --set max_batch_cap=0', 'need integers 1 <= max_batch_start'}}) do
+      local rc, _, err = h.sh(('%s run --device cpu %s %s --out %s'):format(h.q(h.bin), h.q(SCRIPT), c[1],
+        h.q(dir .. '/bad')))
+      assert.are.equal(1, rc, c[1])
+      assert.truthy(err:find(c[2], 1, true), err)
+    end
   end)
 end)
