@@ -442,13 +442,13 @@ if max_mode then
 
   -- the ratio qatlab / seed-ref of max batches per L (a bound when a side stopped at the cap)
   local ratios = {}
-  for _, q in ipairs(results) do
+  for _, qr in ipairs(results) do
     for _, s in ipairs(results) do
-      if q.impl == 'qatlab' and s.impl == 'seed-ref' and q.L == s.L and q.max_batch and s.max_batch then
-        local bound = q.hit_cap and not s.hit_cap and 'lower' or (s.hit_cap and not q.hit_cap and 'upper')
-          or (q.hit_cap and 'unknown') or nil
-        q.ratio, q.ratio_bound = q.max_batch / s.max_batch, bound
-        ratios[#ratios + 1] = {L = q.L, ratio = q.ratio, bound = bound, qatlab = q.max_batch, seed_ref = s.max_batch}
+      if qr.impl == 'qatlab' and s.impl == 'seed-ref' and qr.L == s.L and qr.max_batch and s.max_batch then
+        local bound = qr.hit_cap and not s.hit_cap and 'lower' or (s.hit_cap and not qr.hit_cap and 'upper')
+          or (qr.hit_cap and 'unknown') or nil
+        qr.ratio, qr.ratio_bound = qr.max_batch / s.max_batch, bound
+        ratios[#ratios + 1] = {L = qr.L, ratio = qr.ratio, bound = bound, qatlab = qr.max_batch, seed_ref = s.max_batch}
       end
     end
   end

@@ -112,11 +112,11 @@ describe('accounting in this process', function()
   it('t.data = x moves the accounting to x\'s storage', function()
     local before = live()
     local t = torch.empty(T4)                        -- 4 MiB
-    local x = torch.empty(2 * MiB / 4)               -- 2 MiB
+    local held = { x = torch.empty(2 * MiB / 4) }    -- 2 MiB
     assert.are.equal(before + 6 * MiB, live())
-    t.data = x                                       -- t now shares x's storage; its 4 MiB are gone
+    t.data = held.x                                  -- t now shares x's storage; its 4 MiB are gone
     assert.are.equal(before + 2 * MiB, live())
-    x = nil
+    held.x = nil                                     -- x's userdata dies; t keeps the storage
     collectgarbage(); collectgarbage()
     assert.are.equal(before + 2 * MiB, live())       -- t still holds the 2 MiB
     t:free()
