@@ -21,18 +21,6 @@ using namespace qatlab;
 
 namespace {
 
-struct TmpDir {
-    fs::path path;
-    TmpDir() {
-        char buf[] = "/tmp/qatlab_data_XXXXXX";
-        path = mkdtemp(buf);
-    }
-    ~TmpDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
 void write_file(const fs::path & p, const std::string & s) {
     fs::create_directories(p.parent_path());
     std::ofstream(p, std::ios::binary) << s;
@@ -113,8 +101,8 @@ TEST(Data, PermutationShuffleSplit) {
 }
 
 TEST(Data, ShardRoundTrip) {
-    TmpDir d;
-    std::string path = (d.path / "fineweb_train_000000.bin").string();
+    TestTempDir d{"qatlab_data_"};
+    std::string path = d.path("fineweb_train_000000.bin");
     at::Tensor t = at::tensor(std::vector<int64_t>{0, 1, 65535, 1023, 42}, at::kLong);
     data_shard_write(path, t);
     EXPECT_EQ(fs::file_size(path), 1024u + 2 * 5);
@@ -128,15 +116,15 @@ TEST(Data, ShardRoundTrip) {
 
 TEST(Data, ShardWrittenByNumpy) {
     if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
-    TmpDir d;
-    fs::path path = d.path / "np.bin";
+    TestTempDir d{"qatlab_data_"};
+    fs::path path = d.path("np.bin");
     std::string script = "import numpy as np\n"
                          "h = np.zeros(256, dtype='<i4'); h[0] = 20240520; h[1] = 1; h[2] = 1000\n"
                          "toks = (np.arange(1000, dtype=np.int64) * 7919 % 65536).astype('<u2')\n"
                          "with open('" + path.string() + "', 'wb') as f:\n"
                          "    f.write(h.tobytes()); f.write(toks.tobytes())\n";
-    write_file(d.path / "w.py", script);
-    ASSERT_EQ(test_python_file((d.path / "w.py").string(), {}), 0);
+    write_file(d.path("w.py"), script);
+    ASSERT_EQ(test_python_file(d.path("w.py"), {}), 0);
     at::Tensor t = data_shard_read(path.string());
     ASSERT_EQ(t.numel(), 1000);
     at::Tensor want = (at::arange(1000, at::kLong) * 7919).remainder(65536);
@@ -144,8 +132,8 @@ TEST(Data, ShardWrittenByNumpy) {
 }
 
 TEST(Data, ShardErrorsNameTheFile) {
-    TmpDir d;
-    std::string path = (d.path / "bad.bin").string();
+    TestTempDir d{"qatlab_data_"};
+    std::string path = d.path("bad.bin");
     write_file(path, "short");
     std::string e = error_of([&] { data_shard_read(path); });
     EXPECT_NE(e.find(path), std::string::npos) << e;
@@ -167,7 +155,7 @@ TEST(Data, ShardErrorsNameTheFile) {
     std::memcpy(bytes.data(), h, 12);
     write_file(path, bytes);
     EXPECT_NE(error_of([&] { data_shard_read(path); }).find("version"), std::string::npos);
-    EXPECT_NE(error_of([&] { data_shard_read((d.path / "none.bin").string()); }).find("none.bin"), std::string::npos);
+    EXPECT_NE(error_of([&] { data_shard_read(d.path("none.bin")); }).find("none.bin"), std::string::npos);
 }
 
 TEST(Data, AlpacaThinkingModes) {
@@ -190,49 +178,49 @@ TEST(Data, AlpacaThinkingModes) {
 }
 
 TEST(Data, ReadAlpacaJsonAndJsonl) {
-    TmpDir d;
-    write_file(d.path / "a.json", R"([{"instruction": "A", "input": "", "output": "B"},
+    TestTempDir d{"qatlab_data_"};
+    write_file(d.path("a.json"), R"([{"instruction": "A", "input": "", "output": "B"},
                                      {"instruction": "C", "output": "D"}])");
-    write_file(d.path / "a.jsonl", "{\"instruction\": \"A\", \"input\": \"x\", \"output\": \"B\"}\n\n");
-    auto ex = data_read_alpaca_examples((d.path / "a.json").string());
+    write_file(d.path("a.jsonl"), "{\"instruction\": \"A\", \"input\": \"x\", \"output\": \"B\"}\n\n");
+    auto ex = data_read_alpaca_examples(d.path("a.json"));
     ASSERT_EQ(ex.size(), 2u);
     EXPECT_EQ(ex[1].instruction, "C");
     EXPECT_EQ(ex[1].input, "");
-    EXPECT_EQ(data_read_alpaca((d.path / "a.json").string(), "both").size(), 4u);
-    EXPECT_EQ(data_read_alpaca((d.path / "a.jsonl").string(), "none"), (std::vector<std::string>{"A\n\nx\n\nB"}));
-    write_file(d.path / "bad.jsonl", "{\"instruction\": \"A\"}\n");
-    std::string e = error_of([&] { data_read_alpaca_examples((d.path / "bad.jsonl").string()); });
+    EXPECT_EQ(data_read_alpaca(d.path("a.json"), "both").size(), 4u);
+    EXPECT_EQ(data_read_alpaca(d.path("a.jsonl"), "none"), (std::vector<std::string>{"A\n\nx\n\nB"}));
+    write_file(d.path("bad.jsonl"), "{\"instruction\": \"A\"}\n");
+    std::string e = error_of([&] { data_read_alpaca_examples(d.path("bad.jsonl")); });
     EXPECT_NE(e.find("bad.jsonl:1"), std::string::npos) << e;
     EXPECT_NE(e.find("output"), std::string::npos) << e;
 }
 
 TEST(Data, ReadTextAndJsonl) {
-    TmpDir d;
-    write_file(d.path / "b.txt", "second");
-    write_file(d.path / "a.txt", "first");
-    write_file(d.path / "sub" / "c.txt", "third");
-    EXPECT_EQ(data_read_text(d.path.string()), (std::vector<std::string>{"first", "second", "third"}));
-    EXPECT_EQ(data_read_text((d.path / "a.txt").string()), (std::vector<std::string>{"first"}));
-    EXPECT_NE(error_of([&] { data_read_text((d.path / "nope").string()); }).find("nope"), std::string::npos);
-    write_file(d.path / "t.jsonl", "{\"text\": \" hello \"}\n{\"body\": \"x\", \"text\": \"world\"}\n");
-    EXPECT_EQ(data_read_jsonl((d.path / "t.jsonl").string()), (std::vector<std::string>{"hello", "world"}));
-    std::string e = error_of([&] { data_read_jsonl((d.path / "t.jsonl").string(), "body"); });
+    TestTempDir d{"qatlab_data_"};
+    write_file(d.path("b.txt"), "second");
+    write_file(d.path("a.txt"), "first");
+    write_file(d.path("sub/c.txt"), "third");
+    EXPECT_EQ(data_read_text(d.dir()), (std::vector<std::string>{"first", "second", "third"}));
+    EXPECT_EQ(data_read_text(d.path("a.txt")), (std::vector<std::string>{"first"}));
+    EXPECT_NE(error_of([&] { data_read_text(d.path("nope")); }).find("nope"), std::string::npos);
+    write_file(d.path("t.jsonl"), "{\"text\": \" hello \"}\n{\"body\": \"x\", \"text\": \"world\"}\n");
+    EXPECT_EQ(data_read_jsonl(d.path("t.jsonl")), (std::vector<std::string>{"hello", "world"}));
+    std::string e = error_of([&] { data_read_jsonl(d.path("t.jsonl"), "body"); });
     EXPECT_NE(e.find("t.jsonl:1"), std::string::npos) << e;
     EXPECT_NE(e.find("body"), std::string::npos) << e;
-    write_file(d.path / "broken.jsonl", "{not json\n");
-    EXPECT_NE(error_of([&] { data_read_jsonl((d.path / "broken.jsonl").string()); }).find("broken.jsonl:1"),
+    write_file(d.path("broken.jsonl"), "{not json\n");
+    EXPECT_NE(error_of([&] { data_read_jsonl(d.path("broken.jsonl")); }).find("broken.jsonl:1"),
               std::string::npos);
 }
 
 TEST(Data, KingJamesBible) {
     if (std::system("command -v bible >/dev/null 2>&1") != 0) GTEST_SKIP() << "bible-kjv not installed";
-    TmpDir d;
-    std::string p = data_kjv_path((d.path / "corpora").string());
-    EXPECT_EQ(p, (d.path / "corpora" / "kjv.txt").string());
+    TestTempDir d{"qatlab_data_"};
+    std::string p = data_kjv_path(d.path("corpora"));
+    EXPECT_EQ(p, d.path("corpora/kjv.txt"));
     auto text = data_read_text(p);
     ASSERT_EQ(text.size(), 1u);
     EXPECT_EQ(text[0].rfind("In the beginning God created the heaven and the earth.\n", 0), 0u);
     EXPECT_GT(text[0].size(), 4000000u);
     EXPECT_EQ(std::count(text[0].begin(), text[0].end(), '\n'), 31102);
-    EXPECT_EQ(data_kjv_path((d.path / "corpora").string()), p);   // cached
+    EXPECT_EQ(data_kjv_path(d.path("corpora")), p);   // cached
 }

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -181,12 +182,6 @@ json.dump({"tensors": man, "types": types}, open(f"{out}/manifest.json", "w"))
 print("python ok")
 )PY";
 
-std::string temp_dir(const char * tag) {
-    std::string tmpl = ::testing::TempDir() + "qatlab_gguf_" + tag + "_XXXXXX";
-    if (!::mkdtemp(tmpl.data())) return "";
-    return tmpl;
-}
-
 std::string file_read(const std::string & path) {
     std::ifstream f(path, std::ios::binary);
     std::stringstream ss;
@@ -250,32 +245,36 @@ std::string expect_error(F f, std::initializer_list<std::string> needles) {
 
 class GgufPython : public ::testing::Test {
 protected:
-    static std::string dir, setup_log;
+    static std::optional<TestTempDir> tmp;
+    static std::string setup_log;
     static int setup_rc;
     static nlohmann::json manifest;
 
+    // A throw here would skip the tests, not fail them: it goes to setup_log for SetUp to report.
     static void SetUpTestSuite() {
-        dir = temp_dir("py");
-        setup_rc = test_python_run(synth_script, {dir}, &setup_log);
-        if (setup_rc == 0) manifest = nlohmann::json::parse(file_read(dir + "/manifest.json"));
+        try {
+            tmp.emplace("qatlab_gguf_py_");
+        } catch (const std::exception & e) {
+            setup_log = e.what();
+            return;
+        }
+        setup_rc = test_python_run(synth_script, {tmp->dir()}, &setup_log);
+        if (setup_rc == 0) manifest = nlohmann::json::parse(file_read(tmp->path("manifest.json")));
     }
-    static void TearDownTestSuite() {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
-    }
+    static void TearDownTestSuite() { tmp.reset(); }
     void SetUp() override {
         ASSERT_NE(test_python(), nullptr)
             << "QATLAB_PYTHON must name a python3 with numpy and gguf (CTest sets it)";
-        ASSERT_EQ(setup_rc, 0) << "the gguf writer script failed:\n" << setup_log;
+        ASSERT_EQ(setup_rc, 0) << "the gguf setup (directory, writer script) failed:\n" << setup_log;
     }
-    std::string path(const std::string & name) const { return dir + "/" + name; }
 };
-std::string GgufPython::dir, GgufPython::setup_log;
+std::optional<TestTempDir> GgufPython::tmp;
+std::string GgufPython::setup_log;
 int GgufPython::setup_rc = -1;
 nlohmann::json GgufPython::manifest;
 
 TEST_F(GgufPython, MetadataOfEveryType) {
-    GgufFile f = gguf_open(path("synth.gguf"));
+    GgufFile f = gguf_open(tmp->path("synth.gguf"));
     EXPECT_EQ(f.version, 3u);
     EXPECT_EQ(f.alignment, 32u);
     EXPECT_EQ(gguf_get_string(f, "general.architecture"), "testarch");
@@ -310,7 +309,7 @@ TEST_F(GgufPython, MetadataOfEveryType) {
     EXPECT_EQ(f.metadata_order.front(), "general.architecture");
 
     // Wrong-type requests name the key and both types.
-    expect_error([&] { gguf_get_string(f, "t.i32"); }, {path("synth.gguf"), "key 't.i32'", "expected string", "found int32"});
+    expect_error([&] { gguf_get_string(f, "t.i32"); }, {tmp->path("synth.gguf"), "key 't.i32'", "expected string", "found int32"});
     expect_error([&] { gguf_get_int(f, "t.str"); }, {"key 't.str'", "expected an integer", "found string"});
     expect_error([&] { gguf_get_int(f, "t.u64"); }, {"key 't.u64'", "fits int64"});
     expect_error([&] { gguf_get_strings(f, "t.arr_i32"); }, {"expected array of string", "found array of int32"});
@@ -322,7 +321,7 @@ TEST_F(GgufPython, MetadataOfEveryType) {
 }
 
 TEST_F(GgufPython, TensorInfosInPytorchOrder) {
-    GgufFile f = gguf_open(path("synth.gguf"));
+    GgufFile f = gguf_open(tmp->path("synth.gguf"));
     const GgufTensorInfo * t = f.tensor_find("plain.f32_3d");
     ASSERT_NE(t, nullptr);
     EXPECT_EQ(t->shape, (std::vector<int64_t>{2, 3, 4}));
@@ -338,11 +337,11 @@ TEST_F(GgufPython, TensorInfosInPytorchOrder) {
 }
 
 TEST_F(GgufPython, DequantizationMatchesPythonBitForBit) {
-    GgufFile f = gguf_open(path("synth.gguf"));
+    GgufFile f = gguf_open(tmp->path("synth.gguf"));
     int checked = 0;
     for (auto it = manifest["tensors"].begin(); it != manifest["tensors"].end(); ++it) {
         const std::string name = it.key();
-        at::Tensor want = ref_read(path(name + ".f32"), (*it)["shape"].get<std::vector<int64_t>>());
+        at::Tensor want = ref_read(tmp->path(name + ".f32"), (*it)["shape"].get<std::vector<int64_t>>());
         at::Tensor got = gguf_tensor(f, name);
         EXPECT_STREQ(ggml_type_name(f.tensor_find(name)->type), (*it)["type"].get<std::string>().c_str());
         expect_same_floats(got, want, name + " (" + (*it)["type"].get<std::string>() + ")");
@@ -352,8 +351,8 @@ TEST_F(GgufPython, DequantizationMatchesPythonBitForBit) {
 }
 
 TEST_F(GgufPython, StoredDtypesComeBackAsIs) {
-    GgufFile f = gguf_open(path("synth.gguf"));
-    const std::string raw = file_read(path("synth.gguf"));
+    GgufFile f = gguf_open(tmp->path("synth.gguf"));
+    const std::string raw = file_read(tmp->path("synth.gguf"));
     for (auto [name, dt] : {std::pair{"plain.f16", at::kHalf}, std::pair{"plain.bf16", at::kBFloat16},
                             std::pair{"plain.f32", at::kFloat}, std::pair{"plain.i32", at::kInt}}) {
         at::Tensor t = gguf_tensor(f, name, dt);
@@ -369,11 +368,11 @@ TEST_F(GgufPython, StoredDtypesComeBackAsIs) {
     EXPECT_TRUE(at::equal(h, gguf_tensor(f, "q.Q4_0").to(at::kHalf)));
     at::Tensor kept;
     {
-        GgufFile g = gguf_open(path("synth.gguf"));
+        GgufFile g = gguf_open(tmp->path("synth.gguf"));
         kept = gguf_tensor(g, "plain.f32");
     }
     kept.add_(1);  // the file is closed and the mapping private: must neither crash nor write
-    EXPECT_EQ(file_read(path("synth.gguf")), raw);
+    EXPECT_EQ(file_read(tmp->path("synth.gguf")), raw);
     at::Tensor bytes = gguf_tensor_bytes(f, "x.IQ2_XXS");
     EXPECT_EQ(bytes.numel(), 66);
 
@@ -383,13 +382,13 @@ TEST_F(GgufPython, StoredDtypesComeBackAsIs) {
 }
 
 TEST_F(GgufPython, LlamaToHuggingFace) {
-    GgufFile f = gguf_open(path("llama.gguf"));
+    GgufFile f = gguf_open(tmp->path("llama.gguf"));
     GgufHfModel m = gguf_load_hf(f);
     const auto & hf = manifest["hf"];
     EXPECT_EQ(m.tensors.size(), hf.size());  // rope_freqs.weight dropped
     for (const auto & [name, t] : m.tensors) {
         ASSERT_TRUE(hf.contains(name)) << name;
-        expect_same_floats(t, ref_read(path("hf." + name + ".f32"), hf[name].get<std::vector<int64_t>>()), name);
+        expect_same_floats(t, ref_read(tmp->path("hf." + name + ".f32"), hf[name].get<std::vector<int64_t>>()), name);
     }
     const auto & c = m.config;
     EXPECT_EQ(c["model_type"], "llama");
@@ -411,7 +410,7 @@ TEST_F(GgufPython, LlamaToHuggingFace) {
     GgufHfModel b = gguf_load_hf(f, at::kBFloat16);
     EXPECT_EQ(b.tensors[2].first, "model.layers.0.self_attn.q_proj.weight");
     EXPECT_TRUE(at::equal(b.tensors[2].second, m.tensors[2].second.to(at::kBFloat16)));
-    GgufFile s = gguf_open(path("synth.gguf"));
+    GgufFile s = gguf_open(tmp->path("synth.gguf"));
     expect_error([&] { gguf_hf_config(s); }, {"general.architecture", "expected \"llama\"", "testarch"});
 }
 
@@ -493,13 +492,11 @@ struct Mini {
 
 class GgufHostile : public ::testing::Test {
 protected:
-    std::string dir;
-    void SetUp() override { dir = temp_dir("bad"); ASSERT_FALSE(dir.empty()); }
-    void TearDown() override { std::error_code ec; fs::remove_all(dir, ec); }
+    TestTempDir tmp{"qatlab_gguf_bad_"};
 
     // Writes m, opens it and loads every tensor; it must fail naming the file and the needles.
     void expect_bad(const Mini & m, std::initializer_list<std::string> needles) {
-        const std::string p = dir + "/bad.gguf";
+        const std::string p = tmp.path("bad.gguf");
         file_write(p, m.build());
         std::string msg = expect_error([&] {
             GgufFile f = gguf_open(p);
@@ -510,7 +507,7 @@ protected:
 };
 
 TEST_F(GgufHostile, TheBaseFileIsValid) {
-    const std::string p = dir + "/ok.gguf";
+    const std::string p = tmp.path("ok.gguf");
     file_write(p, Mini().build());
     GgufFile f = gguf_open(p);
     EXPECT_EQ(gguf_get_int(f, "test.value"), 7);
@@ -599,10 +596,10 @@ TEST_F(GgufHostile, TensorInfos) {
 }
 
 TEST_F(GgufHostile, NotAFile) {
-    expect_error([&] { gguf_open(dir); }, {dir, "regular file", "directory"});
-    expect_error([&] { gguf_open(dir + "/missing.gguf"); }, {"missing.gguf", "cannot open"});
-    file_write(dir + "/short.gguf", "GGUF");
-    expect_error([&] { gguf_open(dir + "/short.gguf"); }, {"short.gguf", "at least 24 bytes"});
+    expect_error([&] { gguf_open(tmp.dir()); }, {tmp.dir(), "regular file", "directory"});
+    expect_error([&] { gguf_open(tmp.path("missing.gguf")); }, {"missing.gguf", "cannot open"});
+    file_write(tmp.path("short.gguf"), "GGUF");
+    expect_error([&] { gguf_open(tmp.path("short.gguf")); }, {"short.gguf", "at least 24 bytes"});
 }
 
 // Opens and decodes everything; only std::runtime_error naming the file may come out.
@@ -630,9 +627,9 @@ void open_and_load(const std::string & p) {
 
 TEST_F(GgufPython, TruncatedFilesFailCleanly) {
     for (const char * file : {"synth.gguf", "llama.gguf"}) {
-        const std::string bytes = file_read(path(file));
-        GgufFile full = gguf_open(path(file));
-        const std::string p = path("trunc.gguf");
+        const std::string bytes = file_read(tmp->path(file));
+        GgufFile full = gguf_open(tmp->path(file));
+        const std::string p = tmp->path("trunc.gguf");
         for (size_t len = 0; len < bytes.size(); len += len < full.data_offset + 64 ? 1 : 61) {
             file_write(p, bytes.substr(0, len));
             if (len < full.data_offset) {
@@ -646,9 +643,9 @@ TEST_F(GgufPython, TruncatedFilesFailCleanly) {
 
 TEST_F(GgufPython, CorruptedBytesNeverCrash) {
     for (const char * file : {"synth.gguf", "llama.gguf"}) {
-        const std::string bytes = file_read(path(file));
-        GgufFile full = gguf_open(path(file));
-        const std::string p = path("flip.gguf");
+        const std::string bytes = file_read(tmp->path(file));
+        GgufFile full = gguf_open(tmp->path(file));
+        const std::string p = tmp->path("flip.gguf");
         std::mt19937_64 rng(7);
         for (int it = 0; it < 1500; ++it) {
             std::string b = bytes;
@@ -725,15 +722,15 @@ TEST(GgufReal, Metadata) {
 TEST(GgufReal, TensorsMatchPythonAndHfLayout) {
     REAL_OR_SKIP();
     ASSERT_NE(test_python(), nullptr) << "QATLAB_PYTHON must name a python3 with numpy and gguf";
-    const std::string dir = temp_dir("real");
+    TestTempDir tmp{"qatlab_gguf_real_"};
     std::string log;
-    ASSERT_EQ(test_python_run(real_script, {real_path(), dir}, &log), 0) << log;
-    const auto man = nlohmann::json::parse(file_read(dir + "/manifest.json"));
+    ASSERT_EQ(test_python_run(real_script, {real_path(), tmp.dir()}, &log), 0) << log;
+    const auto man = nlohmann::json::parse(file_read(tmp.path("manifest.json")));
     EXPECT_EQ(man["types"], nlohmann::json({{"F32", 61}, {"Q4_1", 210}, {"Q8_0", 1}}));
 
     GgufFile f = gguf_open(real_path());
     auto want = [&](const std::string & n) {
-        return ref_read(dir + "/" + n + ".f32", man["tensors"][n].get<std::vector<int64_t>>());
+        return ref_read(tmp.path(n + ".f32"), man["tensors"][n].get<std::vector<int64_t>>());
     };
     for (const char * n : {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight",
                            "blk.29.attn_v.weight", "blk.17.ffn_gate.weight", "blk.0.attn_norm.weight",
@@ -752,8 +749,6 @@ TEST(GgufReal, TensorsMatchPythonAndHfLayout) {
         EXPECT_NE(name, "lm_head.weight");  // tied
     }
     EXPECT_TRUE(seen_q && seen_k);
-    std::error_code ec;
-    fs::remove_all(dir, ec);
 }
 
 TEST(GgufReal, DequantizeWholeModelTime) {

@@ -25,18 +25,6 @@ using namespace qatlab;
 
 namespace {
 
-struct TmpDir {
-    fs::path path;
-    TmpDir() {
-        char buf[] = "/tmp/qatlab_kd_XXXXXX";
-        path = mkdtemp(buf);
-    }
-    ~TmpDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
 std::shared_ptr<DecoderModel> tiny_teacher(uint64_t seed = 0) {
     nlohmann::json j = {{"model_type", "qwen3"},        {"vocab_size", 97},         {"hidden_size", 32},
                         {"intermediate_size", 48},      {"num_hidden_layers", 2},   {"num_attention_heads", 4},
@@ -85,11 +73,11 @@ std::vector<CacheBatch> read_all(CacheReader & r) {
 } // namespace
 
 TEST(KdCache, BuildMatchesTeacherTopK) {
-    TmpDir d;
+    TestTempDir d{"qatlab_kd_"};
     auto teacher = tiny_teacher();
     at::Tensor ids = tiny_ids(10, 9);   // (N, L)
     int64_t calls = 0, last_done = 0;
-    auto o = opts_for(d.path);
+    auto o = opts_for(d.dir());
     o.meta["teacher_model"] = "tiny";
     o.on_progress = [&](int64_t done, int64_t total, double sps) {
         calls++;
@@ -115,7 +103,7 @@ TEST(KdCache, BuildMatchesTeacherTopK) {
     for (int s = 0; s < 3; s++) {
         char name[64];
         std::snprintf(name, sizeof name, "shard_%05d.safetensors", s);
-        auto f = safetensors_load((d.path / name).string());
+        auto f = safetensors_load(d.path(name));
         std::vector<std::string> names;
         for (auto & [k, t] : f.tensors) names.push_back(k);
         std::set<std::string> got(names.begin(), names.end());
@@ -148,7 +136,7 @@ TEST(KdCache, BuildMatchesTeacherTopK) {
     // Sorted descending: index 0 is the argmax.
     EXPECT_TRUE(at::equal(at::cat(ti).select(2, 0).to(at::kLong), logits.argmax(-1)));
 
-    nlohmann::json meta = nlohmann::json::parse(file_bytes(d.path / "meta.json"));
+    nlohmann::json meta = nlohmann::json::parse(file_bytes(d.path("meta.json")));
     for (const char * k : {"format", "teacher_model", "tokenizer", "dataset_name", "dataset_config_name",
                            "dataset_split", "dataset_format", "dataset_text_field", "chat_thinking", "max_length",
                            "topk", "top_k", "rand_neg", "random_negatives", "num_sequences", "total_sequences",
@@ -159,23 +147,23 @@ TEST(KdCache, BuildMatchesTeacherTopK) {
     EXPECT_EQ(meta["top_k"], 5);
     EXPECT_EQ(meta["vocab_size"], 97);
     EXPECT_EQ(meta["teacher_model"], "tiny");
-    nlohmann::json prog = nlohmann::json::parse(file_bytes(d.path / "progress.json"));
+    nlohmann::json prog = nlohmann::json::parse(file_bytes(d.path("progress.json")));
     EXPECT_EQ(prog, (nlohmann::json{{"n_written", 10}, {"next_shard_id", 3}, {"done", true}}));
 }
 
 TEST(KdCache, ResumeGivesIdenticalShards) {
-    TmpDir a, b;
+    TestTempDir a{"qatlab_kd_"}, b{"qatlab_kd_"};
     auto teacher = tiny_teacher();
     at::Tensor ids = tiny_ids(10, 9);
-    cache_build(*teacher, ids, opts_for(a.path));
+    cache_build(*teacher, ids, opts_for(a.dir()));
 
-    auto o = opts_for(b.path);
+    auto o = opts_for(b.dir());
     o.stop_after_shards = 1;   // the interruption
     CacheBuildResult r1 = cache_build(*teacher, ids, o);
     EXPECT_FALSE(r1.done);
     EXPECT_EQ(r1.n_written, 4);
-    EXPECT_FALSE(fs::exists(b.path / "shard_00001.safetensors"));
-    nlohmann::json prog = nlohmann::json::parse(file_bytes(b.path / "progress.json"));
+    EXPECT_FALSE(fs::exists(b.path("shard_00001.safetensors")));
+    nlohmann::json prog = nlohmann::json::parse(file_bytes(b.path("progress.json")));
     EXPECT_EQ(prog["next_shard_id"], 1);
     EXPECT_EQ(prog["done"], false);
     o.stop_after_shards = -1;
@@ -185,9 +173,9 @@ TEST(KdCache, ResumeGivesIdenticalShards) {
     for (int s = 0; s < 3; s++) {
         char name[64];
         std::snprintf(name, sizeof name, "shard_%05d.safetensors", s);
-        EXPECT_EQ(file_bytes(a.path / name), file_bytes(b.path / name)) << name;
+        EXPECT_EQ(file_bytes(a.path(name)), file_bytes(b.path(name))) << name;
     }
-    EXPECT_EQ(file_bytes(a.path / "progress.json"), file_bytes(b.path / "progress.json"));
+    EXPECT_EQ(file_bytes(a.path("progress.json")), file_bytes(b.path("progress.json")));
     // A finished cache: nothing more to do.
     EXPECT_EQ(cache_build(*teacher, ids, o).shards_written, 0);
     // Different data, or no resume: refused, naming meta.json.
@@ -202,16 +190,16 @@ TEST(KdCache, ResumeGivesIdenticalShards) {
 }
 
 TEST(KdCache, ReaderShufflesDeterministicallyAndCoversEpoch) {
-    TmpDir d;
+    TestTempDir d{"qatlab_kd_"};
     auto teacher = tiny_teacher();
     at::Tensor ids = tiny_ids(10, 9);
-    cache_build(*teacher, ids, opts_for(d.path));
+    cache_build(*teacher, ids, opts_for(d.dir()));
 
     CacheReaderOptions ro;
     ro.batch_size = 3;
     ro.seed = 5;
     ro.prefetch = 2;
-    CacheReader r1(d.path.string(), ro), r2(d.path.string(), ro);
+    CacheReader r1(d.dir(), ro), r2(d.dir(), ro);
     EXPECT_EQ(r1.meta().total_rows, 10);
     EXPECT_EQ(r1.batches_per_epoch(), 4);
     auto b1 = read_all(r1), b2 = read_all(r2);
@@ -250,7 +238,7 @@ TEST(KdCache, ReaderShufflesDeterministicallyAndCoversEpoch) {
 
     // Another seed: another order.
     ro.seed = 6;
-    CacheReader r3(d.path.string(), ro);
+    CacheReader r3(d.dir(), ro);
     EXPECT_FALSE(at::equal(r3.next()->input_ids, b1[0].input_ids) && at::equal(r3.next()->input_ids, b1[1].input_ids));
 
     // Unshuffled, drop_last, no negatives: the data in order.
@@ -258,7 +246,7 @@ TEST(KdCache, ReaderShufflesDeterministicallyAndCoversEpoch) {
     ro.drop_last = true;
     ro.with_rand = false;
     ro.batch_size = 4;
-    CacheReader r4(d.path.string(), ro);
+    CacheReader r4(d.dir(), ro);
     auto b4 = read_all(r4);
     ASSERT_EQ(b4.size(), 2u);
     EXPECT_FALSE(b4[0].rand_idx.defined());
@@ -267,7 +255,7 @@ TEST(KdCache, ReaderShufflesDeterministicallyAndCoversEpoch) {
 
 TEST(KdCache, ReadsSeedPtCacheWrittenByPyTorch) {
     if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
-    TmpDir d;
+    TestTempDir d{"qatlab_kd_"};
     // The seed's flush_shard layout: a plain dict, int32/uint8/int32/fp16/int32/fp16, values that are
     // exact in fp16 and recomputable here.
     std::string script = R"(import json, sys, torch
@@ -288,12 +276,12 @@ for s, n in enumerate([5, 3]):
 json.dump({'format': 'qwen_kd_topk_cache_v1', 'max_length': L, 'topk': K, 'top_k': K, 'rand_neg': R,
            'random_negatives': R, 'num_sequences': 8, 'vocab_size': 151936}, open(f'{d}/meta.json', 'w'))
 )";
-    std::ofstream(d.path / "w.py") << script;
-    ASSERT_EQ(test_python_file((d.path / "w.py").string(), {d.path.string()}), 0);
+    std::ofstream(d.path("w.py")) << script;
+    ASSERT_EQ(test_python_file(d.path("w.py"), {d.dir()}), 0);
     CacheReaderOptions ro;
     ro.batch_size = 8;
     ro.shuffle = false;
-    CacheReader r(d.path.string(), ro);
+    CacheReader r(d.dir(), ro);
     EXPECT_EQ(r.meta().shards.size(), 2u);
     EXPECT_EQ(r.meta().R, 2);
     auto b = r.next();
@@ -312,44 +300,44 @@ json.dump({'format': 'qwen_kd_topk_cache_v1', 'max_length': L, 'topk': K, 'top_k
 }
 
 TEST(KdCache, ErrorsNameTheFile) {
-    TmpDir d;
+    TestTempDir d{"qatlab_kd_"};
     auto teacher = tiny_teacher();
-    cache_build(*teacher, tiny_ids(10, 9), opts_for(d.path));
+    cache_build(*teacher, tiny_ids(10, 9), opts_for(d.dir()));
     CacheReaderOptions ro;
     // No meta.json.
-    TmpDir empty;
-    std::string e = error_of([&] { CacheReader r(empty.path.string(), ro); });
+    TestTempDir empty{"qatlab_kd_"};
+    std::string e = error_of([&] { CacheReader r(empty.dir(), ro); });
     EXPECT_NE(e.find("meta.json"), std::string::npos) << e;
     // meta.json disagrees with the shards: names the shard and the tensor.
-    std::string meta = file_bytes(d.path / "meta.json");
+    std::string meta = file_bytes(d.path("meta.json"));
     nlohmann::json m = nlohmann::json::parse(meta);
     m["topk"] = 6;
-    std::ofstream(d.path / "meta.json") << m.dump();
-    e = error_of([&] { CacheReader r(d.path.string(), ro); });
+    std::ofstream(d.path("meta.json")) << m.dump();
+    e = error_of([&] { CacheReader r(d.dir(), ro); });
     EXPECT_NE(e.find("shard_00000.safetensors"), std::string::npos) << e;
     EXPECT_NE(e.find("topk_idx"), std::string::npos) << e;
     // Broken meta.json.
-    std::ofstream(d.path / "meta.json") << "{broken";
-    e = error_of([&] { CacheReader r(d.path.string(), ro); });
+    std::ofstream(d.path("meta.json")) << "{broken";
+    e = error_of([&] { CacheReader r(d.dir(), ro); });
     EXPECT_NE(e.find("meta.json"), std::string::npos) << e;
     // A shard that vanishes after open: the loader thread's error reaches next(), naming the file.
-    std::ofstream(d.path / "meta.json") << meta;
+    std::ofstream(d.path("meta.json")) << meta;
     {
         CacheReaderOptions o1;
         o1.shuffle = false;
         o1.batch_size = 1;
         o1.prefetch = 1;
-        CacheReader r(d.path.string(), o1);
-        fs::path moved = d.path / "moved.bin";
-        fs::rename(d.path / "shard_00002.safetensors", moved);
+        CacheReader r(d.dir(), o1);
+        fs::path moved = d.path("moved.bin");
+        fs::rename(d.path("shard_00002.safetensors"), moved);
         e = error_of([&] { while (r.next()) {} });
         EXPECT_NE(e.find("shard_00002.safetensors"), std::string::npos) << e;
         EXPECT_FALSE(r.next().has_value());
-        fs::rename(moved, d.path / "shard_00002.safetensors");
+        fs::rename(moved, d.path("shard_00002.safetensors"));
     }
     // A corrupt (truncated) shard.
-    std::string bytes = file_bytes(d.path / "shard_00001.safetensors");
-    std::ofstream(d.path / "shard_00001.safetensors", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
-    e = error_of([&] { CacheReader r(d.path.string(), ro); });
+    std::string bytes = file_bytes(d.path("shard_00001.safetensors"));
+    std::ofstream(d.path("shard_00001.safetensors"), std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+    e = error_of([&] { CacheReader r(d.dir(), ro); });
     EXPECT_NE(e.find("shard_00001.safetensors"), std::string::npos) << e;
 }

@@ -44,18 +44,6 @@ std::shared_ptr<DecoderModel> tiny_model(const std::string & type, bool tie = tr
     return m;
 }
 
-struct TmpDir {
-    fs::path path;
-    TmpDir() {
-        char buf[] = "/tmp/qatlab_model_XXXXXX";
-        path = mkdtemp(buf);
-    }
-    ~TmpDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
 double max_diff(const at::Tensor & a, const at::Tensor & b) {
     return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }
@@ -256,15 +244,15 @@ TEST(ModelFiles, RoundTripAndShards) {
         at::Tensor ids = ids_tensor({5, 9, 1, 77, 3});
         at::Tensor want = m->forward(ids);
         for (int64_t shard : {int64_t(5) << 30, int64_t(20000)}) {
-            TmpDir d;
-            m->save_pretrained(d.path.string(), shard);
+            TestTempDir d{"qatlab_model_"};
+            m->save_pretrained(d.dir(), shard);
             bool sharded = shard < 100000;
-            EXPECT_EQ(fs::exists(d.path / "model.safetensors.index.json"), sharded) << type;
-            EXPECT_EQ(fs::exists(d.path / "model.safetensors"), !sharded) << type;
-            auto cfg = nlohmann::json::parse(std::ifstream(d.path / "config.json"));
+            EXPECT_EQ(fs::exists(d.path("model.safetensors.index.json")), sharded) << type;
+            EXPECT_EQ(fs::exists(d.path("model.safetensors")), !sharded) << type;
+            auto cfg = nlohmann::json::parse(std::ifstream(d.path("config.json")));
             EXPECT_EQ(cfg["torch_dtype"], "float32");
             EXPECT_EQ(cfg["tie_word_embeddings"], tie);
-            auto m2 = DecoderModel::from_pretrained(d.path.string());
+            auto m2 = DecoderModel::from_pretrained(d.dir());
             EXPECT_TRUE(at::equal(m2->forward(ids), want)) << type << " shard " << shard;
             auto a = m->state_dict(), b = m2->state_dict();
             ASSERT_EQ(a.size(), b.size());
@@ -273,7 +261,7 @@ TEST(ModelFiles, RoundTripAndShards) {
                 EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
             }
             if (tie) {   // the tied head is not written
-                for (auto & f : fs::directory_iterator(d.path)) {
+                for (auto & f : fs::directory_iterator(d.dir())) {
                     if (f.path().extension() != ".safetensors") continue;
                     for (auto & [n, t] : safetensors_load(f.path().string()).tensors) EXPECT_NE(n, "lm_head.weight");
                 }
@@ -285,13 +273,13 @@ TEST(ModelFiles, RoundTripAndShards) {
 TEST(ModelFiles, HalfPrecisionLoad) {
     auto m = tiny_model("qwen3", false);
     m->to(std::nullopt, at::kBFloat16);
-    TmpDir d;
-    m->save_pretrained(d.path.string());
-    auto cfg = nlohmann::json::parse(std::ifstream(d.path / "config.json"));
+    TestTempDir d{"qatlab_model_"};
+    m->save_pretrained(d.dir());
+    auto cfg = nlohmann::json::parse(std::ifstream(d.path("config.json")));
     EXPECT_EQ(cfg["torch_dtype"], "bfloat16");
-    auto m32 = DecoderModel::from_pretrained(d.path.string());   // upcast on load
+    auto m32 = DecoderModel::from_pretrained(d.dir());   // upcast on load
     EXPECT_EQ(m32->dtype(), at::kFloat);
-    auto m16 = DecoderModel::from_pretrained(d.path.string(), std::nullopt, at::kBFloat16);
+    auto m16 = DecoderModel::from_pretrained(d.dir(), std::nullopt, at::kBFloat16);
     at::Tensor ids = ids_tensor({1, 2, 3, 4});
     EXPECT_TRUE(at::equal(m16->forward(ids), m->forward(ids)));
     EXPECT_LT(max_diff(m32->forward(ids), m->forward(ids)), 0.1);
@@ -534,32 +522,32 @@ TEST(ModelErrors, NamedInMessages) {
     auto r = m->load_state_dict(missing, false);
     EXPECT_EQ(r.first, std::vector<std::string>{"model.embed_tokens.weight"});
 
-    TmpDir d;
-    m->save_pretrained(d.path.string());
-    std::string cfgp = (d.path / "config.json").string();
+    TestTempDir d{"qatlab_model_"};
+    m->save_pretrained(d.dir());
+    std::string cfgp = d.path("config.json");
     auto j = nlohmann::json::parse(std::ifstream(cfgp));
     j.erase("hidden_size");
     std::ofstream(cfgp) << j.dump();
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {cfgp, "hidden_size", "missing"});
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {cfgp, "hidden_size", "missing"});
     j["hidden_size"] = "sixty-four";
     std::ofstream(cfgp) << j.dump();
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {cfgp, "hidden_size", "integer"});
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {cfgp, "hidden_size", "integer"});
     j["hidden_size"] = 64;
     j["model_type"] = "gpt2";
     std::ofstream(cfgp) << j.dump();
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {cfgp, "model_type", "gpt2"});
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {cfgp, "model_type", "gpt2"});
     std::ofstream(cfgp) << "{not json";
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {cfgp, "JSON"});
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {cfgp, "JSON"});
     // a checkpoint lacking a tensor names it; a wrong shape names it
     j["model_type"] = "qwen3";
     std::ofstream(cfgp) << j.dump();
     NamedTensors part(sd.begin(), sd.end() - 1);
-    safetensors_save((d.path / "model.safetensors").string(), part);
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {d.path.string(), "lm_head.weight", "missing"});
+    safetensors_save(d.path("model.safetensors"), part);
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {d.dir(), "lm_head.weight", "missing"});
     j["intermediate_size"] = 100;
     std::ofstream(cfgp) << j.dump();
-    safetensors_save((d.path / "model.safetensors").string(), sd);
-    expect_msg([&] { DecoderModel::from_pretrained(d.path.string()); }, {"model.layers.0.mlp.gate_proj.weight", "shape"});
+    safetensors_save(d.path("model.safetensors"), sd);
+    expect_msg([&] { DecoderModel::from_pretrained(d.dir()); }, {"model.layers.0.mlp.gate_proj.weight", "shape"});
     expect_msg([&] { DecoderModel::from_pretrained("/nonexistent/qatlab"); }, {"/nonexistent/qatlab"});
 }
 
@@ -574,13 +562,13 @@ TEST(ModelInterop, TransformersLogits) {
     // One python run for every model: importing transformers dominates the time.
     std::vector<std::pair<std::string, bool>> cases = {{"qwen3", false}, {"qwen3", true}, {"llama", true}, {"llama", false}};
     std::vector<std::shared_ptr<DecoderModel>> models;
-    std::vector<std::unique_ptr<TmpDir>> dirs;
+    std::vector<std::unique_ptr<TestTempDir>> dirs;
     std::string list;
     for (auto & [type, tie] : cases) {
         models.push_back(tiny_model(type, tie, 3));
-        dirs.push_back(std::make_unique<TmpDir>());
-        models.back()->save_pretrained(dirs.back()->path.string());
-        list += "'" + dirs.back()->path.string() + "',";
+        dirs.push_back(std::make_unique<TestTempDir>("qatlab_model_"));
+        models.back()->save_pretrained(dirs.back()->dir());
+        list += "'" + dirs.back()->dir() + "',";
     }
     std::string code =
         "import torch, transformers, safetensors.torch as st\n"
@@ -589,12 +577,12 @@ TEST(ModelInterop, TransformersLogits) {
         "    ids = torch.tensor([[1, 5, 9, 33, 2, 96, 50, 50]])\n"
         "    with torch.no_grad(): l = m(ids).logits\n"
         "    st.save_file({'logits': l.contiguous()}, d + '/hf_logits.safetensors')\n";
-    std::string script = (dirs[0]->path / "hf.py").string();
+    std::string script = dirs[0]->path("hf.py");
     std::ofstream(script) << code;
     ASSERT_EQ(test_python_file(script, {}, &quiet), 0)
         << "transformers failed on our save_pretrained output: " << script;
     for (size_t k = 0; k < cases.size(); k++) {
-        at::Tensor hf = safetensors_load((dirs[k]->path / "hf_logits.safetensors").string()).tensors.at(0).second;
+        at::Tensor hf = safetensors_load(dirs[k]->path("hf_logits.safetensors")).tensors.at(0).second;
         at::Tensor ours = models[k]->forward(ids_tensor({1, 5, 9, 33, 2, 96, 50, 50}));
         EXPECT_LT(max_diff(hf, ours), 1e-4) << cases[k].first << " tie=" << cases[k].second;
         EXPECT_GT(hf.abs().max().item<double>(), 0.1);

@@ -346,19 +346,8 @@ std::string fixtures_dir() {
 
 class PtReader : public ::testing::Test {
 protected:
-    std::string dir;
+    TestTempDir tmp{"qatlab_pt_"};
     nlohmann::json manifest;
-
-    void SetUp() override {
-        std::string tmpl = ::testing::TempDir() + "qatlab_pt_XXXXXX";
-        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr) << tmpl;
-        dir = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
-    }
-    std::string path(const std::string & name) const { return dir + "/" + name; }
 
     // The fixture's path; fails the test clearly when Python is not available.
     std::string fixture(const std::string & stem) {
@@ -554,9 +543,9 @@ TEST_F(PtReader, RejectsLegacyFormat) {
 TEST_F(PtReader, TensorsOutliveTheFile) {
     const std::string f = fixture("plain");
     if (f.empty()) return;
-    fs::copy_file(f, path("copy.pt"));
-    at::Tensor t = pt_state_dict(pt_load(path("copy.pt")))[0].second;
-    fs::remove(path("copy.pt"));
+    fs::copy_file(f, tmp.path("copy.pt"));
+    at::Tensor t = pt_state_dict(pt_load(tmp.path("copy.pt")))[0].second;
+    fs::remove(tmp.path("copy.pt"));
     EXPECT_TRUE(at::equal(t, at::arange(12, at::kFloat).reshape({3, 4}) * 0.25 - 1));
 }
 
@@ -571,12 +560,12 @@ TEST_F(PtReader, LoadsHandBuiltArchivesIncludingZip64AndMisaligned) {
         ZipOpts o;
         o.zip64 = variant == 1;
         o.misalign = variant == 2 ? 3 : 0;  // unaligned data: must be copied, not mapped misaligned
-        file_write(path("hand.pt"), pt_build(p.b, {{"0", floats_bytes(6)}}, o));
-        PtValue v = pt_load(path("hand.pt"));
+        file_write(tmp.path("hand.pt"), pt_build(p.b, {{"0", floats_bytes(6)}}, o));
+        PtValue v = pt_load(tmp.path("hand.pt"));
         const at::Tensor & w = v.get("w")->tensor;
         EXPECT_TRUE(at::equal(w, at::tensor({1.0f, 3.0f, 2.0f, 4.0f}).reshape({2, 2})));
         EXPECT_EQ(v.get("n")->kind, Kind::None);
-        EXPECT_TRUE(qatlab::pt_file_is_torch(path("hand.pt")));
+        EXPECT_TRUE(qatlab::pt_file_is_torch(tmp.path("hand.pt")));
     }
 }
 
@@ -586,8 +575,8 @@ TEST_F(PtReader, UnknownGlobalsBecomeObjects) {
     p.put(1).str("state").op('b');  // BUILD on the object
     p.str("again").get(1).str("s").global("builtins", "set").op(']').i32(3).op('a');
     p.op('\x85').op('R').op('u').stop();
-    file_write(path("obj.pt"), pt_build(p.b, {}));
-    PtValue v = pt_load(path("obj.pt"));
+    file_write(tmp.path("obj.pt"), pt_build(p.b, {}));
+    PtValue v = pt_load(tmp.path("obj.pt"));
     const PtValue * o = v.get("obj");
     ASSERT_EQ(o->kind, Kind::Object);
     EXPECT_EQ(o->str, "numpy.core.multiarray.scalar");
@@ -613,14 +602,14 @@ TEST_F(PtReader, LoadsStoragesBeyondFourGiB) {
     const std::string bytes = zip_build({{"big/data.pkl", p.b}, {"big/data/0", floats_bytes(4)},
                                          {"big/data/1", floats_bytes(6)}}, o);
     {
-        std::ofstream f(path("big.pt"), std::ios::binary | std::ios::trunc);
+        std::ofstream f(tmp.path("big.pt"), std::ios::binary | std::ios::trunc);
         f.write(bytes.data(), std::streamsize(hole_at));
         f.seekp(std::streamoff(hole_at + o.hole));
         f.write(bytes.data() + hole_at, std::streamsize(bytes.size() - hole_at));
         ASSERT_TRUE(f.good());
     }
-    ASSERT_GT(fs::file_size(path("big.pt")), uint64_t(5) << 30);
-    PtValue v = pt_load(path("big.pt"));
+    ASSERT_GT(fs::file_size(tmp.path("big.pt")), uint64_t(5) << 30);
+    PtValue v = pt_load(tmp.path("big.pt"));
     EXPECT_TRUE(at::equal(v.get("near")->tensor, at::arange(4, at::kFloat)));
     EXPECT_TRUE(at::equal(v.get("far")->tensor, at::tensor({2.0f, 3.0f, 4.0f, 5.0f}).reshape({2, 2})));
 }
@@ -675,84 +664,84 @@ TEST_F(PtReader, RejectsBadPickles) {
     };
     for (const auto & c : cases) {
         SCOPED_TRACE(c.name);
-        file_write(path("bad.pt"), pt_build(c.pickle, {{"0", store}}));
+        file_write(tmp.path("bad.pt"), pt_build(c.pickle, {{"0", store}}));
         std::vector<std::string> needles = c.needles;
-        std::string msg = load_error(path("bad.pt"), {});
+        std::string msg = load_error(tmp.path("bad.pt"), {});
         for (const auto & n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
     }
     // Cycles left unreachable must not leak either (LeakSanitizer checks this one).
-    file_write(path("cycle.pt"), pt_build("\x80\x02]q\x00h\x00" "a0N."s, {}));
-    EXPECT_EQ(pt_load(path("cycle.pt")).kind, Kind::None);
+    file_write(tmp.path("cycle.pt"), pt_build("\x80\x02]q\x00h\x00" "a0N."s, {}));
+    EXPECT_EQ(pt_load(tmp.path("cycle.pt")).kind, Kind::None);
 }
 
 TEST_F(PtReader, RejectsBadBoolBytesAndByteOrder) {
     Pkl p;
     p.op('}').str("b").tensor("BoolStorage", "0", 3, 0, {3}, {1}).op('s').stop();
-    file_write(path("bool.pt"), pt_build(p.b, {{"0", std::string("\x01\x00\x02", 3)}}));
-    load_error(path("bool.pt"), {"bool bytes", "found 2"});
+    file_write(tmp.path("bool.pt"), pt_build(p.b, {{"0", std::string("\x01\x00\x02", 3)}}));
+    load_error(tmp.path("bool.pt"), {"bool bytes", "found 2"});
 
     Pkl q;
     q.op('N').stop();
-    file_write(path("big.pt"), zip_build({{"a/data.pkl", q.b}, {"a/byteorder", "big"}}));
-    load_error(path("big.pt"), {"byte order", "big"});
+    file_write(tmp.path("big.pt"), zip_build({{"a/data.pkl", q.b}, {"a/byteorder", "big"}}));
+    load_error(tmp.path("big.pt"), {"byte order", "big"});
 }
 
 TEST_F(PtReader, RejectsBadZips) {
     Pkl p;
     p.op('N').stop();
     const std::string good = pt_build(p.b, {});
-    file_write(path("good.pt"), good);
-    EXPECT_EQ(pt_load(path("good.pt")).kind, Kind::None);
+    file_write(tmp.path("good.pt"), good);
+    EXPECT_EQ(pt_load(tmp.path("good.pt")).kind, Kind::None);
 
-    file_write(path("empty.pt"), "");
-    load_error(path("empty.pt"), {"zip"});
-    file_write(path("junk.pt"), std::string(4096, 'x'));
-    load_error(path("junk.pt"), {"end-of-central-directory"});
-    load_error(path("missing.pt"), {"cannot open"});
-    load_error(dir, {"regular file"});
+    file_write(tmp.path("empty.pt"), "");
+    load_error(tmp.path("empty.pt"), {"zip"});
+    file_write(tmp.path("junk.pt"), std::string(4096, 'x'));
+    load_error(tmp.path("junk.pt"), {"end-of-central-directory"});
+    load_error(tmp.path("missing.pt"), {"cannot open"});
+    load_error(tmp.dir(), {"regular file"});
 
     ZipOpts deflate;
     deflate.method["archive/data.pkl"] = 8;
-    file_write(path("deflate.pt"), pt_build(p.b, {}, deflate));
-    load_error(path("deflate.pt"), {"archive/data.pkl", "compression method 8", "stored"});
+    file_write(tmp.path("deflate.pt"), pt_build(p.b, {}, deflate));
+    load_error(tmp.path("deflate.pt"), {"archive/data.pkl", "compression method 8", "stored"});
 
     ZipOpts enc;
     enc.flags["archive/data.pkl"] = 1;
-    file_write(path("enc.pt"), pt_build(p.b, {}, enc));
-    load_error(path("enc.pt"), {"encrypted"});
+    file_write(tmp.path("enc.pt"), pt_build(p.b, {}, enc));
+    load_error(tmp.path("enc.pt"), {"encrypted"});
 
     ZipOpts noloc;
     noloc.zip64 = true;
     noloc.locator = false;
-    file_write(path("noloc.pt"), pt_build(p.b, {}, noloc));
-    load_error(path("noloc.pt"), {"ZIP64"});
+    file_write(tmp.path("noloc.pt"), pt_build(p.b, {}, noloc));
+    load_error(tmp.path("noloc.pt"), {"ZIP64"});
 
-    file_write(path("nopkl.pt"), zip_build({{"a/other", "x"}}));
-    load_error(path("nopkl.pt"), {"data.pkl", "'a/other'"});
+    file_write(tmp.path("nopkl.pt"), zip_build({{"a/other", "x"}}));
+    load_error(tmp.path("nopkl.pt"), {"data.pkl", "'a/other'"});
 
-    file_write(path("dup.pt"), zip_build({{"a/data.pkl", p.b}, {"a/data.pkl", p.b}}));
-    load_error(path("dup.pt"), {"duplicate"});
+    file_write(tmp.path("dup.pt"), zip_build({{"a/data.pkl", p.b}, {"a/data.pkl", p.b}}));
+    load_error(tmp.path("dup.pt"), {"duplicate"});
 
     // The central directory pointing past the file, and a local header that lies.
     std::string bad_cd = good;
     bad_cd.replace(bad_cd.size() - 6, 4, le(0x7fffffff, 4));
-    file_write(path("badcd.pt"), bad_cd);
-    load_error(path("badcd.pt"), {"central directory"});
+    file_write(tmp.path("badcd.pt"), bad_cd);
+    load_error(tmp.path("badcd.pt"), {"central directory"});
     std::string bad_local = good;
     bad_local[0] = 'Q';
-    file_write(path("badlocal.pt"), bad_local);
-    load_error(path("badlocal.pt"), {"local header"});
+    file_write(tmp.path("badlocal.pt"), bad_local);
+    load_error(tmp.path("badlocal.pt"), {"local header"});
 }
 
 TEST_F(PtReader, SurvivesEveryTruncation) {
     const std::string f = fixture("nested");
     if (f.empty()) return;
     const std::string bytes = file_read(f);
-    file_write(path("cut.pt"), bytes);
+    file_write(tmp.path("cut.pt"), bytes);
     for (size_t n = bytes.size(); n-- > 0;) {
-        ASSERT_EQ(::truncate(path("cut.pt").c_str(), off_t(n)), 0);
+        ASSERT_EQ(::truncate(tmp.path("cut.pt").c_str(), off_t(n)), 0);
         try {
-            pt_load(path("cut.pt"));
+            pt_load(tmp.path("cut.pt"));
             ADD_FAILURE() << "a file cut to " << n << " bytes loaded";
         } catch (const std::runtime_error &) {
         }
@@ -767,21 +756,21 @@ TEST_F(PtReader, SurvivesFlippedPickleAndDirectoryBytes) {
         const size_t start = pickle_offset(bytes);
         const size_t pkl_size = bytes.find("PK\x03\x04", start) - start;
         int ok = 0, failed = 0;
-        file_write(path("flip.pt"), bytes);
+        file_write(tmp.path("flip.pt"), bytes);
         for (size_t i = start; i < start + pkl_size; ++i) {
             for (uint8_t mask : {0x01, 0x10, 0x80, 0xff}) {
-                byte_patch(path("flip.pt"), i, char(uint8_t(bytes[i]) ^ mask));
-                (load_survives(path("flip.pt")) ? ok : failed)++;
+                byte_patch(tmp.path("flip.pt"), i, char(uint8_t(bytes[i]) ^ mask));
+                (load_survives(tmp.path("flip.pt")) ? ok : failed)++;
             }
-            byte_patch(path("flip.pt"), i, bytes[i]);
+            byte_patch(tmp.path("flip.pt"), i, bytes[i]);
         }
         // The zip's own structure: the central directory and end records.
         const size_t first_cd = bytes.find("PK\x01\x02");
         ASSERT_NE(first_cd, std::string::npos);
         for (size_t i = first_cd; i < bytes.size(); ++i) {
-            byte_patch(path("flip.pt"), i, char(uint8_t(bytes[i]) ^ 0xff));
-            (load_survives(path("flip.pt")) ? ok : failed)++;
-            byte_patch(path("flip.pt"), i, bytes[i]);
+            byte_patch(tmp.path("flip.pt"), i, char(uint8_t(bytes[i]) ^ 0xff));
+            (load_survives(tmp.path("flip.pt")) ? ok : failed)++;
+            byte_patch(tmp.path("flip.pt"), i, bytes[i]);
         }
         EXPECT_GT(ok, 0) << stem;
         EXPECT_GT(failed, 0) << stem;
@@ -818,7 +807,7 @@ TEST_F(PtReader, SurvivesRandomPickles) {
             }
         }
         p.stop();
-        const std::string name = path("rand" + std::to_string(iter) + ".pt");
+        const std::string name = tmp.path("rand" + std::to_string(iter) + ".pt");
         file_write(name, pt_build(p.b, {{"0", store}}));
         load_survives(name);
         fs::remove(name);
@@ -831,16 +820,16 @@ TEST_F(PtReader, BoundsHostileCopyingAndExpansion) {
     big.op(']').str(std::string(1 << 20, 's')).put(0).op('a');
     for (int i = 0; i < 300; ++i) big.get(0).op('0');
     big.stop();
-    file_write(path("copies.pt"), pt_build(big.b, {}));
-    load_error(path("copies.pt"), {"copy at most"});
+    file_write(tmp.path("copies.pt"), pt_build(big.b, {}));
+    load_error(tmp.path("copies.pt"), {"copy at most"});
 
     // A DAG of dicts whose flattening doubles per level: loads, but cannot expand to 2^30 names.
     Pkl dag;
     dag.op('N').put(0);
     for (int i = 0; i < 30; ++i) dag.op('0').op('}').mark().str("a").get(0).str("b").get(0).op('u').put(0);
     dag.stop();
-    file_write(path("dag.pt"), pt_build(dag.b, {}));
-    PtValue v = pt_load(path("dag.pt"));
+    file_write(tmp.path("dag.pt"), pt_build(dag.b, {}));
+    PtValue v = pt_load(tmp.path("dag.pt"));
     ASSERT_EQ(v.kind, Kind::Dict);
     EXPECT_THROW(pt_state_dict(v), std::runtime_error);
 }

@@ -40,18 +40,6 @@ std::vector<float> floats(const at::Tensor & t) {
     return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
 }
 
-struct TmpDir {
-    fs::path path;
-    TmpDir() {
-        char buf[] = "/tmp/qatlab_intn_XXXXXX";
-        path = mkdtemp(buf);
-    }
-    ~TmpDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
 std::shared_ptr<DecoderModel> tiny_gpt(uint64_t seed = 0) {
     nlohmann::json j = {{"model_type", "qatlab_gpt"}, {"vocab_size", 97},        {"hidden_size", 64},
                         {"intermediate_size", 128},   {"num_hidden_layers", 2},  {"num_attention_heads", 4},
@@ -222,8 +210,8 @@ int64_t payload_expect(const std::string & path, int64_t index_bytes) {
 } // namespace
 
 TEST(QuantIntN, ExportRoundTripsBitExactly) {
-    TmpDir tmp;
-    std::string path = (tmp.path / "model.intn").string();
+    TestTempDir tmp{"qatlab_intn_"};
+    std::string path = tmp.path("model.intn");
     at::manual_seed(4);
     NamedTensors ts = {
         {"attn.weight", at::randn({128, 600}) * 0.02},            // > 65536 elements: int6 default
@@ -273,7 +261,7 @@ TEST(QuantIntN, ExportRoundTripsBitExactly) {
 
 TEST(QuantIntN, ZstdShrinksRealisticWeights) {
     // Weights like a trained model's: Gaussian rows with varied scale and a few outliers.
-    TmpDir tmp;
+    TestTempDir tmp{"qatlab_intn_"};
     at::manual_seed(5);
     NamedTensors ts;
     for (int i = 0; i < 4; i++) {
@@ -285,7 +273,7 @@ TEST(QuantIntN, ZstdShrinksRealisticWeights) {
         IntNExportOptions o;
         o.quant.bits = bits;
         o.level = 19;
-        IntNExportStats st = intn_export((tmp.path / "w.intn").string(), ts, o);
+        IntNExportStats st = intn_export(tmp.path("w.intn"), ts, o);
         EXPECT_EQ(st.quantized, 4);
         EXPECT_LT(st.file_bytes, st.payload_bytes) << bits;
         std::printf("int%d: packed payload %lld bytes -> zstd artifact %lld bytes\n", bits, (long long)st.payload_bytes,
@@ -296,8 +284,8 @@ TEST(QuantIntN, ZstdShrinksRealisticWeights) {
 }
 
 TEST(QuantIntN, CorruptOrTruncatedArtifactNamesTheFile) {
-    TmpDir tmp;
-    std::string path = (tmp.path / "good.intn").string();
+    TestTempDir tmp{"qatlab_intn_"};
+    std::string path = tmp.path("good.intn");
     at::manual_seed(6);
     IntNExportOptions o;
     o.keep_numel = 0;
@@ -309,7 +297,7 @@ TEST(QuantIntN, CorruptOrTruncatedArtifactNamesTheFile) {
         bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
     }
     auto write = [&](const std::string & name, const std::string & data) {
-        std::string p = (tmp.path / name).string();
+        std::string p = tmp.path(name);
         std::ofstream(p, std::ios::binary).write(data.data(), (std::streamsize)data.size());
         return p;
     };
@@ -330,7 +318,7 @@ TEST(QuantIntN, CorruptOrTruncatedArtifactNamesTheFile) {
     std::string v = bytes;
     v[8] = 9;
     bad.push_back(write("version.intn", v));
-    bad.push_back((tmp.path / "missing.intn").string());
+    bad.push_back(tmp.path("missing.intn"));
     for (const auto & p : bad) {
         std::string err = error_of([&] { intn_load(p); });
         EXPECT_NE(err, "") << p;
@@ -340,11 +328,11 @@ TEST(QuantIntN, CorruptOrTruncatedArtifactNamesTheFile) {
 }
 
 TEST(QuantIntN, ExportRejectsBadInput) {
-    TmpDir tmp;
-    std::string p = (tmp.path / "x.intn").string();
+    TestTempDir tmp{"qatlab_intn_"};
+    std::string p = tmp.path("x.intn");
     EXPECT_NE(error_of([&] { intn_export(p, {{"a", at::ones({2}, at::kLong)}}, {}); }).find("floating"), std::string::npos);
     EXPECT_NE(error_of([&] { intn_export(p, {{"a", at::ones({2})}, {"a", at::ones({2})}}, {}); }).find("duplicate"), std::string::npos);
-    EXPECT_NE(error_of([&] { intn_export((tmp.path / "no/such/dir.intn").string(), {{"a", at::ones({2})}}, {}); }).find("no/such"),
+    EXPECT_NE(error_of([&] { intn_export(tmp.path("no/such/dir.intn"), {{"a", at::ones({2})}}, {}); }).find("no/such"),
               std::string::npos);
     EXPECT_FALSE(fs::exists(p));
 }
@@ -354,7 +342,7 @@ TEST(QuantIntN, ExportRejectsBadInput) {
 TEST(QuantIntNInterop, PyTorchQuantizerAndNumpyReaderAgree) {
     if (!test_python()) GTEST_SKIP() << "QATLAB_PYTHON not set";
     if (std::system("zstd --version >/dev/null 2>&1") != 0) GTEST_SKIP() << "no zstd command";
-    TmpDir tmp;
+    TestTempDir tmp{"qatlab_intn_"};
     at::manual_seed(7);
     // name = b<bits>_k<clip>_g<group_rows>; each entry its own weight
     NamedTensors ts;
@@ -367,7 +355,7 @@ TEST(QuantIntNInterop, PyTorchQuantizerAndNumpyReaderAgree) {
         ts.push_back({name, at::randn({48, 200}) * (0.01 + at::rand({48, 1}) * 0.05)});
         o.rules.push_back({std::string("^") + name + "$", bits, k, g});
     }
-    std::string art = (tmp.path / "a.intn").string(), wst = (tmp.path / "w.safetensors").string();
+    std::string art = tmp.path("a.intn"), wst = tmp.path("w.safetensors");
     intn_export(art, ts, o);
     safetensors_save(wst, ts);
     std::string code =
@@ -398,7 +386,7 @@ TEST(QuantIntNInterop, PyTorchQuantizerAndNumpyReaderAgree) {
         "    deq = (qf.float().reshape(s.numel(), -1) * sf.float()[:, None]).reshape(w.shape)\n"
         "    assert (deq - w).abs().max() <= s.max() * (0.5 if k == 0 else 1e9), e['name']\n"
         "print('ok', len(W))\n";
-    std::string script = (tmp.path / "ref.py").string();
+    std::string script = tmp.path("ref.py");
     std::ofstream(script) << code;
     std::string text;
     int rc = test_python_file(script, {wst, art}, &text);

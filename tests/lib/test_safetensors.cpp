@@ -110,22 +110,11 @@ std::string load_error(const std::string & path, std::initializer_list<std::stri
 
 class Safetensors : public ::testing::Test {
 protected:
-    std::string dir;
-
-    void SetUp() override {
-        std::string tmpl = ::testing::TempDir() + "qatlab_safetensors_XXXXXX";
-        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr) << tmpl;
-        dir = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
-    }
-    std::string path(const std::string & name) const { return dir + "/" + name; }
+    TestTempDir tmp{"qatlab_safetensors_"};
 
     std::vector<std::string> dir_list() const {
         std::vector<std::string> names;
-        for (const auto & e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+        for (const auto & e : fs::directory_iterator(tmp.dir())) names.push_back(e.path().filename().string());
         return names;
     }
 };
@@ -164,8 +153,8 @@ TEST_F(Safetensors, LoadsHandBuiltFile) {
     // Unpadded, the data lands misaligned: the loader must still get every value right.
     for (bool pad : {true, false}) {
         SCOPED_TRACE(pad ? "padded header" : "unpadded header");
-        file_write(path("hand.safetensors"), file_build(header, data, pad));
-        auto f = safetensors_load(path("hand.safetensors"));
+        file_write(tmp.path("hand.safetensors"), file_build(header, data, pad));
+        auto f = safetensors_load(tmp.path("hand.safetensors"));
         ASSERT_EQ(f.tensors.size(), 2u);
         EXPECT_EQ(f.tensors[0].first, "w");  // file-offset order
         EXPECT_EQ(f.tensors[1].first, "idx");
@@ -201,8 +190,8 @@ TEST_F(Safetensors, LoadsHandBuiltHalfBf16BoolAndIntegers) {
                              raw_bytes<uint8_t>({1, 0, 1}) + raw_bytes<uint8_t>({0, 255}) +
                              raw_bytes<int8_t>({-128, 127}) + raw_bytes<int16_t>({-300}) +
                              raw_bytes<int32_t>({123456789}) + raw_bytes<double>({-0.1});
-    file_write(path("mixed.safetensors"), file_build(header, data));
-    auto f = safetensors_load(path("mixed.safetensors"));
+    file_write(tmp.path("mixed.safetensors"), file_build(header, data));
+    auto f = safetensors_load(tmp.path("mixed.safetensors"));
     ASSERT_EQ(f.tensors.size(), 8u);
 
     auto bf = tensor_get(f, "bf");
@@ -229,14 +218,14 @@ TEST_F(Safetensors, LoadsHandBuiltHalfBf16BoolAndIntegers) {
 
 TEST_F(Safetensors, EmptyHeaderIsValid) {
     for (bool pad : {true, false}) {
-        file_write(path("empty.safetensors"), file_build("{}", "", pad));
-        auto f = safetensors_load(path("empty.safetensors"));
+        file_write(tmp.path("empty.safetensors"), file_build("{}", "", pad));
+        auto f = safetensors_load(tmp.path("empty.safetensors"));
         EXPECT_TRUE(f.tensors.empty());
         EXPECT_TRUE(f.metadata.empty());
     }
-    safetensors_save(path("saved_empty.safetensors"), {});
-    EXPECT_EQ(file_read(path("saved_empty.safetensors")), file_build("{}", ""));
-    EXPECT_TRUE(safetensors_load(path("saved_empty.safetensors")).tensors.empty());
+    safetensors_save(tmp.path("saved_empty.safetensors"), {});
+    EXPECT_EQ(file_read(tmp.path("saved_empty.safetensors")), file_build("{}", ""));
+    EXPECT_TRUE(safetensors_load(tmp.path("saved_empty.safetensors")).tensors.empty());
 }
 
 // --- round trips ------------------------------------------------------------------------------
@@ -259,15 +248,15 @@ TEST_F(Safetensors, RoundTripsEveryDtype) {
         else t = grid.to(dtype);
         in.emplace_back("t_" + name, t);
     }
-    safetensors_save(path("all.safetensors"), in);
-    auto f = safetensors_load(path("all.safetensors"));
+    safetensors_save(tmp.path("all.safetensors"), in);
+    auto f = safetensors_load(tmp.path("all.safetensors"));
     ASSERT_EQ(f.tensors.size(), in.size());
     for (size_t i = 0; i < in.size(); ++i) {
         EXPECT_EQ(f.tensors[i].first, in[i].first);
         expect_identical(f.tensors[i].second, in[i].second, in[i].first);
     }
     // The on-disk header, read independently: dtype strings, padding, contiguous offsets in order.
-    const std::string bytes = file_read(path("all.safetensors"));
+    const std::string bytes = file_read(tmp.path("all.safetensors"));
     uint64_t n;
     auto header = header_read(bytes, &n);
     EXPECT_EQ(n % 8, 0u);
@@ -293,12 +282,12 @@ TEST_F(Safetensors, RoundTripsScalarsEmptyTensorsAndMetadata) {
                        {"empty", at::empty({0, 3}, at::kFloat)},
                        {"empty_bool", at::empty({0}, at::kBool)},
                        {"after", at::tensor({7, 8}, at::kInt)}};
-    safetensors_save(path("edge.safetensors"), in, meta);
-    auto header = header_read(file_read(path("edge.safetensors")));
+    safetensors_save(tmp.path("edge.safetensors"), in, meta);
+    auto header = header_read(file_read(tmp.path("edge.safetensors")));
     EXPECT_EQ(header["scalar"]["shape"], nlohmann::ordered_json::array());
     EXPECT_EQ(header["empty"]["data_offsets"], nlohmann::ordered_json({8, 8}));
 
-    auto f = safetensors_load(path("edge.safetensors"));
+    auto f = safetensors_load(tmp.path("edge.safetensors"));
     EXPECT_EQ(f.metadata, meta);
     ASSERT_EQ(f.tensors.size(), 4u);
     auto s = tensor_get(f, "scalar");
@@ -317,8 +306,8 @@ TEST_F(Safetensors, SavesNonContiguousViews) {
                        {"expanded", at::tensor({2.5f}).expand({5})},      // stride 0
                        {"neg_view", at::_neg_view(base[0])}};
     ASSERT_FALSE(in[0].second.is_contiguous());
-    safetensors_save(path("views.safetensors"), in);
-    auto f = safetensors_load(path("views.safetensors"));
+    safetensors_save(tmp.path("views.safetensors"), in);
+    auto f = safetensors_load(tmp.path("views.safetensors"));
     EXPECT_TRUE(at::equal(tensor_get(f, "transpose"), base.t()));
     EXPECT_EQ(tensor_get(f, "transpose").sizes(), (std::vector<int64_t>{6, 4}));
     // Element (i, j) of the transpose is base[j][i] = 6 j + i: checked without torch's copy.
@@ -333,35 +322,35 @@ TEST_F(Safetensors, SavesNonContiguousViews) {
     EXPECT_EQ(tensor_get(f, "neg_view")[5].item<float>(), -5.0f);
     // Only the logical elements are written, not the underlying storage.
     uint64_t n;
-    header_read(file_read(path("views.safetensors")), &n);
-    EXPECT_EQ(fs::file_size(path("views.safetensors")), 8 + n + 4 * (24 + 9 + 5 + 6));
+    header_read(file_read(tmp.path("views.safetensors")), &n);
+    EXPECT_EQ(fs::file_size(tmp.path("views.safetensors")), 8 + n + 4 * (24 + 9 + 5 + 6));
 }
 
 TEST_F(Safetensors, KeepsTheGivenOrder) {
     NamedTensors in = {{"z", at::ones({2})}, {"a", at::zeros({3}, at::kLong)}, {"m", at::ones({1}, at::kHalf)}};
-    safetensors_save(path("order.safetensors"), in);
-    auto header = header_read(file_read(path("order.safetensors")));
+    safetensors_save(tmp.path("order.safetensors"), in);
+    auto header = header_read(file_read(tmp.path("order.safetensors")));
     std::vector<std::string> keys;
     for (auto it = header.begin(); it != header.end(); ++it) keys.push_back(it.key());
     EXPECT_EQ(keys, (std::vector<std::string>{"z", "a", "m"}));
     EXPECT_EQ(header["a"]["data_offsets"], nlohmann::ordered_json({8, 32}));
-    auto f = safetensors_load(path("order.safetensors"));
+    auto f = safetensors_load(tmp.path("order.safetensors"));
     EXPECT_EQ(f.tensors[0].first, "z");
     EXPECT_EQ(f.tensors[1].first, "a");
     EXPECT_EQ(f.tensors[2].first, "m");
 }
 
 TEST_F(Safetensors, LoadedTensorsAreCopyOnWriteAndOutliveTheFile) {
-    safetensors_save(path("cow.safetensors"), {{"w", at::arange(6, at::kFloat)}, {"v", at::ones({2})}});
-    const std::string before = file_read(path("cow.safetensors"));
+    safetensors_save(tmp.path("cow.safetensors"), {{"w", at::arange(6, at::kFloat)}, {"v", at::ones({2})}});
+    const std::string before = file_read(tmp.path("cow.safetensors"));
     at::Tensor w;
     {
-        auto f = safetensors_load(path("cow.safetensors"));
+        auto f = safetensors_load(tmp.path("cow.safetensors"));
         w = tensor_get(f, "w");
     }
     w.mul_(10);  // writable; must not reach the file
-    EXPECT_EQ(file_read(path("cow.safetensors")), before);
-    fs::remove(path("cow.safetensors"));  // the mapping outlives the name
+    EXPECT_EQ(file_read(tmp.path("cow.safetensors")), before);
+    fs::remove(tmp.path("cow.safetensors"));  // the mapping outlives the name
     EXPECT_TRUE(at::equal(w, at::arange(6, at::kFloat) * 10));
     at::Tensor view = w.slice(0, 2, 4);
     w = at::Tensor();
@@ -371,8 +360,8 @@ TEST_F(Safetensors, LoadedTensorsAreCopyOnWriteAndOutliveTheFile) {
 TEST_F(Safetensors, SavesFromCuda) {
     if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
     auto t = at::arange(10, at::kFloat).to(at::kBFloat16).cuda().reshape({2, 5}).t();
-    safetensors_save(path("cuda.safetensors"), {{"t", t}});
-    auto f = safetensors_load(path("cuda.safetensors"));
+    safetensors_save(tmp.path("cuda.safetensors"), {{"t", t}});
+    auto f = safetensors_load(tmp.path("cuda.safetensors"));
     expect_identical(tensor_get(f, "t"), t.cpu(), "t");
     EXPECT_TRUE(tensor_get(f, "t").device().is_cpu());
 }
@@ -382,7 +371,7 @@ TEST_F(Safetensors, SavesFromCuda) {
 TEST_F(Safetensors, PythonLoadsOurFile) {
     ASSERT_NE(test_python(), nullptr)
         << "QATLAB_PYTHON must name a python3 with torch and safetensors (CTest sets it)";
-    safetensors_save(path("ours.safetensors"), tensors_sample(), {{"format", "pt"}, {"note", "h\u00e9llo"}});
+    safetensors_save(tmp.path("ours.safetensors"), tensors_sample(), {{"format", "pt"}, {"note", "h\u00e9llo"}});
     const std::string script = R"PY(
 import sys, torch
 from safetensors import safe_open
@@ -417,7 +406,7 @@ with safe_open(path, framework="pt") as f:
 print("python ok")
 )PY";
     std::string out;
-    EXPECT_EQ(test_python_run(script, {path("ours.safetensors")}, &out), 0) << out;
+    EXPECT_EQ(test_python_run(script, {tmp.path("ours.safetensors")}, &out), 0) << out;
     EXPECT_NE(out.find("python ok"), std::string::npos) << out;
 }
 
@@ -446,8 +435,8 @@ save_file({
 }, sys.argv[1], metadata={"format": "pt", "source": "python"})
 )PY";
     std::string out;
-    ASSERT_EQ(test_python_run(script, {path("theirs.safetensors")}, &out), 0) << out;
-    auto f = safetensors_load(path("theirs.safetensors"));
+    ASSERT_EQ(test_python_run(script, {tmp.path("theirs.safetensors")}, &out), 0) << out;
+    auto f = safetensors_load(tmp.path("theirs.safetensors"));
     EXPECT_EQ(f.metadata, (std::map<std::string, std::string>{{"format", "pt"}, {"source", "python"}}));
     auto want = tensors_sample();
     ASSERT_EQ(f.tensors.size(), want.size() + 1);
@@ -467,7 +456,7 @@ save_file({
 // --- hostile files ----------------------------------------------------------------------------
 
 TEST_F(Safetensors, RejectsShortAndOversizedHeaders) {
-    const std::string p = path("bad.safetensors");
+    const std::string p = tmp.path("bad.safetensors");
     file_write(p, std::string("\x10\x00\x00", 3));
     load_error(p, {p, "header length", "3 bytes"});
     file_write(p, u64_le(1000) + std::string(20, ' '));
@@ -476,12 +465,12 @@ TEST_F(Safetensors, RejectsShortAndOversizedHeaders) {
     load_error(p, {p, "header length"});
     file_write(p, u64_le(200'000'000) + "{}");
     load_error(p, {p, "header length", "100000000"});
-    load_error(path("missing.safetensors"), {path("missing.safetensors"), "No such file"});
-    load_error(dir, {dir, "regular file"});
+    load_error(tmp.path("missing.safetensors"), {tmp.path("missing.safetensors"), "No such file"});
+    load_error(tmp.dir(), {tmp.dir(), "regular file"});
 }
 
 TEST_F(Safetensors, RejectsBadHeaders) {
-    const std::string p = path("bad.safetensors");
+    const std::string p = tmp.path("bad.safetensors");
     auto expect = [&](const std::string & header, const std::string & data,
                       std::initializer_list<std::string> needles) {
         SCOPED_TRACE(header);
@@ -529,7 +518,7 @@ TEST_F(Safetensors, RejectsBadHeaders) {
 }
 
 TEST_F(Safetensors, RejectsBadOffsets) {
-    const std::string p = path("model.safetensors");
+    const std::string p = tmp.path("model.safetensors");
     file_write(p, file_build(R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", std::string(20, '\0')));
     // The exact wording promised by the header's contract.
     EXPECT_EQ(load_error(p, {}), p + ": tensor 'w': data_offsets [0, 20] do not match dtype F32 and shape [2, 3] "
@@ -562,10 +551,10 @@ TEST_F(Safetensors, RejectsBadOffsets) {
 }
 
 TEST_F(Safetensors, SurvivesEveryTruncation) {
-    const std::string good = path("good.safetensors");
+    const std::string good = tmp.path("good.safetensors");
     safetensors_save(good, tensors_sample(), {{"format", "pt"}});
     const std::string bytes = file_read(good);
-    const std::string p = path("cut.safetensors");
+    const std::string p = tmp.path("cut.safetensors");
     for (size_t len = 0; len <= bytes.size(); ++len) {
         file_write(p, bytes.substr(0, len));
         try {
@@ -582,12 +571,12 @@ TEST_F(Safetensors, SurvivesEveryTruncation) {
 }
 
 TEST_F(Safetensors, SurvivesRandomCorruption) {
-    safetensors_save(path("good.safetensors"), tensors_sample(), {{"format", "pt"}});
-    const std::string bytes = file_read(path("good.safetensors"));
+    safetensors_save(tmp.path("good.safetensors"), tensors_sample(), {{"format", "pt"}});
+    const std::string bytes = file_read(tmp.path("good.safetensors"));
     uint64_t n;
     header_read(bytes, &n);
     std::mt19937 rng(1234);
-    const std::string p = path("fuzz.safetensors");
+    const std::string p = tmp.path("fuzz.safetensors");
     static const char alphabet_chars[] = "{}[]\",:0123456789-.eE \x00\xff" "FIBU";
     const std::string alphabet(alphabet_chars, sizeof alphabet_chars - 1);
     int loaded = 0, rejected = 0;
@@ -616,7 +605,7 @@ TEST_F(Safetensors, SurvivesRandomCorruption) {
 // --- saving: validation and atomicity ---------------------------------------------------------
 
 TEST_F(Safetensors, SaveRejectsBadInputAndLeavesNothing) {
-    const std::string p = path("out.safetensors");
+    const std::string p = tmp.path("out.safetensors");
     auto expect_save_error = [&](const NamedTensors & ts, std::initializer_list<std::string> needles) {
         try {
             safetensors_save(p, ts);
@@ -639,7 +628,7 @@ TEST_F(Safetensors, SaveRejectsBadInputAndLeavesNothing) {
 }
 
 TEST_F(Safetensors, SaveIsAtomic) {
-    const std::string missing = path("no_such_dir/out.safetensors");
+    const std::string missing = tmp.path("no_such_dir/out.safetensors");
     try {
         safetensors_save(missing, {{"w", at::ones({2})}});
         ADD_FAILURE() << "no error";
@@ -649,7 +638,7 @@ TEST_F(Safetensors, SaveIsAtomic) {
     }
     EXPECT_TRUE(dir_list().empty());
 
-    const std::string p = path("out.safetensors");
+    const std::string p = tmp.path("out.safetensors");
     safetensors_save(p, {{"w", at::ones({2})}});
     safetensors_save(p, {{"w", at::full({3}, 2.0f)}, {"v", at::zeros({1}, at::kInt)}});  // replaces
     EXPECT_EQ(dir_list(), std::vector<std::string>{"out.safetensors"});  // no *.tmp.* left

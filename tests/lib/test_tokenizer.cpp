@@ -53,18 +53,6 @@ void file_write(const std::string & path, const std::string & s) {
     f << s;
 }
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char buf[] = "/tmp/qatlab_tok_XXXXXX";
-        path = mkdtemp(buf);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
 // Runs Python's `tokenizers` on {"texts": [...], "ids": [[...]]}: encodes the texts and
 // decodes the id lists. Returns false (test skipped) when the package is missing.
 const char * kPyScript = R"PY(
@@ -90,14 +78,14 @@ json.dump({'enc': enc, 'dec': dec, 'encs': encs}, open(sys.argv[2], 'w', encodin
 
 bool python_tokenizers(const json & request, json & reply) {
     if (!test_python()) return false;
-    TempDir t;
-    file_write(t.path + "/run.py", kPyScript);
-    file_write(t.path + "/in.json", request.dump());
-    std::string cmd = test_python_command({t.path + "/run.py", t.path + "/in.json", t.path + "/out.json"});
+    TestTempDir t{"qatlab_tok_"};
+    file_write(t.path("run.py"), kPyScript);
+    file_write(t.path("in.json"), request.dump());
+    std::string cmd = test_python_command({t.path("run.py"), t.path("in.json"), t.path("out.json")});
     int rc = test_shell_run(cmd);
     if (rc == 3) return false;
     EXPECT_EQ(rc, 0) << cmd;
-    reply = json::parse(file_read(t.path + "/out.json"));
+    reply = json::parse(file_read(t.path("out.json")));
     return true;
 }
 
@@ -432,10 +420,10 @@ TEST(TokenizerJson, PreTokenizerVariantsMatchPython) {
     std::vector<std::string> texts = random_texts(60, 42, false);
     texts.push_back("the 12 abab  the<sep>the   <sep> 1212x");
     texts.push_back("  lead, the 123 and  the\n\nend  ");
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     std::vector<std::string> paths;
     for (size_t k = 0; k < pres.size(); k++) {
-        paths.push_back(t.path + "/tok" + std::to_string(k) + ".json");
+        paths.push_back(t.path("tok" + std::to_string(k) + ".json"));
         file_write(paths.back(), tiny_tokenizer(pres[k], k % 2 ? json{{"type", "NFC"}} : json(nullptr)).dump());
     }
     json reply;
@@ -450,7 +438,7 @@ TEST(TokenizerJson, PreTokenizerVariantsMatchPython) {
 }
 
 TEST(TokenizerJson, TemplateProcessingAddsSpecialTokens) {
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     json j = tiny_tokenizer(byte_level(false, true));
     j["added_tokens"].push_back(json{{"id", 300}, {"content", "<s>"}, {"special", true}, {"normalized", false}});
     j["post_processor"] = json{{"type", "Sequence"},
@@ -460,9 +448,9 @@ TEST(TokenizerJson, TemplateProcessingAddsSpecialTokens) {
                                                                                         json{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
                                                                 {"pair", json::array()},
                                                                 {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {300}}, {"tokens", {"<s>"}}}}}}}})}};
-    file_write(t.path + "/tokenizer.json", j.dump());
-    file_write(t.path + "/tokenizer_config.json", json{{"bos_token", "<s>"}, {"eos_token", {{"content", "<sep>"}}}}.dump());
-    auto tk = BpeTokenizer::from_json(t.path);
+    file_write(t.path("tokenizer.json"), j.dump());
+    file_write(t.path("tokenizer_config.json"), json{{"bos_token", "<s>"}, {"eos_token", {{"content", "<sep>"}}}}.dump());
+    auto tk = BpeTokenizer::from_json(t.dir());
     EXPECT_EQ(tk->bos_token_id(), 300);
     EXPECT_EQ(tk->eos_token_id(), tk->token_to_id("<sep>"));
     auto ids = tk->encode(" the", true);
@@ -473,14 +461,14 @@ TEST(TokenizerJson, TemplateProcessingAddsSpecialTokens) {
 
 TEST(TokenizerJson, IgnoreMergesTakesWholeWords) {
     // "abab" is in the vocabulary but no merge builds it: only ignore_merges (Llama-3) finds it.
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     json j = tiny_tokenizer(byte_level(false, true));
     j["model"]["vocab"]["abab"] = 400;
-    file_write(t.path + "/merges.json", j.dump());
+    file_write(t.path("merges.json"), j.dump());
     j["model"]["ignore_merges"] = true;
-    file_write(t.path + "/ignore.json", j.dump());
-    auto with_merges = BpeTokenizer::from_json(t.path + "/merges.json");
-    auto ignoring = BpeTokenizer::from_json(t.path + "/ignore.json");
+    file_write(t.path("ignore.json"), j.dump());
+    auto with_merges = BpeTokenizer::from_json(t.path("merges.json"));
+    auto ignoring = BpeTokenizer::from_json(t.path("ignore.json"));
     int64_t ab = with_merges->token_to_id("ab");
     EXPECT_EQ(with_merges->encode("abab"), (std::vector<int64_t>{ab, ab}));
     EXPECT_EQ(ignoring->encode("abab"), (std::vector<int64_t>{400}));
@@ -488,74 +476,74 @@ TEST(TokenizerJson, IgnoreMergesTakesWholeWords) {
 }
 
 TEST(TokenizerJson, ErrorsNameFileAndKey) {
-    TempDir t;
-    std::string err = error_of([&] { BpeTokenizer::from_json(t.path + "/missing.json"); });
+    TestTempDir t{"qatlab_tok_"};
+    std::string err = error_of([&] { BpeTokenizer::from_json(t.path("missing.json")); });
     EXPECT_NE(err.find("missing.json"), std::string::npos) << err;
     EXPECT_NE(err.find("cannot open"), std::string::npos) << err;
 
-    file_write(t.path + "/bad.json", "{\"model\": ");
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/bad.json"); });
+    file_write(t.path("bad.json"), "{\"model\": ");
+    err = error_of([&] { BpeTokenizer::from_json(t.path("bad.json")); });
     EXPECT_NE(err.find("bad.json: not valid JSON"), std::string::npos) << err;
 
     json j = tiny_tokenizer(byte_level(false, true));
     j["model"]["type"] = "WordPiece";
-    file_write(t.path + "/wp.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/wp.json"); });
+    file_write(t.path("wp.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("wp.json")); });
     EXPECT_NE(err.find("wp.json: model.type: expected 'BPE', found 'WordPiece'"), std::string::npos) << err;
 
     j = tiny_tokenizer(seq({byte_level(false, true), json{{"type", "Metaspace"}}}));
-    file_write(t.path + "/ms.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/ms.json"); });
+    file_write(t.path("ms.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("ms.json")); });
     EXPECT_NE(err.find("ms.json: pre_tokenizer.pretokenizers[1].type"), std::string::npos) << err;
     EXPECT_NE(err.find("found 'Metaspace'"), std::string::npos) << err;
 
     j = tiny_tokenizer(split("\\s+", "Isolated"));
-    file_write(t.path + "/nobl.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/nobl.json"); });
+    file_write(t.path("nobl.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("nobl.json")); });
     EXPECT_NE(err.find("nobl.json: pre_tokenizer: expected a ByteLevel"), std::string::npos) << err;
 
     j = tiny_tokenizer(byte_level(false, true), json{{"type", "Lowercase"}});
-    file_write(t.path + "/lc.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/lc.json"); });
+    file_write(t.path("lc.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("lc.json")); });
     EXPECT_NE(err.find("lc.json: normalizer.type: expected NFC"), std::string::npos) << err;
 
     j = tiny_tokenizer(split("([", "Isolated"));
-    file_write(t.path + "/re.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/re.json"); });
+    file_write(t.path("re.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("re.json")); });
     EXPECT_NE(err.find("re.json: pre_tokenizer.pattern.Regex: cannot compile"), std::string::npos) << err;
 
     j = tiny_tokenizer(byte_level(false, true));
     j["model"]["merges"].push_back("x nosuch");
-    file_write(t.path + "/mg.json", j.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/mg.json"); });
+    file_write(t.path("mg.json"), j.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("mg.json")); });
     EXPECT_NE(err.find("mg.json: model.merges[5]"), std::string::npos) << err;
 
-    fs::create_directory(t.path + "/cfg");
-    file_write(t.path + "/cfg/tokenizer.json", tiny_tokenizer(byte_level(false, true)).dump());
-    file_write(t.path + "/cfg/tokenizer_config.json", json{{"eos_token", "<nope>"}}.dump());
-    err = error_of([&] { BpeTokenizer::from_json(t.path + "/cfg"); });
+    fs::create_directory(t.path("cfg"));
+    file_write(t.path("cfg/tokenizer.json"), tiny_tokenizer(byte_level(false, true)).dump());
+    file_write(t.path("cfg/tokenizer_config.json"), json{{"eos_token", "<nope>"}}.dump());
+    err = error_of([&] { BpeTokenizer::from_json(t.path("cfg")); });
     EXPECT_NE(err.find("tokenizer_config.json: eos_token: token '<nope>'"), std::string::npos) << err;
 
-    err = error_of([&] { tokenizer_load(t.path); });
+    err = error_of([&] { tokenizer_load(t.dir()); });
     EXPECT_NE(err.find("expected a directory holding tokenizer.json"), std::string::npos) << err;
 }
 
 // -- SentencePiece ------------------------------------------------------------------------------
 
 TEST(TokenizerSentencePiece, TrainLoadAndMatchSpmEncode) {
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     std::string corpus = "/usr/share/common-licenses/GPL-3";
     ASSERT_TRUE(fs::exists(corpus));
     SentencePieceTrainOptions o;
     o.input = corpus;
-    o.model_prefix = t.path + "/gpl";
+    o.model_prefix = t.path("gpl");
     o.vocab_size = 500;
     o.model_type = "bpe";
     o.extra["character_coverage"] = "1.0";
     std::string model = sentencepiece_train(o);
-    EXPECT_EQ(model, t.path + "/gpl.model");
+    EXPECT_EQ(model, t.path("gpl.model"));
     std::vector<std::string> files;
-    for (auto & e : fs::directory_iterator(t.path)) files.push_back(e.path().filename().string());
+    for (auto & e : fs::directory_iterator(t.dir())) files.push_back(e.path().filename().string());
     std::sort(files.begin(), files.end());
     EXPECT_EQ(files, (std::vector<std::string>{"gpl.model", "gpl.vocab"}));  // no temporary left
 
@@ -571,7 +559,7 @@ TEST(TokenizerSentencePiece, TrainLoadAndMatchSpmEncode) {
     EXPECT_TRUE(tk->is_special(1));
 
     // Our encode against the spm_encode CLI, line by line.
-    std::string ids_path = t.path + "/ids.txt";
+    std::string ids_path = t.path("ids.txt");
     std::string cmd = "spm_encode --model=" + test_shell_quote(model) + " --output_format=id < " +
                       test_shell_quote(corpus) + " > " + test_shell_quote(ids_path);
     ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
@@ -605,10 +593,10 @@ TEST(TokenizerSentencePiece, TrainLoadAndMatchSpmEncode) {
 }
 
 TEST(TokenizerSentencePiece, GolfOptionsByteFallback) {
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     SentencePieceTrainOptions o;
     o.input = "/usr/share/common-licenses/Apache-2.0";
-    o.model_prefix = t.path + "/golf";
+    o.model_prefix = t.path("golf");
     o.vocab_size = 400;
     o.extra = sentencepiece_golf_options();
     auto tk = SentencePieceTokenizer::from_file(sentencepiece_train(o));
@@ -630,25 +618,25 @@ TEST(TokenizerSentencePiece, GolfOptionsByteFallback) {
 }
 
 TEST(TokenizerSentencePiece, Errors) {
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     SentencePieceTrainOptions o;
-    o.input = t.path + "/missing.txt";
-    o.model_prefix = t.path + "/m";
+    o.input = t.path("missing.txt");
+    o.model_prefix = t.path("m");
     std::string err = error_of([&] { sentencepiece_train(o); });
-    EXPECT_NE(err.find("input: " + t.path + "/missing.txt: no such file"), std::string::npos) << err;
+    EXPECT_NE(err.find("input: " + t.path("missing.txt") + ": no such file"), std::string::npos) << err;
     o.input = "/usr/share/common-licenses/GPL-3";
     o.extra["no_such_flag"] = "1";
     err = error_of([&] { sentencepiece_train(o); });
     EXPECT_NE(err.find("no_such_flag"), std::string::npos) << err;
-    EXPECT_TRUE(fs::is_empty(t.path));  // nothing half-written
+    EXPECT_TRUE(fs::is_empty(t.dir()));  // nothing half-written
     o.extra.clear();
-    o.model_prefix = t.path + "/nodir/m";
+    o.model_prefix = t.path("nodir/m");
     err = error_of([&] { sentencepiece_train(o); });
     EXPECT_NE(err.find("does not exist"), std::string::npos) << err;
-    file_write(t.path + "/junk.model", "not a model");
-    err = error_of([&] { SentencePieceTokenizer::from_file(t.path + "/junk.model"); });
+    file_write(t.path("junk.model"), "not a model");
+    err = error_of([&] { SentencePieceTokenizer::from_file(t.path("junk.model")); });
     EXPECT_NE(err.find("junk.model: not a SentencePiece model"), std::string::npos) << err;
-    err = error_of([&] { SentencePieceTokenizer::from_file(t.path + "/none.model"); });
+    err = error_of([&] { SentencePieceTokenizer::from_file(t.path("none.model")); });
     EXPECT_NE(err.find("none.model: cannot open"), std::string::npos) << err;
 }
 
@@ -658,10 +646,10 @@ C10_DECLARE_int(minloglevel);  // c10's, declared in no header
 
 TEST(TokenizerSentencePiece, LeavesC10FlagsAlone) {
     int minloglevel = FLAGS_minloglevel, log_level = FLAGS_caffe2_log_level;
-    TempDir t;
+    TestTempDir t{"qatlab_tok_"};
     SentencePieceTrainOptions o;
     o.input = "/usr/share/common-licenses/Apache-2.0";
-    o.model_prefix = t.path + "/m";
+    o.model_prefix = t.path("m");
     o.vocab_size = 300;
     auto tk = SentencePieceTokenizer::from_file(sentencepiece_train(o));
     EXPECT_FALSE(tk->encode("License").empty());
@@ -750,14 +738,14 @@ for msgs in json.load(open(sys.argv[2], encoding='utf-8')):
     out.append(row)
 json.dump(out, open(sys.argv[3], 'w', encoding='utf-8'))
 )PY";
-    TempDir t;
-    file_write(t.path + "/run.py", script);
-    file_write(t.path + "/in.json", cases.dump());
-    int rc = test_python_file(t.path + "/run.py",
-                              {qwen_dir() + "/tokenizer_config.json", t.path + "/in.json", t.path + "/out.json"});
+    TestTempDir t{"qatlab_tok_"};
+    file_write(t.path("run.py"), script);
+    file_write(t.path("in.json"), cases.dump());
+    int rc = test_python_file(t.path("run.py"),
+                              {qwen_dir() + "/tokenizer_config.json", t.path("in.json"), t.path("out.json")});
     if (rc == 3) GTEST_SKIP() << "jinja2 not installed";
     ASSERT_EQ(rc, 0);
-    json out = json::parse(file_read(t.path + "/out.json"));
+    json out = json::parse(file_read(t.path("out.json")));
     for (size_t i = 0; i < convs.size(); i++) {
         int k = 0;
         for (bool think : {true, false})

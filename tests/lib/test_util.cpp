@@ -1,9 +1,15 @@
-// Shared helpers for the GoogleTest files (see test_util.h): QATLAB_PYTHON and shell runs with
-// captured output.
+// Shared helpers for the GoogleTest files (see test_util.h): QATLAB_PYTHON, shell runs with
+// captured output, and TestTempDir.
 #include "test_util.h"
 
+#include <gtest/gtest.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
 
 #include <sys/wait.h>
 
@@ -66,4 +72,13 @@ int test_python_file(const std::string & path, const std::vector<std::string> & 
     std::vector<std::string> all = {path};
     all.insert(all.end(), args.begin(), args.end());
     return python_exec(all, out, merge_stderr);
+}
+
+TestTempDir::TestTempDir(const std::string & prefix) : dir_(::testing::TempDir() + prefix + "XXXXXX") {
+    if (!::mkdtemp(dir_.data())) throw std::runtime_error("mkdtemp " + dir_ + ": " + std::strerror(errno));
+}
+
+TestTempDir::~TestTempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
 }

@@ -1,5 +1,5 @@
-// Shared helpers for the GoogleTest files: the QATLAB_PYTHON interpreter, and running it (or any
-// shell command) with quoted arguments and the output captured. Kept free of torch headers.
+// Shared helpers for the GoogleTest files: the QATLAB_PYTHON interpreter, running it (or any shell
+// command) with quoted arguments and the output captured, and scratch directories. No torch headers.
 #pragma once
 
 #include <string>
@@ -25,3 +25,18 @@ int test_python_run(const std::string & script, const std::vector<std::string> &
 // Runs `$QATLAB_PYTHON path args...` likewise.
 int test_python_file(const std::string & path, const std::vector<std::string> & args, std::string * out = nullptr,
                      bool merge_stderr = true);
+
+// A fresh directory ::testing::TempDir() + prefix + 6 random characters, removed with everything in it
+// on destruction. Throws, naming the path, when mkdtemp fails (gtest then fails the test).
+struct TestTempDir {
+    explicit TestTempDir(const std::string & prefix);
+    ~TestTempDir();
+    TestTempDir(const TestTempDir &) = delete;
+    TestTempDir & operator=(const TestTempDir &) = delete;
+
+    const std::string & dir() const { return dir_; }
+    std::string path(const std::string & name) const { return dir_ + "/" + name; }
+
+private:
+    std::string dir_;
+};
