@@ -1,7 +1,7 @@
-// pt_reader: memory-mapped zip reader (stored entries, ZIP64) and a pickle VM for torch.save files.
+// pt_reader: the pickle VM for torch.save files, over the zip entries of lib/pt_zip.cpp.
 // Hostile files must end in a std::runtime_error naming the file and the entry or key, never a crash.
 #include "lib/pt_reader.h"
-#include "lib/file_map.h"
+#include "lib/pt_zip.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -65,12 +65,7 @@ constexpr size_t depth_max = 256;
 // Far above any real tensor; stops a size tuple of a million entries.
 constexpr size_t rank_max = 64;
 
-[[noreturn]] void load_fail(const std::string & path, const std::string & key, const std::string & what) {
-    throw std::runtime_error(path + ": " + key + ": " + what);
-}
 
-
-// -- the file mapping -------------------------------------------------------------------------
 
 struct FdGuard {
     int fd = -1;
@@ -78,192 +73,6 @@ struct FdGuard {
     ~FdGuard() { if (fd >= 0) ::close(fd); }
 };
 
-uint16_t rd16(const uint8_t * p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-uint32_t rd32(const uint8_t * p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
-uint64_t rd64(const uint8_t * p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
-
-// True when [off, off + n) lies inside [0, size); overflow-safe.
-bool span_ok(uint64_t off, uint64_t n, uint64_t size) { return off <= size && n <= size - off; }
-
-// -- zip -------------------------------------------------------------------------------------
-
-struct ZipEntry {
-    std::string name;
-    uint64_t data;   // offset of the first data byte in the file
-    uint64_t size;
-};
-
-struct ZipArchive {
-    std::string path;
-    std::shared_ptr<FileMap> mapping;
-    const uint8_t * base = nullptr;
-    uint64_t size = 0;
-    std::vector<ZipEntry> entries;
-    std::unordered_map<std::string, size_t> by_name;
-
-    const ZipEntry * find(const std::string & name) const {
-        auto it = by_name.find(name);
-        return it == by_name.end() ? nullptr : &entries[it->second];
-    }
-};
-
-constexpr uint32_t sig_local = 0x04034b50, sig_central = 0x02014b50, sig_eocd = 0x06054b50,
-                   sig_eocd64 = 0x06064b50, sig_locator64 = 0x07064b50;
-
-std::string hex32(uint32_t v) {
-    char b[16];
-    std::snprintf(b, sizeof b, "0x%08x", v);
-    return b;
-}
-
-std::shared_ptr<FileMap> file_map(const std::string & path, uint64_t & size) {
-    std::shared_ptr<FileMap> map = file_map_open(path);
-    size = map->size;
-    if (size < 22)
-        load_fail(path, "zip", "expected a zip archive (torch.save format) of at least 22 bytes, found " +
-                  std::to_string(size) + " bytes");
-    return map;
-}
-
-// Reads the ZIP64 extended-information extra field: values present only for saturated fields.
-void zip64_extra(const ZipArchive & z, const std::string & name, const uint8_t * p, uint64_t n,
-                 uint64_t & usize, uint64_t & csize, uint64_t & offset) {
-    const bool want_u = usize == 0xffffffffu, want_c = csize == 0xffffffffu, want_o = offset == 0xffffffffu;
-    uint64_t i = 0;
-    while (i + 4 <= n) {
-        const uint16_t id = rd16(p + i), len = rd16(p + i + 2);
-        if (!span_ok(i + 4, len, n))
-            load_fail(z.path, "zip entry '" + name + "'", "extra field " + hex32(id) +
-                      " of " + std::to_string(len) + " bytes runs past the extra area of " +
-                      std::to_string(n) + " bytes");
-        if (id == 0x0001) {
-            const uint8_t * f = p + i + 4;
-            uint64_t k = 0;
-            auto take = [&](uint64_t & v, const char * what) {
-                if (k + 8 > len)
-                    load_fail(z.path, "zip entry '" + name + "'", std::string("ZIP64 extra field: expected ") +
-                              what + ", found only " + std::to_string(len) + " bytes");
-                v = rd64(f + k);
-                k += 8;
-            };
-            if (want_u) take(usize, "the uncompressed size");
-            if (want_c) take(csize, "the compressed size");
-            if (want_o) take(offset, "the local header offset");
-            return;
-        }
-        i += 4 + uint64_t(len);
-    }
-    if (want_u || want_c || want_o)
-        load_fail(z.path, "zip entry '" + name + "'", "expected a ZIP64 extra field for its saturated "
-                  "size or offset, found none");
-}
-
-ZipArchive zip_open(const std::string & path) {
-    ZipArchive z;
-    z.path = path;
-    z.mapping = file_map(path, z.size);
-    z.base = z.mapping->data;
-    const uint8_t * b = z.base;
-
-    if (z.size >= 4 && b[0] == 0x80 && b[1] == 0x02 && b[2] == 0x8a && b[3] == 0x0a)
-        load_fail(path, "file", "expected the zip format of torch.save, found the legacy format (PyTorch "
-                  "< 1.6 or _use_new_zipfile_serialization=False); re-save it with a current PyTorch");
-
-    // The end record sits in the last 22 bytes plus at most a 64 KiB comment.
-    uint64_t eocd = UINT64_MAX;
-    const uint64_t lowest = z.size > 22 + 0xffff ? z.size - 22 - 0xffff : 0;
-    for (uint64_t p = z.size - 22 + 1; p-- > lowest;) {
-        if (rd32(b + p) == sig_eocd && p + 22 + rd16(b + p + 20) <= z.size) {
-            eocd = p;
-            break;
-        }
-    }
-    if (eocd == UINT64_MAX)
-        load_fail(path, "zip", "expected an end-of-central-directory record (a torch.save file is a zip "
-                  "archive), found none: the file is truncated or not a zip archive");
-    if (rd16(b + eocd + 4) != 0 || rd16(b + eocd + 6) != 0)
-        load_fail(path, "zip", "expected a single-disk archive, found a multi-disk one");
-    uint64_t count = rd16(b + eocd + 10), cd_size = rd32(b + eocd + 12), cd_off = rd32(b + eocd + 16);
-    uint64_t cd_limit = eocd;   // the central directory must end before the end records
-
-    // torch.save always writes ZIP64 end records; they are required when a field is saturated.
-    const bool saturated = count == 0xffff || cd_size == 0xffffffffu || cd_off == 0xffffffffu;
-    if (eocd >= 20 && rd32(b + eocd - 20) == sig_locator64) {
-        const uint64_t loc = eocd - 20;
-        const uint64_t e64 = rd64(b + loc + 8);
-        if (!span_ok(e64, 56, loc))
-            load_fail(path, "zip", "ZIP64 end record offset " + std::to_string(e64) +
-                      " is outside the file (expected at most " + std::to_string(loc >= 56 ? loc - 56 : 0) + ")");
-        if (rd32(b + e64) != sig_eocd64)
-            load_fail(path, "zip", "expected the ZIP64 end record signature at offset " + std::to_string(e64) +
-                      ", found " + hex32(rd32(b + e64)));
-        count = rd64(b + e64 + 32);
-        cd_size = rd64(b + e64 + 40);
-        cd_off = rd64(b + e64 + 48);
-        cd_limit = e64;
-    } else if (saturated) {
-        load_fail(path, "zip", "expected a ZIP64 end-of-central-directory locator (the end record's "
-                  "fields are saturated), found none");
-    }
-    if (!span_ok(cd_off, cd_size, cd_limit))
-        load_fail(path, "zip", "central directory [" + std::to_string(cd_off) + ", +" + std::to_string(cd_size) +
-                  ") lies outside the file before its end records (at " + std::to_string(cd_limit) + ")");
-    if (count > cd_size / 46)
-        load_fail(path, "zip", "central directory of " + std::to_string(cd_size) + " bytes cannot hold " +
-                  std::to_string(count) + " entries (46 bytes each at least)");
-
-    z.entries.reserve(size_t(count));
-    uint64_t p = cd_off;
-    const uint64_t cd_end = cd_off + cd_size;
-    for (uint64_t i = 0; i < count; ++i) {
-        const std::string where = "zip central directory entry " + std::to_string(i);
-        if (!span_ok(p, 46, cd_end)) load_fail(path, where, "runs past the end of the central directory");
-        if (rd32(b + p) != sig_central)
-            load_fail(path, where, "expected signature " + hex32(sig_central) + ", found " + hex32(rd32(b + p)));
-        const uint16_t flags = rd16(b + p + 8), method = rd16(b + p + 10);
-        uint64_t csize = rd32(b + p + 20), usize = rd32(b + p + 24);
-        const uint16_t nlen = rd16(b + p + 28), xlen = rd16(b + p + 30), clen = rd16(b + p + 32);
-        uint64_t local = rd32(b + p + 42);
-        if (!span_ok(p + 46, uint64_t(nlen) + xlen + clen, cd_end))
-            load_fail(path, where, "name and extra fields run past the end of the central directory");
-        ZipEntry e;
-        e.name.assign(reinterpret_cast<const char *>(b + p + 46), nlen);
-        const std::string key = "zip entry '" + e.name + "'";
-        zip64_extra(z, e.name, b + p + 46 + nlen, xlen, usize, csize, local);
-        p += 46 + uint64_t(nlen) + xlen + clen;
-
-        if (flags & 1) load_fail(path, key, "expected an unencrypted entry, found an encrypted one");
-        if (method != 0)
-            load_fail(path, key, "expected a stored (uncompressed) entry as torch.save writes, found "
-                      "compression method " + std::to_string(method) + (method == 8 ? " (deflate)" : "") +
-                      "; re-save the file with torch.save");
-        if (csize != usize)
-            load_fail(path, key, "stored entry: expected equal compressed and uncompressed sizes, found " +
-                      std::to_string(csize) + " and " + std::to_string(usize));
-        if (!span_ok(local, 30, z.size))
-            load_fail(path, key, "local header offset " + std::to_string(local) + " is outside the file of " +
-                      std::to_string(z.size) + " bytes");
-        if (rd32(b + local) != sig_local)
-            load_fail(path, key, "expected a local header signature at offset " + std::to_string(local) +
-                      ", found " + hex32(rd32(b + local)));
-        const uint64_t lnlen = rd16(b + local + 26), lxlen = rd16(b + local + 28);
-        if (!span_ok(local + 30, lnlen + lxlen, z.size))
-            load_fail(path, key, "local header runs past the end of the file");
-        if (lnlen != nlen || std::memcmp(b + local + 30, e.name.data(), nlen) != 0)
-            load_fail(path, key, "local header names '" +
-                      std::string(reinterpret_cast<const char *>(b + local + 30), lnlen) +
-                      "', expected the central directory's name");
-        e.data = local + 30 + lnlen + lxlen;
-        e.size = usize;
-        if (!span_ok(e.data, e.size, z.size))
-            load_fail(path, key, "data [" + std::to_string(e.data) + ", +" + std::to_string(e.size) +
-                      ") runs past the end of the file of " + std::to_string(z.size) + " bytes (truncated?)");
-        if (!z.by_name.emplace(e.name, z.entries.size()).second)
-            load_fail(path, key, "expected unique entry names, found a duplicate");
-        z.entries.push_back(std::move(e));
-    }
-    return z;
-}
 
 // -- dtypes ----------------------------------------------------------------------------------
 
@@ -310,7 +119,7 @@ struct StorageRec {
 
 class Unpickler {
 public:
-    Unpickler(const ZipArchive & z, const std::string & prefix, const ZipEntry & pkl)
+    Unpickler(const PtZipArchive & z, const std::string & prefix, const PtZipEntry & pkl)
         : z_(z), prefix_(prefix), pkl_name_(pkl.name), data_(z.base + pkl.data), size_(pkl.size) {
         // Hostile pickles may copy one long string many times (BINGET); real ones copy little.
         copy_budget_ = (uint64_t(256) << 20) + 16 * size_;
@@ -330,7 +139,7 @@ public:
     PtValue run();
 
 private:
-    const ZipArchive & z_;
+    const PtZipArchive & z_;
     std::string prefix_, pkl_name_;
     const uint8_t * data_;
     uint64_t size_;
@@ -402,11 +211,11 @@ void Unpickler::fail(const std::string & what) const {
     for (size_t d = 0; d < near_.size() && d <= marks_.size(); ++d)
         if (!near_[d].empty()) keys += (keys.empty() ? "'" : ", '") + near_[d] + "'";
     if (!keys.empty()) where += ", near " + keys;
-    load_fail(z_.path, where + ")", what);
+    pt_fail(z_.path, where + ")", what);
 }
 
 const uint8_t * Unpickler::take(uint64_t n) {
-    if (!span_ok(pos_, n, size_))
+    if (!pt_span_ok(pos_, n, size_))
         fail("expected " + std::to_string(n) + " bytes of argument, found " + std::to_string(size_ - pos_) +
              " before the end of the pickle (truncated or corrupt)");
     const uint8_t * p = data_ + pos_;
@@ -590,7 +399,7 @@ PtValue Unpickler::persistent_load(const PtValue & pid) {
     auto it = storages_.find(key);
     if (it == storages_.end()) {
         const std::string ename = prefix_ + "data/" + key;
-        const ZipEntry * e = z_.find(ename);
+        const PtZipEntry * e = z_.find(ename);
         if (!e) fail("storage '" + key + "': expected a zip entry '" + ename + "', found none");
         const uint8_t * ptr = z_.base + e->data;
         StorageRec rec;
@@ -1022,8 +831,8 @@ void flatten(const PtValue & v, const std::string & name, NamedTensors & out,
 } // namespace
 
 PtValue pt_load(const std::string & path) {
-    ZipArchive z = zip_open(path);
-    const ZipEntry * pkl = nullptr;
+    PtZipArchive z = pt_zip_open(path);
+    const PtZipEntry * pkl = nullptr;
     std::string prefix;
     for (const auto & e : z.entries) {
         const size_t slash = e.name.find('/');
@@ -1038,13 +847,13 @@ PtValue pt_load(const std::string & path) {
     if (!pkl) {
         std::string names;
         for (size_t i = 0; i < z.entries.size() && i < 5; ++i) names += (i ? ", '" : "'") + z.entries[i].name + "'";
-        load_fail(path, "zip", "expected an entry '<archive>/data.pkl' (a torch.save file), found " +
+        pt_fail(path, "zip", "expected an entry '<archive>/data.pkl' (a torch.save file), found " +
                   std::to_string(z.entries.size()) + " entries" + (names.empty() ? "" : ": " + names));
     }
-    if (const ZipEntry * bo = z.find(prefix + "byteorder")) {
+    if (const PtZipEntry * bo = z.find(prefix + "byteorder")) {
         std::string order(reinterpret_cast<const char *>(z.base + bo->data), size_t(std::min<uint64_t>(bo->size, 16)));
         if (order != "little")
-            load_fail(path, "zip entry '" + bo->name + "'", "expected byte order 'little', found '" + order + "'");
+            pt_fail(path, "zip entry '" + bo->name + "'", "expected byte order 'little', found '" + order + "'");
     }
     Unpickler u(z, prefix, *pkl);
     return u.run();
