@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace qatlab {
@@ -112,6 +113,60 @@ void json_push(lua_State * L, const Json & j) {
 // an array part become arrays (read by index), others objects with string keys. An empty table
 // becomes `[]` when empty_is_array, else `{}`. `what` names the value in errors.
 nlohmann::json json_from_lua(lua_State * L, int idx, const char * what, bool empty_is_array = false);
+
+// -- objects in userdata ------------------------------------------------------------
+// A C++ object held by value in a full userdata whose metatable is registered as `mt`
+// (models, optimizers, readers...). Its __gc destroys it exactly once, also when a script
+// calls __gc by hand; after that udata_test returns nullptr and udata_check fails.
+template <class T> struct Udata {
+    T value;
+    bool alive;
+};
+
+// Constructs T{args...} in a new userdata pushed on the stack and sets its metatable. A
+// throwing constructor leaves a userdata with no metatable, so nothing is destroyed later.
+template <class T, class... A> T & udata_new(lua_State * L, const char * mt, A &&... args) {
+    auto * u = static_cast<Udata<T> *>(lua_newuserdata(L, sizeof(Udata<T>)));
+    new (&u->value) T{std::forward<A>(args)...};
+    u->alive = true;
+    luaL_getmetatable(L, mt);
+    lua_setmetatable(L, -2);
+    return u->value;
+}
+
+// The live object at `idx`, or nullptr (another type, or already destroyed).
+template <class T> T * udata_test(lua_State * L, int idx, const char * mt) {
+    auto * u = static_cast<Udata<T> *>(luaL_testudata(L, idx, mt));
+    return u && u->alive ? &u->value : nullptr;
+}
+
+// The live object at `idx`, or a BindError "expected <what> ..., got <type>" / "<what> was freed".
+template <class T> T & udata_check(lua_State * L, int idx, const char * mt, const char * what) {
+    auto * u = static_cast<Udata<T> *>(luaL_testudata(L, idx, mt));
+    if (!u) bind_fail("expected %s (call methods with ':'), got %s", what, luaL_typename(L, idx));
+    if (!u->alive) bind_fail("%s was freed", what);
+    return u->value;
+}
+
+// __gc of Udata<T>; upvalue 1 is the metatable name, so a script passing another value is a no-op.
+template <class T> int udata_gc(lua_State * L) {
+    auto * u = static_cast<Udata<T> *>(luaL_testudata(L, 1, lua_tostring(L, lua_upvalueindex(1))));
+    if (u && u->alive) {
+        u->alive = false;
+        u->value.~T();
+    }
+    return 0;
+}
+
+// Creates (or refreshes) metatable `mt` with __gc = gc, __name = name, and when given an
+// __index table of `methods` (errors prefixed "<name>:") and __tostring. Leaves it on the stack.
+void udata_open_metatable(lua_State * L, const char * mt, const char * name, lua_CFunction gc,
+                          const BindFn * methods = nullptr, lua_CFunction tostring = nullptr);
+template <class T>
+void udata_open_metatable(lua_State * L, const char * mt, const char * name, const BindFn * methods = nullptr,
+                          lua_CFunction tostring = nullptr) {
+    udata_open_metatable(L, mt, name, udata_gc<T>, methods, tostring);
+}
 
 // -- tensors -------------------------------------------------------------------------
 #define QATLAB_TENSOR_MT "qatlab.Tensor"

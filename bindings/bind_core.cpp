@@ -106,6 +106,25 @@ void bind_register(lua_State * L, int table_idx, const char * prefix, const Bind
     }
 }
 
+void udata_open_metatable(lua_State * L, const char * mt, const char * name, lua_CFunction gc,
+                          const BindFn * methods, lua_CFunction tostring) {
+    luaL_newmetatable(L, mt);
+    lua_pushstring(L, mt);
+    lua_pushcclosure(L, gc, 1);
+    lua_setfield(L, -2, "__gc");
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__name");
+    if (tostring) {
+        lua_pushcfunction(L, tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    if (methods) {
+        lua_newtable(L);
+        bind_register(L, -1, (std::string(name) + ":").c_str(), methods);
+        lua_setfield(L, -2, "__index");
+    }
+}
+
 // -- conversions ------------------------------------------------------------------------
 
 at::ScalarType dtype_parse(const char * s) {

@@ -21,15 +21,9 @@ struct DdpUD {
 };
 
 DistDdp & ddp_check(lua_State * L, int idx) {
-    auto * u = (DdpUD *)luaL_testudata(L, idx, QATLAB_DDP_MT);
-    if (!u) bind_fail("expected a DDP (call methods with ':'), got %s", luaL_typename(L, idx));
-    if (!u->d) bind_fail("the DDP was released");
-    return *u->d;
-}
-
-int ddp_gc(lua_State * L) {
-    if (auto * u = (DdpUD *)luaL_testudata(L, 1, QATLAB_DDP_MT)) u->~DdpUD();
-    return 0;
+    DdpUD & u = udata_check<DdpUD>(L, idx, QATLAB_DDP_MT, "a DDP");
+    if (!u.d) bind_fail("the DDP was released");
+    return *u.d;
 }
 
 // The process group goes away when the Lua state closes, before LibTorch's statics do.
@@ -164,10 +158,7 @@ int l_ddp(lua_State * L) {
     a.finish();
     if (!(mb > 0)) bind_fail("bucket_mb must be positive, got %g", mb);
     auto d = std::make_unique<DistDdp>(std::move(params), (int64_t)(mb * 1024 * 1024), find_unused, broadcast);
-    auto * u = (DdpUD *)lua_newuserdata(L, sizeof(DdpUD));
-    new (u) DdpUD{std::move(d)};
-    luaL_getmetatable(L, QATLAB_DDP_MT);
-    lua_setmetatable(L, -2);
+    udata_new<DdpUD>(L, QATLAB_DDP_MT, std::move(d));
     return 1;
 }
 
@@ -214,7 +205,7 @@ int m_num_buckets(lua_State * L) {
 }
 
 int m_tostring(lua_State * L) {
-    auto * u = (DdpUD *)luaL_testudata(L, 1, QATLAB_DDP_MT);
+    auto * u = udata_test<DdpUD>(L, 1, QATLAB_DDP_MT);
     lua_pushfstring(L, "DDP(world=%d, buckets=%d)", dist_initialized() ? dist_env().world : 1,
                     u && u->d ? (int)u->d->num_buckets() : 0);
     return 1;
@@ -248,16 +239,7 @@ const BindFn functions[] = {
 
 int luaopen_dist(lua_State * L) {
     if (!dist_compiled()) return luaL_error(L, "require 'dist': %s", dist_missing_hint());
-    luaL_newmetatable(L, QATLAB_DDP_MT);
-    lua_pushcfunction(L, ddp_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushliteral(L, "DDP");
-    lua_setfield(L, -2, "__name");
-    lua_pushcfunction(L, m_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_newtable(L);
-    bind_register(L, -1, "DDP:", methods);
-    lua_setfield(L, -2, "__index");
+    udata_open_metatable<DdpUD>(L, QATLAB_DDP_MT, "DDP", methods, m_tostring);
     lua_pop(L, 1);
     // A registry-held userdata whose __gc leaves the group when the state closes.
     lua_newuserdata(L, 1);

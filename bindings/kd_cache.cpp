@@ -20,10 +20,9 @@ struct ReaderUd {
 };
 
 CacheReader & reader_check(lua_State * L) {
-    auto * ud = static_cast<ReaderUd *>(luaL_testudata(L, 1, KD_READER_MT));
-    if (!ud) bind_fail("self: expected a KD cache reader, got %s (call methods with ':')", luaL_typename(L, 1));
-    if (!ud->r) bind_fail("self: the reader was closed");
-    return *ud->r;
+    ReaderUd & ud = udata_check<ReaderUd>(L, 1, KD_READER_MT, "a KD cache reader");
+    if (!ud.r) bind_fail("self: the reader was closed");
+    return *ud.r;
 }
 
 // kd.build_cache{teacher=, data=(N,L), K=32, R=0, shard_size=1024, batch_size=8, out=, seed=0,
@@ -114,10 +113,7 @@ int f_open_cache(lua_State * L) {
     a.finish();
     if (o.batch_size < 1) bind_fail("option 'batch_size': expected >= 1");
     auto r = std::make_unique<CacheReader>(dir, o);
-    void * p = lua_newuserdata(L, sizeof(ReaderUd));
-    new (p) ReaderUd{std::move(r)};
-    luaL_getmetatable(L, KD_READER_MT);
-    lua_setmetatable(L, -2);
+    udata_new<ReaderUd>(L, KD_READER_MT, std::move(r));
     return 1;
 }
 
@@ -183,19 +179,12 @@ int m_meta(lua_State * L) {
 
 // reader:close(): stops the loader thread and unmaps the shard now
 int m_close(lua_State * L) {
-    auto * ud = static_cast<ReaderUd *>(luaL_testudata(L, 1, KD_READER_MT));
-    if (!ud) bind_fail("self: expected a KD cache reader");
-    ud->r.reset();
-    return 0;
-}
-
-int reader_gc(lua_State * L) {
-    if (auto * ud = static_cast<ReaderUd *>(luaL_testudata(L, 1, KD_READER_MT))) ud->~ReaderUd();
+    udata_check<ReaderUd>(L, 1, KD_READER_MT, "a KD cache reader").r.reset();
     return 0;
 }
 
 int reader_tostring(lua_State * L) {
-    auto * ud = static_cast<ReaderUd *>(luaL_testudata(L, 1, KD_READER_MT));
+    auto * ud = udata_test<ReaderUd>(L, 1, KD_READER_MT);
     if (!ud || !ud->r) {
         lua_pushliteral(L, "KdCacheReader (closed)");
     } else {
@@ -220,17 +209,7 @@ const BindFn cache_functions[] = {
 
 void kd_open_cache(lua_State * L, int t) {
     t = t < 0 ? lua_gettop(L) + t + 1 : t;
-    if (luaL_newmetatable(L, KD_READER_MT)) {
-        lua_pushcfunction(L, reader_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, reader_tostring);
-        lua_setfield(L, -2, "__tostring");
-        lua_pushliteral(L, "KdCacheReader");
-        lua_setfield(L, -2, "__name");
-        lua_newtable(L);
-        bind_register(L, -1, "KdCacheReader:", reader_methods);
-        lua_setfield(L, -2, "__index");
-    }
+    udata_open_metatable<ReaderUd>(L, KD_READER_MT, "KdCacheReader", reader_methods, reader_tostring);
     lua_pop(L, 1);
     bind_register(L, t, "kd.", cache_functions);
 }

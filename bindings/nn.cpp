@@ -25,22 +25,13 @@ struct ModelUD {
 using json = nlohmann::json;
 
 void model_push(lua_State * L, std::shared_ptr<DecoderModel> m) {
-    void * p = lua_newuserdata(L, sizeof(ModelUD));
-    new (p) ModelUD{std::move(m)};
-    luaL_getmetatable(L, QATLAB_MODEL_MT);
-    lua_setmetatable(L, -2);
+    udata_new<ModelUD>(L, QATLAB_MODEL_MT, std::move(m));
 }
 
 DecoderModel & model_check(lua_State * L, int idx) {
-    auto * u = (ModelUD *)luaL_testudata(L, idx, QATLAB_MODEL_MT);
-    if (!u) bind_fail("expected a Model (call methods with ':'), got %s", luaL_typename(L, idx));
-    if (!u->m) bind_fail("the model was freed");
-    return *u->m;
-}
-
-int model_gc(lua_State * L) {
-    if (auto * u = (ModelUD *)luaL_testudata(L, 1, QATLAB_MODEL_MT)) u->~ModelUD();
-    return 0;
+    ModelUD & u = udata_check<ModelUD>(L, idx, QATLAB_MODEL_MT, "a Model");
+    if (!u.m) bind_fail("the model was freed");
+    return *u.m;
 }
 
 // -- constructors ----------------------------------------------------------------------------
@@ -393,7 +384,7 @@ int m_num_parameters(lua_State * L) {
 }
 
 int m_tostring(lua_State * L) {
-    auto * u = (ModelUD *)luaL_testudata(L, 1, QATLAB_MODEL_MT);
+    auto * u = udata_test<ModelUD>(L, 1, QATLAB_MODEL_MT);
     if (!u || !u->m) {
         lua_pushstring(L, "Model (freed)");
         return 1;
@@ -465,13 +456,7 @@ DecoderModel & nn_model_check(lua_State * L, int idx) {
 }
 
 int luaopen_nn(lua_State * L) {
-    luaL_newmetatable(L, QATLAB_MODEL_MT);
-    lua_pushcfunction(L, model_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushliteral(L, "Model");
-    lua_setfield(L, -2, "__name");
-    lua_pushcfunction(L, m_tostring);
-    lua_setfield(L, -2, "__tostring");
+    udata_open_metatable<ModelUD>(L, QATLAB_MODEL_MT, "Model", nullptr, m_tostring);
     bind_push_function(L, "Model.__index", model_index);
     lua_setfield(L, -2, "__index");
     bind_push_function(L, "Model:forward", model_call);

@@ -25,14 +25,7 @@ struct OptimUD {
 };
 
 Optimizer & optim_check(lua_State * L, int idx) {
-    auto * u = (OptimUD *)luaL_testudata(L, idx, QATLAB_OPTIM_MT);
-    if (!u) bind_fail("expected an Optimizer (call methods with ':'), got %s", luaL_typename(L, idx));
-    return *u->o;
-}
-
-int optim_gc(lua_State * L) {
-    if (auto * u = (OptimUD *)luaL_testudata(L, 1, QATLAB_OPTIM_MT)) u->~OptimUD();
-    return 0;
+    return *udata_check<OptimUD>(L, idx, QATLAB_OPTIM_MT, "an Optimizer").o;
 }
 
 // -- parameters ------------------------------------------------------------------------------------
@@ -178,10 +171,7 @@ int optim_new(lua_State * L, OptimKind kind) {
         groups.push_back(std::move(base));
     }
     auto o = std::make_shared<Optimizer>(kind, std::move(groups));
-    void * p = lua_newuserdata(L, sizeof(OptimUD));
-    new (p) OptimUD{std::move(o)};
-    luaL_getmetatable(L, QATLAB_OPTIM_MT);
-    lua_setmetatable(L, -2);
+    udata_new<OptimUD>(L, QATLAB_OPTIM_MT, std::move(o));
     return 1;
 }
 
@@ -333,7 +323,7 @@ int m_load_state_dict(lua_State * L) {
 }
 
 int m_tostring(lua_State * L) {
-    auto * u = (OptimUD *)luaL_testudata(L, 1, QATLAB_OPTIM_MT);
+    auto * u = udata_test<OptimUD>(L, 1, QATLAB_OPTIM_MT);
     if (!u || !u->o) {
         lua_pushstring(L, "Optimizer");
         return 1;
@@ -365,16 +355,7 @@ const BindFn functions[] = {
 } // namespace
 
 int luaopen_optim(lua_State * L) {
-    luaL_newmetatable(L, QATLAB_OPTIM_MT);
-    lua_pushcfunction(L, optim_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushliteral(L, "Optimizer");
-    lua_setfield(L, -2, "__name");
-    lua_pushcfunction(L, m_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_newtable(L);
-    bind_register(L, -1, "Optimizer:", methods);
-    lua_setfield(L, -2, "__index");
+    udata_open_metatable<OptimUD>(L, QATLAB_OPTIM_MT, "Optimizer", methods, m_tostring);
     lua_pop(L, 1);
     lua_newtable(L);
     bind_register(L, -1, "optim.", functions);

@@ -74,14 +74,7 @@ struct QatUD {
 };
 
 QatUD & qat_check(lua_State * L, int idx) {
-    auto * u = (QatUD *)luaL_testudata(L, idx, QATLAB_INTN_QAT_MT);
-    if (!u) bind_fail("expected an int-N QAT handle (call methods with ':'), got %s", luaL_typename(L, idx));
-    return *u;
-}
-
-int qat_gc(lua_State * L) {
-    if (auto * u = (QatUD *)luaL_testudata(L, 1, QATLAB_INTN_QAT_MT)) u->~QatUD();
-    return 0;
+    return udata_check<QatUD>(L, idx, QATLAB_INTN_QAT_MT, "an int-N QAT handle");
 }
 
 // h:enable(on = true): switches fake quant on (or off) in every wrapped layer; returns h.
@@ -119,7 +112,7 @@ int qat_len(lua_State * L) {
 }
 
 int qat_tostring(lua_State * L) {
-    auto * u = (QatUD *)luaL_testudata(L, 1, QATLAB_INTN_QAT_MT);
+    auto * u = udata_test<QatUD>(L, 1, QATLAB_INTN_QAT_MT);
     if (!u || u->layers.empty()) {
         lua_pushliteral(L, "IntNQat(empty)");
         return 1;
@@ -147,24 +140,14 @@ int f_intn_apply(lua_State * L) {
     a.finish();
     auto layers = intn_apply(m, o, filter);
     for (auto & [n, l] : layers) l->enabled = on;
-    void * p = lua_newuserdata(L, sizeof(QatUD));
-    new (p) QatUD{std::move(layers)};
-    luaL_getmetatable(L, QATLAB_INTN_QAT_MT);
-    lua_setmetatable(L, -2);
+    udata_new<QatUD>(L, QATLAB_INTN_QAT_MT, std::move(layers));
     return 1;
 }
 
 // -- the schedule ----------------------------------------------------------------------------
 
 IntNSchedule & schedule_check(lua_State * L, int idx) {
-    auto * s = (IntNSchedule *)luaL_testudata(L, idx, QATLAB_INTN_SCHEDULE_MT);
-    if (!s) bind_fail("expected an int-N schedule (call methods with ':'), got %s", luaL_typename(L, idx));
-    return *s;
-}
-
-int schedule_gc(lua_State * L) {
-    if (auto * s = (IntNSchedule *)luaL_testudata(L, 1, QATLAB_INTN_SCHEDULE_MT)) s->~IntNSchedule();
-    return 0;
+    return udata_check<IntNSchedule>(L, idx, QATLAB_INTN_SCHEDULE_MT, "an int-N schedule");
 }
 
 // s:update{step=, lr_mult=, elapsed=, budget=} -> whether QAT is on (latched once on)
@@ -198,8 +181,11 @@ int schedule_switched_step(lua_State * L) {
 }
 
 int schedule_tostring(lua_State * L) {
-    auto * s = (IntNSchedule *)luaL_testudata(L, 1, QATLAB_INTN_SCHEDULE_MT);
-    if (!s) return 0;
+    auto * s = udata_test<IntNSchedule>(L, 1, QATLAB_INTN_SCHEDULE_MT);
+    if (!s) {
+        lua_pushliteral(L, "IntNSchedule (freed)");
+        return 1;
+    }
     std::string txt = "IntNSchedule(";
     if (s->start_step) txt += "step >= " + std::to_string(*s->start_step) + " ";
     if (s->lr_below) txt += "lr_mult < " + std::to_string(*s->lr_below) + " ";
@@ -227,10 +213,7 @@ int f_intn_schedule(lua_State * L) {
         if (a.has(0, "time_fraction")) s.time_fraction = a.number(0, "time_fraction");
         a.finish();
     }
-    void * p = lua_newuserdata(L, sizeof(IntNSchedule));
-    new (p) IntNSchedule(s);
-    luaL_getmetatable(L, QATLAB_INTN_SCHEDULE_MT);
-    lua_setmetatable(L, -2);
+    udata_new<IntNSchedule>(L, QATLAB_INTN_SCHEDULE_MT, s);
     return 1;
 }
 
@@ -368,34 +351,18 @@ const BindFn intn_functions[] = {
     {nullptr, nullptr},
 };
 
-void metatable_open(lua_State * L, const char * mt, const char * name, lua_CFunction gc, lua_CFunction tostring,
-                    const char * prefix, const BindFn * methods) {
-    if (luaL_newmetatable(L, mt)) {
-        lua_pushcfunction(L, gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, tostring);
-        lua_setfield(L, -2, "__tostring");
-        lua_pushstring(L, name);
-        lua_setfield(L, -2, "__name");
-        lua_newtable(L);
-        bind_register(L, -1, prefix, methods);
-        lua_setfield(L, -2, "__index");
-    }
-    lua_pop(L, 1);
-}
-
 } // namespace
 
 // Adds the intn_* functions to the `quant` module table at index t.
 void quant_open_intn(lua_State * L, int t) {
     t = t < 0 ? lua_gettop(L) + t + 1 : t;
-    metatable_open(L, QATLAB_INTN_QAT_MT, "IntNQat", qat_gc, qat_tostring, "IntNQat:", qat_methods);
-    luaL_getmetatable(L, QATLAB_INTN_QAT_MT);
+    udata_open_metatable<QatUD>(L, QATLAB_INTN_QAT_MT, "IntNQat", qat_methods, qat_tostring);
     lua_pushcfunction(L, qat_len);
     lua_setfield(L, -2, "__len");
     lua_pop(L, 1);
-    metatable_open(L, QATLAB_INTN_SCHEDULE_MT, "IntNSchedule", schedule_gc, schedule_tostring, "IntNSchedule:",
-                   schedule_methods);
+    udata_open_metatable<IntNSchedule>(L, QATLAB_INTN_SCHEDULE_MT, "IntNSchedule", schedule_methods,
+                                       schedule_tostring);
+    lua_pop(L, 1);
     bind_register(L, t, "quant.", intn_functions);
 }
 

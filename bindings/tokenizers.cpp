@@ -16,21 +16,15 @@ namespace {
 #define TOKENIZER_MT "qatlab.Tokenizer"
 
 struct TokenizerUd {
-    std::shared_ptr<Tokenizer> tk;  // reset by __gc
+    std::shared_ptr<Tokenizer> tk;
 };
 
 void tokenizer_push(lua_State * L, std::shared_ptr<Tokenizer> tk) {
-    void * p = lua_newuserdata(L, sizeof(TokenizerUd));
-    new (p) TokenizerUd{std::move(tk)};
-    luaL_getmetatable(L, TOKENIZER_MT);
-    lua_setmetatable(L, -2);
+    udata_new<TokenizerUd>(L, TOKENIZER_MT, std::move(tk));
 }
 
 Tokenizer & self_check(lua_State * L) {
-    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
-    if (!ud) bind_fail("self: expected a Tokenizer, got %s (call methods with ':')", luaL_typename(L, 1));
-    if (!ud->tk) bind_fail("self: the tokenizer was collected");
-    return *ud->tk;
+    return *udata_check<TokenizerUd>(L, 1, TOKENIZER_MT, "a Tokenizer").tk;
 }
 
 std::string string_arg(Args & a, int pos, const char * name) {
@@ -185,7 +179,7 @@ int tk_index(lua_State * L) {
     lua_rawget(L, lua_upvalueindex(1));
     if (!lua_isnil(L, -1)) return 1;
     lua_pop(L, 1);
-    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
+    auto * ud = udata_test<TokenizerUd>(L, 1, TOKENIZER_MT);
     const char * k = lua_tostring(L, 2);
     if (!ud || !ud->tk || !k) return 0;
     const Tokenizer & tk = *ud->tk;
@@ -203,13 +197,8 @@ int tk_index(lua_State * L) {
     return 1;
 }
 
-int tk_gc(lua_State * L) {
-    if (auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT))) ud->tk.reset();
-    return 0;
-}
-
 int tk_tostring(lua_State * L) {
-    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, 1, TOKENIZER_MT));
+    auto * ud = udata_test<TokenizerUd>(L, 1, TOKENIZER_MT);
     if (!ud || !ud->tk) lua_pushliteral(L, "Tokenizer(collected)");
     else lua_pushfstring(L, "Tokenizer(%s, vocab %d)", ud->tk->kind(), int(ud->tk->vocab_size()));
     return 1;
@@ -363,10 +352,10 @@ const BindFn functions[] = {
 
 // The tokenizer held by the Tokenizer userdata at `idx` (declared in bind.h, used by `data`).
 Tokenizer & tokenizer_check(lua_State * L, int idx) {
-    auto * ud = static_cast<TokenizerUd *>(luaL_testudata(L, idx, TOKENIZER_MT));
+    auto * ud = static_cast<Udata<TokenizerUd> *>(luaL_testudata(L, idx, TOKENIZER_MT));
     if (!ud) bind_fail("argument #%d: expected a Tokenizer, got %s", idx, luaL_typename(L, idx));
-    if (!ud->tk) bind_fail("argument #%d: the tokenizer was collected", idx);
-    return *ud->tk;
+    if (!ud->alive) bind_fail("argument #%d: the tokenizer was freed", idx);
+    return *ud->value.tk;
 }
 
 int luaopen_tokenizers(lua_State * L) {
@@ -374,18 +363,11 @@ int luaopen_tokenizers(lua_State * L) {
     lua_getglobal(L, "require");
     lua_pushliteral(L, "torch");
     lua_call(L, 1, 0);
-    if (luaL_newmetatable(L, TOKENIZER_MT)) {
-        lua_pushcfunction(L, tk_gc);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, tk_tostring);
-        lua_setfield(L, -2, "__tostring");
-        lua_pushliteral(L, "Tokenizer");
-        lua_setfield(L, -2, "__name");
-        lua_newtable(L);
-        bind_register(L, -1, "Tokenizer.", methods);
-        lua_pushcclosure(L, tk_index, 1);
-        lua_setfield(L, -2, "__index");
-    }
+    udata_open_metatable<TokenizerUd>(L, TOKENIZER_MT, "Tokenizer", nullptr, tk_tostring);
+    lua_newtable(L);
+    bind_register(L, -1, "Tokenizer.", methods);
+    lua_pushcclosure(L, tk_index, 1);
+    lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
     lua_newtable(L);
     bind_register(L, -1, "tokenizers.", functions);

@@ -98,6 +98,35 @@ io.stdout:write('stdout_ok\n')
 collectgarbage(); collectgarbage()
 print('done')
 ]],
+  ['objabuse.lua'] = ([==[
+-- Every userdata object type with its finalizer called by hand, twice, and on other values.
+local torch, nn, optim, quant = require 'torch', require 'nn', require 'optim', require 'quant'
+local tokenizers = require 'tokenizers'
+local m = nn.from_config({model_type = 'qwen3', vocab_size = 32, hidden_size = 8, intermediate_size = 16,
+  num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, head_dim = 4, max_position_embeddings = 16})
+local objs = {
+  optimizer = optim.AdamW(m, {lr = 0.1}),
+  schedule = quant.intn_schedule{step = 3},
+  qat = quant.intn_apply(m, {bits = 6}),
+  tokenizer = tokenizers.from_file(QWEN_TOKENIZER),
+}
+local calls = {optimizer = 'step', schedule = 'update', qat = 'enable', tokenizer = 'encode'}
+for _, name in ipairs({'optimizer', 'schedule', 'qat', 'tokenizer'}) do
+  local o = objs[name]
+  local mt = getmetatable(o)
+  mt.__gc(o); mt.__gc(o)
+  mt.__gc(torch.ones(1)); mt.__gc(m); mt.__gc(io.stdout); mt.__gc(5)   -- other values: ignored
+  local ok, e = pcall(function() return o[calls[name]](o, 'x') end)
+  print(name .. '=' .. tostring(ok) .. ' ' .. tostring(e) .. ' | ' .. tostring(o))
+end
+local mt = getmetatable(m)
+mt.__gc(m); mt.__gc(m)
+local ok, e = pcall(function() return m:forward(torch.zeros(1, 2, {dtype = 'int64'})) end)
+print('model=' .. tostring(ok) .. ' ' .. tostring(e) .. ' | ' .. tostring(m))
+objs, m = nil, nil
+collectgarbage(); collectgarbage()
+print('done')
+]==]):gsub('QWEN_TOKENIZER', ('%q'):format(h.source_dir .. '/../shared/data/qwen3-tokenizer')),
   ['hostile.lua'] = [[
 -- Every function of every module, and every Tensor method and metamethod, called with garbage.
 local torch = require 'torch'
@@ -153,7 +182,7 @@ local function path(name) return h.q(dir .. '/' .. name) end
 
 local B = hr.batch()
 for _, s in ipairs{'uncaught', 'nested', 'method', 'caught', 'errnil', 'syntax', 'errtable', 'errtostring',
-                   'errbadtostring', 'callback_err', 'overflow', 'cstack', 'gcabuse', 'hostile'} do
+                   'errbadtostring', 'callback_err', 'overflow', 'cstack', 'gcabuse', 'objabuse', 'hostile'} do
   B.host(s, 'run ' .. path(s .. '.lua'))
 end
 -- Ctrl-C while a script loops in torch calls: the handshake waits until the loop runs.
@@ -278,6 +307,18 @@ describe('a hostile script is never a crash', function()
     assert.are.equal('false', v.size_tostring)
     assert.are.equal('false', v.size_eq)
     hr.has(r.out, 'stdout_ok\ndone\n', 'stdout')   -- io.stdout survived being passed as a tensor
+  end)
+
+  it('finalizers of models, optimizers, schedules, QAT handles and tokenizers run once, even by hand', function()
+    local r = B.get('objabuse')
+    assert.are.equal(0, r.rc, r.err)
+    local v = hr.kv(r.out)
+    hr.has(v.optimizer, 'false Optimizer:step: an Optimizer was freed | Optimizer', 'optimizer')
+    hr.has(v.schedule, 'false IntNSchedule:update: an int-N schedule was freed | IntNSchedule (freed)', 'schedule')
+    hr.has(v.qat, 'false IntNQat:enable: an int-N QAT handle was freed | IntNQat(empty)', 'qat')
+    hr.has(v.tokenizer, 'false Tokenizer.encode: a Tokenizer was freed | Tokenizer(collected)', 'tokenizer')
+    hr.has(v.model, 'false Model:forward: a Model was freed | Model (freed)', 'model')
+    hr.has(r.out, 'done\n', 'stdout')
   end)
 
   it('garbage passed to every function and method gives Lua errors, never a crash', function()
