@@ -30,6 +30,9 @@ struct BindFn {
 // Sets t[name] = trampoline(fn) for each entry; `prefix` ("torch.", "Tensor.") names errors.
 void bind_register(lua_State * L, int table_idx, const char * prefix, const BindFn * fns);
 void bind_push_function(lua_State * L, const char * full_name, lua_CFunction fn);
+// How many bound calls are running now (0: the VM is in Lua code or a Lua library function).
+// Async-signal-safe.
+int bind_call_depth();
 
 // -- arguments -----------------------------------------------------------------------
 // PyTorch-style calls: positional arguments, then optionally one trailing options table

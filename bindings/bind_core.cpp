@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <cmath>
 #include <cstdarg>
+#include <csignal>
 #include <cstring>
 #include <unordered_map>
 #ifdef QATLAB_WITH_CUDA
@@ -40,12 +41,15 @@ static void msg_copy(char * dst, size_t cap, const char * src) {
 // Bound calls nested inside one another (torch.no_grad(f) where f calls torch.no_grad...,
 // log.info of a value whose __tostring logs) each take C stack, and LuaJIT does not count
 // them: past a limit the call fails with a Lua error instead of overflowing the C stack.
-static int bind_depth = 0;
+// Also read by the host's Ctrl-C watchdog from a signal handler, hence sig_atomic_t.
+static volatile sig_atomic_t bind_depth = 0;
 static const int bind_depth_max = 200;
+
+int bind_call_depth() { return bind_depth; }
 namespace {
 struct DepthGuard {  // also undone when a Lua error unwinds through the frame
-    DepthGuard() { bind_depth++; }
-    ~DepthGuard() { bind_depth--; }
+    DepthGuard() { bind_depth = bind_depth + 1; }
+    ~DepthGuard() { bind_depth = bind_depth - 1; }
 };
 } // namespace
 

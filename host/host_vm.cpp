@@ -145,15 +145,55 @@ static int traceback_handler(lua_State * L) {
 }
 
 static lua_State * g_signal_L = nullptr;
+static volatile sig_atomic_t g_interrupt_pending = 0;
 
+// Ctrl-C sets a hook that raises a Lua error at the next call, return or instruction count.
+// Compiled (JIT) loops that call nothing never run hooks, nor does a blocking read: a watchdog
+// checks each second and, when the hook has not fired and no bound C++ call is running (which
+// runs hooks when it returns), exits 130 with a message instead of leaving the script deaf.
 static void interrupt_hook(lua_State * L, lua_Debug *) {
     lua_sethook(L, nullptr, 0, 0);
+    g_interrupt_pending = 0;
+    alarm(0);
     luaL_error(L, "interrupted (Ctrl-C)");
+}
+
+static void interrupt_watchdog(int) {
+    if (!g_interrupt_pending) return;
+    if (bind_call_depth() > 0) {   // a long C++ call: its return will run the hook
+        alarm(1);
+        return;
+    }
+    static const char msg[] = "qatlab: interrupted (Ctrl-C) while the script ran a compiled Lua loop or a "
+                              "blocking read; exiting without a traceback\n";
+    ssize_t n = write(2, msg, sizeof(msg) - 1);
+    (void)n;
+    _exit(130);
 }
 
 static void interrupt_signal(int sig) {
     signal(sig, SIG_DFL);  // a second Ctrl-C kills the process
-    if (g_signal_L) lua_sethook(g_signal_L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    if (!g_signal_L) return;
+    g_interrupt_pending = 1;
+    lua_sethook(g_signal_L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    signal(SIGALRM, interrupt_watchdog);
+    alarm(1);
+}
+
+// Ctrl-C raises a Lua error in L from now on (run: the whole script; repl: each evaluation).
+static void interrupt_arm(lua_State * L) {
+    g_signal_L = L;
+    g_interrupt_pending = 0;
+    signal(SIGINT, interrupt_signal);
+}
+
+// Back to the default (Ctrl-C ends the process), with no hook or watchdog left pending.
+static void interrupt_disarm() {
+    signal(SIGINT, SIG_DFL);
+    alarm(0);
+    g_interrupt_pending = 0;
+    if (g_signal_L) lua_sethook(g_signal_L, nullptr, 0, 0);
+    g_signal_L = nullptr;
 }
 
 // qatlab.time(): monotonic wall-clock seconds, for timing runs (os.clock is CPU time).
@@ -238,13 +278,11 @@ HostVm::HostVm(const HostOptions & opt) : opt_(opt) {
     lua_setfield(L_, -2, "qatlab");
     lua_pop(L_, 2);
 
-    g_signal_L = L_;
-    signal(SIGINT, interrupt_signal);
+    interrupt_arm(L_);
 }
 
 HostVm::~HostVm() {
-    g_signal_L = nullptr;
-    signal(SIGINT, SIG_DFL);
+    interrupt_disarm();
     lua_close(L_);  // runs every __gc: tensors are released before LibTorch shuts down
 }
 
@@ -348,6 +386,7 @@ int HostVm::repl() {
     bool tty = isatty(0);
     push_env();
     int env = lua_gettop(L);
+    interrupt_disarm();   // as lua.c: Ctrl-C at the prompt quits, during an evaluation it interrupts it
     if (tty) std::cout << "qatlab " << QATLAB_VERSION << " (LuaJIT, LibTorch) — Ctrl-D to quit\n";
     std::string buffer, line;
     for (;;) {
@@ -376,7 +415,9 @@ int HostVm::repl() {
         int chunk = lua_gettop(L);
         lua_pushcfunction(L, traceback_handler);
         lua_insert(L, chunk);
+        interrupt_arm(L);
         status = lua_pcall(L, 0, LUA_MULTRET, chunk);
+        interrupt_disarm();
         if (status != 0) {
             const char * msg = lua_tostring(L, -1);  // NULL after error(nil)
             std::cerr << (msg ? msg : "(error object is a nil value)") << std::endl;

@@ -191,6 +191,25 @@ B.add('sigint', ([[
 pid=$!
 for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
 kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint.out'), path('sigint.out')))
+-- Ctrl-C in a compiled loop that calls nothing (hooks never run there): the watchdog ends it.
+B.add('sigint_jit', ([[
+%s -e 'print("ready") io.stdout:flush() local x = 0 while true do x = x + 1 end' >%s &
+pid=$!
+for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
+sleep 0.3; kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint_jit.out'), path('sigint_jit.out')))
+-- The REPL: Ctrl-C interrupts the evaluation, the prompt goes on and the next line runs.
+B.add('sigint_repl', ([[
+mkfifo %s
+%s repl <%s >%s 2>&1 &
+pid=$!
+exec 3>%s
+echo 'print("ready") io.stdout:flush() local torch = require "torch" while true do torch.ones(1) end' >&3
+for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
+kill -INT $pid; sleep 0.5
+echo 'print("after=" .. 6 * 7)' >&3
+exec 3>&-
+wait $pid; echo "rc=$?"; cat %s]]):format(path('repl.fifo'), h.q(h.bin), path('repl.fifo'), path('sigint_repl.out'),
+  path('repl.fifo'), path('sigint_repl.out'), path('sigint_repl.out')))
 
 describe('an uncaught error', function()
   it('prints the message and a traceback with file:line to stderr and exits 1', function()
@@ -336,6 +355,19 @@ describe('a hostile script is never a crash', function()
     local r = B.get('sigint')
     assert.are.equal('rc=1', r.out:match('rc=%d+'), r.out .. r.err)
     hr.has(r.err, 'interrupted', 'stderr')
+  end)
+
+  it('Ctrl-C in a compiled Lua loop that calls nothing ends the process with 130 and says why', function()
+    local r = B.get('sigint_jit')
+    assert.are.equal('rc=130', r.out:match('rc=%d+'), r.out .. r.err)
+    hr.has(r.err, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop', 'stderr')
+  end)
+
+  it('Ctrl-C in the REPL interrupts the evaluation and the prompt goes on', function()
+    local r = B.get('sigint_repl')
+    assert.are.equal('rc=0', r.out:match('rc=%d+'), r.out .. r.err)
+    hr.has(r.out, 'interrupted (Ctrl-C)', 'repl output')
+    hr.has(r.out, 'after=42', 'repl output')
   end)
 end)
 
