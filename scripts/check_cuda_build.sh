@@ -37,12 +37,15 @@ bash "$ROOT/scripts/setup.sh" build >/dev/null   # Debian packages and .venv (te
 mkdir -p "$DIR"
 VENV="$DIR/venv"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
+# pip's warnings about this machine's unreachable local indexes are noise; pip's status is kept.
+pip_install() {
+  { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1; } | { grep -v "^WARNING: Location '" || true; }
+}
 [ -x "$PY" ] || python3 -m venv "$VENV"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null ||
    [ "$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "${TORCH_SPEC#torch==}" ]; then
   say "installing $TORCH_SPEC (CUDA wheel and its nvidia-* packages) into $VENV"
-  "${PIP[@]}" "$TORCH_SPEC"
+  pip_install "$TORCH_SPEC"
 fi
 CUDA_VERSION="$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)"
 [ -n "$CUDA_VERSION" ] || die "$TORCH_SPEC is not a CUDA build of torch"
@@ -51,7 +54,7 @@ CU="$SITE/nvidia/cu${CUDA_VERSION%%.*}"
 [ -d "$CU/include" ] || die "expected the CUDA ${CUDA_VERSION%%.*} packages in $CU (only CUDA 13 wheels are handled)"
 if [ ! -x "$CU/bin/nvcc" ] || [ ! -e "$CU/include/cccl/nv/target" ] || [ ! -d "$CU/nvvm" ]; then
   say "installing nvcc, nvvm, crt and cccl $CUDA_VERSION from PyPI"
-  "${PIP[@]}" "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-nvvm==$CUDA_VERSION.*" \
+  pip_install "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-nvvm==$CUDA_VERSION.*" \
     "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*"
 fi
 
@@ -79,7 +82,7 @@ cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_
       -DQATLAB_TEST_PYTHON="$ROOT/.venv/bin/python" >"$DIR/cmake.log" 2>&1 || { tail -30 "$DIR/cmake.log"; die "cmake failed (log: $DIR/cmake.log)"; }
 grep -E '^-- qatlab:' "$DIR/cmake.log" >&2
 grep -q 'CUDA: ON' "$DIR/cmake.log" || die "CMake did not see a CUDA LibTorch (log: $DIR/cmake.log)"
-say "building (first time: ~20 min on 2 cores)"
+say "building (the first time about 8 minutes on 2 cores)"
 ninja -C "$BUILD"
 say "running the test suite with the CUDA build (no GPU here: CUDA tests skip)"
 cd "$BUILD" && ctest -j"$(nproc)" "${CTEST_ARGS[@]}"
