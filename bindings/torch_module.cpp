@@ -768,6 +768,58 @@ int f_cuda_reset_peak_memory_stats(lua_State * L) {
     return 0;
 }
 
+// The CUDA device index of argument 1 (a number, 'cuda:N' or nothing = the current device),
+// checked against the devices present.
+#ifdef QATLAB_WITH_CUDA
+int cuda_index_arg(lua_State * L) {
+    int n = at::detail::getCUDAHooks().getNumGPUs();
+    if (n == 0) bind_fail("no CUDA device is available");
+    int64_t i = c10::cuda::current_device();
+    if (lua_type(L, 1) == LUA_TNUMBER) {
+        i = (int64_t)lua_tonumber(L, 1);
+    } else if (lua_type(L, 1) == LUA_TSTRING) {
+        c10::Device d = device_parse(lua_tostring(L, 1));
+        if (!d.is_cuda()) bind_fail("argument #1: expected a CUDA device, got '%s'", lua_tostring(L, 1));
+        if (d.has_index()) i = d.index();
+    } else if (!lua_isnoneornil(L, 1)) {
+        bind_fail("argument #1: expected a device index or 'cuda:N', got %s", luaL_typename(L, 1));
+    }
+    if (i < 0 || i >= n) bind_fail("device %lld: expected 0 <= index < %d", (long long)i, n);
+    return (int)i;
+}
+#endif
+
+// torch.cuda.get_device_name([device]) -> 'NVIDIA H100 80GB HBM3'
+int f_cuda_get_device_name(lua_State * L) {
+#ifdef QATLAB_WITH_CUDA
+    lua_pushstring(L, at::cuda::getDeviceProperties(cuda_index_arg(L))->name);
+    return 1;
+#else
+    bind_fail("no CUDA device is available (this qatlab was built against a CPU-only LibTorch)");
+#endif
+}
+
+// torch.cuda.get_device_properties([device]) -> {name, total_memory, major, minor, multi_processor_count}
+int f_cuda_get_device_properties(lua_State * L) {
+#ifdef QATLAB_WITH_CUDA
+    const cudaDeviceProp * p = at::cuda::getDeviceProperties(cuda_index_arg(L));
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, p->name);
+    lua_setfield(L, -2, "name");
+    lua_pushnumber(L, (lua_Number)p->totalGlobalMem);
+    lua_setfield(L, -2, "total_memory");
+    lua_pushinteger(L, p->major);
+    lua_setfield(L, -2, "major");
+    lua_pushinteger(L, p->minor);
+    lua_setfield(L, -2, "minor");
+    lua_pushinteger(L, p->multiProcessorCount);
+    lua_setfield(L, -2, "multi_processor_count");
+    return 1;
+#else
+    bind_fail("no CUDA device is available (this qatlab was built against a CPU-only LibTorch)");
+#endif
+}
+
 const BindFn functions[] = {
     {"tensor", f_tensor}, {"zeros", f_zeros}, {"ones", f_ones}, {"empty", f_empty}, {"rand", f_rand},
     {"randn", f_randn}, {"full", f_full}, {"zeros_like", f_zeros_like}, {"ones_like", f_ones_like},
@@ -795,6 +847,7 @@ const BindFn cuda_fns[] = {
     {"synchronize", f_cuda_synchronize}, {"empty_cache", f_cuda_empty_cache}, {"memory", f_cuda_memory},
     {"memory_allocated", f_cuda_memory_allocated}, {"max_memory_allocated", f_cuda_max_memory_allocated},
     {"reset_peak_memory_stats", f_cuda_reset_peak_memory_stats},
+    {"get_device_name", f_cuda_get_device_name}, {"get_device_properties", f_cuda_get_device_properties},
     {nullptr, nullptr},
 };
 

@@ -344,10 +344,11 @@ end
 
 local function finite(x) return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge end
 
-print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, vocab %d, %s, K %d, device %s, '
+local device_name = bench.device_name(device)
+print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, vocab %d, %s, K %d, device %s (%s), '
   .. '%d threads, checkpointing %s, STE %s; qatlab %s, seed-ref amp %s'):format(d.layers, d.hidden, d.inter,
-  d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, threads, cfg.ckpt and 'on' or 'off',
-  cfg.ste and 'on' or 'off', qdtype, cfg.amp))
+  d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, device_name, threads,
+  cfg.ckpt and 'on' or 'off', cfg.ste and 'on' or 'off', qdtype, cfg.amp))
 if py_why then print('seed-ref: ' .. py_why) end
 
 -- One row in its own process: its result, or {status = 'OOM' | 'KILLED' | 'FAILED', error = output tail}.
@@ -390,7 +391,8 @@ local function write(path, text)
 end
 local function f(v, fmt) return v == nil and '' or (fmt):format(v) end
 local function write_json(extra)
-  local t = {config = cfg, dims = d, device = device, threads = threads, qatlab_dtype = qdtype,
+  local t = {config = cfg, dims = d, device = device, device_name = device_name, threads = threads,
+    qatlab_dtype = qdtype,
     flop_formula = M.FLOP_FORMULA, peak_flops = peak_flops, peak_note = peak_note,
     seed_ref = py_why and {skipped = py_why} or {python = py}}
   for k, v in pairs(extra) do t[k] = v end

@@ -1,5 +1,5 @@
 -- bench: helpers shared by the benchmark experiments: medians, shell capture, peak RSS of this
--- process, and the path of the running qatlab binary (for timing child runs).
+-- process, the device in words, and the path of the running qatlab binary (for timing child runs).
 local M = {}
 
 -- The median of a list of numbers (sorts it in place).
@@ -28,6 +28,24 @@ end
 function M.reset_peak_rss()
   local f = io.open('/proc/self/clear_refs', 'w')
   if f then f:write('5'); f:close() end
+end
+
+-- The device in words, for benchmark tables: the GPU's name for 'cuda[:N]', else the CPU model
+-- from /proc/cpuinfo with the count of logical CPUs ('cpu' where that file says nothing).
+function M.device_name(device)
+  device = tostring(device or 'cpu')
+  if device:match('^cuda') then
+    return require('torch').cuda.get_device_name(device)
+  end
+  local f = io.open('/proc/cpuinfo')
+  if not f then return 'cpu' end
+  local text = f:read('*a')
+  f:close()
+  local model = text:match('model name%s*:%s*([^\n]+)')
+  local _, n = text:gsub('\nprocessor%s*:', '')
+  if text:match('^processor%s*:') then n = n + 1 end
+  if not model then return 'cpu' end
+  return ('%s, %d logical CPUs'):format(model:gsub('%s+$', ''), n)
 end
 
 -- The qatlab executable running this script.

@@ -1,6 +1,6 @@
 -- bench_spec: find_max_batch finds the exact OOM threshold (binary and nanochat with the safety
 -- fraction), rethrows other errors, applies a CPU memory budget with a real model, prints the
--- seed's table; and the SR-003 experiment runs as a subprocess.
+-- seed's table; and the SR-003 experiment runs as a subprocess. Also bench.device_name.
 local torch = require 'torch'
 local bench = require 'bench'
 local h = require 'helper'
@@ -15,6 +15,20 @@ local function fake(threshold)
     return 1 / batch
   end, calls
 end
+
+describe('bench.device_name', function()
+  it('names the CPU model and the count of logical CPUs, as /proc/cpuinfo and nproc say', function()
+    local _, model = h.sh("grep -m1 '^model name' /proc/cpuinfo | sed 's/^[^:]*: *//'")
+    model = model:gsub('%s+$', '')
+    local _, n = h.sh('nproc --all')
+    n = tonumber(n)
+    if model == '' then
+      assert.are.equal('cpu', bench.device_name('cpu'))
+    else
+      assert.are.equal(('%s, %d logical CPUs'):format(model, n), bench.device_name('cpu'))
+    end
+  end)
+end)
 
 describe('bench.find_max_batch', function()
   it('binary search finds exactly the threshold', function()

@@ -92,6 +92,12 @@ describe('error messages', function()
     fails_with("torch.set_default_device: unknown device 'nope'", torch.set_default_device, 'nope')
     if torch.cuda.is_available() then
       fails_with("torch.zeros: device 'cuda:99' is not available", torch.zeros, 2, {device = 'cuda:99'})
+      local name = torch.cuda.get_device_name(0)
+      assert.are.equal(name, torch.cuda.get_device_properties('cuda:0').name)
+      assert.is_true(torch.cuda.get_device_properties().total_memory > 0)
+      fails_with('torch.cuda.get_device_name: device 99: expected 0 <= index <', torch.cuda.get_device_name, 99)
+      fails_with("torch.cuda.get_device_name: argument #1: expected a CUDA device, got 'cpu'",
+                 torch.cuda.get_device_name, 'cpu')
     else
       fails_with({"torch.zeros: device 'cuda' is not available", 'no CUDA GPU'}, torch.zeros, 2, {device = 'cuda'})
       fails_with("torch.ones: device 'cuda:0' is not available", torch.ones, 2, {device = 'cuda:0'})
@@ -102,6 +108,8 @@ describe('error messages', function()
       fails_with("Tensor.to: device 'cuda' is not available", function() return torch.ones(2):to{device = 'cuda'} end)
       fails_with("torch.set_default_device: device 'cuda' is not available", torch.set_default_device, 'cuda')
       assert.are.equal(0, torch.cuda.device_count())
+      fails_with('torch.cuda.get_device_name: no CUDA device is available', torch.cuda.get_device_name)
+      fails_with('torch.cuda.get_device_properties: no CUDA device is available', torch.cuda.get_device_properties, 0)
     end
     assert.are.equal('cpu', torch.get_default_device())
     assert.are.equal('cpu', torch.zeros(1).device)
