@@ -254,10 +254,26 @@ int m_requires_grad(lua_State * L) {
     return 1;
 }
 
+// m:gradient_checkpointing([on = true | n]): every layer, none, or the first n layers.
 int m_gradient_checkpointing(lua_State * L) {
     DecoderModel & m = model_check(L, 1);
-    m.gradient_checkpointing(lua_isnoneornil(L, 2) ? true : lua_toboolean(L, 2));
+    if (lua_type(L, 2) == LUA_TNUMBER) {
+        double n = lua_tonumber(L, 2);
+        if (!(n >= 0) || n != std::floor(n))
+            bind_fail("argument #1: expected true, false or a layer count >= 0, got %g", n);
+        m.gradient_checkpointing_layers((int64_t)n);
+    } else if (lua_isnoneornil(L, 2) || lua_isboolean(L, 2)) {
+        m.gradient_checkpointing(lua_isnoneornil(L, 2) ? true : lua_toboolean(L, 2));
+    } else {
+        bind_fail("argument #1: expected true, false or a layer count, got %s", luaL_typename(L, 2));
+    }
     lua_settop(L, 1);
+    return 1;
+}
+
+// m:gradient_checkpointing_layers() -> how many layers are checkpointed
+int m_gradient_checkpointing_layers(lua_State * L) {
+    lua_pushinteger(L, (lua_Integer)model_check(L, 1).gradient_checkpointing_layers());
     return 1;
 }
 
@@ -407,6 +423,7 @@ const BindFn model_methods[] = {
     {"to", m_to},
     {"requires_grad_", m_requires_grad},
     {"gradient_checkpointing", m_gradient_checkpointing},
+    {"gradient_checkpointing_layers", m_gradient_checkpointing_layers},
     {"linear_names", m_linear_names},
     {"get_linear", m_get_linear},
     {"save_pretrained", m_save_pretrained},

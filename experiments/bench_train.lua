@@ -13,6 +13,8 @@
 --   L='64'  batches='2,8'  K=32  preset='q2a4'  T=2  hard_top1=0.2  hard_full=0.00005  lr=5e-5
 --   warmup=1  steps=2       untimed + timed steps per row (step time = median of the timed ones)
 --   ckpt=true      per-decoder-layer activation checkpointing in both (the seed's benchmark has it on)
+--   ckpt_layers=-1 with ckpt on, qatlab checkpoints only the first N layers (less recomputation, more
+--                  memory; -1 = all); the seed reference has only all or none: all of them when N > 0
 --   ste=false      STE-FP16 in the V2 forward (both)
 --   impls='qatlab,seed-ref'   dtype='auto' (qatlab: bfloat16 on CUDA, float32 on the CPU;
 --                  'autocast' = fp32 params + bf16 autocast)   amp='auto' (seed-ref: autocast on CUDA)
@@ -60,7 +62,7 @@ local cfg = config.merge({
   help = false,          -- print this header and exit
   full = false, tiny = false, layers = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0,
   L = '', batches = '', K = 32, preset = 'q2a4', T = 2, hard_top1 = 0.2, hard_full = 0.00005, lr = 5e-5,
-  clip = 1.0, warmup = 1, steps = 2, ckpt = true, ste = false, impls = 'qatlab,seed-ref',
+  clip = 1.0, warmup = 1, steps = 2, ckpt = true, ckpt_layers = -1, ste = false, impls = 'qatlab,seed-ref',
   dtype = 'auto', amp = 'auto', peak_tflops = 0, threads = 0, seed = 0,
   max_batch_mb = 0, max_batch_oom = false, max_batch_start = 1, max_batch_cap = 4096,
 }, args)
@@ -98,7 +100,7 @@ function M.build_model(d, L, o)
   end
   quant.set_trainable(m, 'all')
   if o.dtype and o.dtype ~= 'float32' and o.dtype ~= 'autocast' then m:to{dtype = o.dtype} end
-  m:gradient_checkpointing(o.ckpt ~= false)
+  if type(o.ckpt) == 'number' then m:gradient_checkpointing(o.ckpt) else m:gradient_checkpointing(o.ckpt ~= false) end
   m:train()
   return m
 end
@@ -243,6 +245,13 @@ local function list(s, what)
 end
 
 local d = M.dims(cfg)
+if not (cfg.ckpt_layers >= -1 and cfg.ckpt_layers == math.floor(cfg.ckpt_layers)) then
+  error(('bench_train: ckpt_layers: expected a layer count >= 0 (or -1 = all), got %g'):format(cfg.ckpt_layers), 0)
+end
+local ckpt_any = cfg.ckpt and cfg.ckpt_layers ~= 0
+local qckpt = cfg.ckpt and (cfg.ckpt_layers >= 0 and cfg.ckpt_layers or true)   -- what qatlab's rows get
+local ckpt_text = (cfg.ckpt and cfg.ckpt_layers >= 0) and ('first %d of %d layers (seed-ref: %s)'):format(
+  math.min(cfg.ckpt_layers, d.layers), d.layers, ckpt_any and 'all' or 'none') or (cfg.ckpt and 'on' or 'off')
 if cfg.tiny then cfg.warmup, cfg.steps, cfg.K = 0, 1, 8 end
 local max_mode = cfg.max_batch_mb ~= 0 or cfg.max_batch_oom
 if max_mode then
@@ -325,7 +334,7 @@ end
 local function run_qatlab(L, B, id)
   local job = out .. '/jobs/' .. id .. '.json'
   local f = assert(io.open(job, 'wb'))
-  f:write(json.encode({dims = d, L = L, batch = B, K = cfg.K, preset = cfg.preset, ste = cfg.ste, ckpt = cfg.ckpt,
+  f:write(json.encode({dims = d, L = L, batch = B, K = cfg.K, preset = cfg.preset, ste = cfg.ste, ckpt = qckpt,
     dtype = qdtype, lr = cfg.lr, T = cfg.T, hard_top1 = cfg.hard_top1, hard_full = cfg.hard_full, clip = cfg.clip,
     warmup = cfg.warmup, steps = cfg.steps, seed = cfg.seed}))
   f:close()
@@ -338,7 +347,7 @@ local function run_ref(L, B)
     .. '--preset %s --L %d --batch %d --K %d --T %g --hard %.17g --lr %g --clip %g --ckpt %d --ste %d '
     .. '--amp %s --device %s --threads %d --seed %d --warmup %d --steps %d'):format(q(py), q(ref_script),
     d.layers, d.hidden, d.inter, d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, L, B, cfg.K, cfg.T,
-    cfg.hard_top1 + cfg.hard_full, cfg.lr, cfg.clip, cfg.ckpt and 1 or 0, cfg.ste and 1 or 0, cfg.amp,
+    cfg.hard_top1 + cfg.hard_full, cfg.lr, cfg.clip, ckpt_any and 1 or 0, cfg.ste and 1 or 0, cfg.amp,
     device, threads, cfg.seed, cfg.warmup, cfg.steps)
 end
 
@@ -348,7 +357,7 @@ local device_name = bench.device_name(device)
 print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, vocab %d, %s, K %d, device %s (%s), '
   .. '%d threads, checkpointing %s, STE %s; qatlab %s, seed-ref amp %s'):format(d.layers, d.hidden, d.inter,
   d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, device_name, threads,
-  cfg.ckpt and 'on' or 'off', cfg.ste and 'on' or 'off', qdtype, cfg.amp))
+  ckpt_text, cfg.ste and 'on' or 'off', qdtype, cfg.amp))
 if py_why then print('seed-ref: ' .. py_why) end
 
 -- One row in its own process: its result, or {status = 'OOM' | 'KILLED' | 'FAILED', error = output tail}.

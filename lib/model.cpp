@@ -589,9 +589,10 @@ at::Tensor DecoderModel::forward_impl(const at::Tensor & ids, const at::Tensor &
         if (km.defined()) m = (m & km.to(at::kBool).view({B, 1, 1, S})) | (ks == qs).view({1, 1, T, S});
         aux.mask = m.expand({B, 1, T, S});
     }
-    const bool ckpt = checkpointing_ && training_ && !cache && at::GradMode::is_enabled();
+    const bool ckpt = ckpt_layers_ != 0 && training_ && !cache && at::GradMode::is_enabled();
+    const int64_t n_ckpt = gradient_checkpointing_layers();
     for (int64_t i = 0; i < (int64_t)layers_.size(); i++) {
-        if (ckpt) {
+        if (ckpt && i < n_ckpt) {
             auto params = layer_parameters(i);
             std::optional<at::Tensor> mask;   // an undefined Tensor argument is refused by apply()
             if (aux.mask.defined()) mask = aux.mask;
@@ -603,6 +604,15 @@ at::Tensor DecoderModel::forward_impl(const at::Tensor & ids, const at::Tensor &
     if (cache) cache->len += T;
     x = rms_norm(x, final_norm_);
     return out == ForwardOutput::hidden ? x : lm_head(x);
+}
+
+void DecoderModel::gradient_checkpointing_layers(int64_t n) {
+    if (n < 0) throw std::runtime_error("gradient_checkpointing: expected a layer count >= 0, got " + std::to_string(n));
+    ckpt_layers_ = std::min<int64_t>(n, (int64_t)layers_.size());
+}
+
+int64_t DecoderModel::gradient_checkpointing_layers() const {
+    return ckpt_layers_ < 0 ? (int64_t)layers_.size() : ckpt_layers_;
 }
 
 at::Tensor DecoderModel::lm_head(const at::Tensor & h) {

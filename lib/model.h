@@ -156,8 +156,13 @@ public:
 
     void train(bool on = true) { training_ = on; }
     bool is_training() const { return training_; }
-    void gradient_checkpointing(bool on) { checkpointing_ = on; }
-    bool is_gradient_checkpointing() const { return checkpointing_; }
+    // Per-layer activation checkpointing: every layer (true), none (false), or the first n
+    // layers (n >= number of layers = all): a dial between memory and recomputation.
+    void gradient_checkpointing(bool on) { ckpt_layers_ = on ? -1 : 0; }
+    void gradient_checkpointing_layers(int64_t n);
+    bool is_gradient_checkpointing() const { return ckpt_layers_ != 0; }
+    // How many layers are checkpointed (0 .. number of layers).
+    int64_t gradient_checkpointing_layers() const;
     void to(std::optional<c10::Device> device, std::optional<at::ScalarType> dtype);
     c10::Device device() const { return embed_.device(); }
     at::ScalarType dtype() const { return embed_.scalar_type(); }
@@ -207,7 +212,8 @@ private:
     at::Tensor embed_, final_norm_;
     std::shared_ptr<Linear> lm_head_;   // null when tied
     std::vector<DecoderLayer> layers_;
-    bool training_ = true, checkpointing_ = false;
+    bool training_ = true;
+    int64_t ckpt_layers_ = 0;   // -1: all
     std::map<std::string, at::Tensor> rope_cache_;   // "device/dtype" -> (cos|sin table)
 };
 

@@ -115,6 +115,23 @@ describe('nn model', function()
     local plain, ps = grads(false)
     local ck = grads(true)
     for i = 1, #plain do h.close(ck[i], plain[i], 1e-7, 0) end
+    -- selective: only the first n layers checkpointed, the same gradients
+    local n_layers = m.config.num_hidden_layers
+    assert.is_true(n_layers >= 2)
+    for _, n in ipairs({0, 1, n_layers, n_layers + 5}) do
+      local sel = grads(n)
+      assert.are.equal(math.min(n, n_layers), m:gradient_checkpointing_layers())
+      for i = 1, #plain do h.close(sel[i], plain[i], 1e-7, 0) end
+    end
+    m:gradient_checkpointing(true)
+    assert.are.equal(n_layers, m:gradient_checkpointing_layers())
+    m:gradient_checkpointing(false)
+    assert.are.equal(0, m:gradient_checkpointing_layers())
+    for _, bad in ipairs({-1, 1.5, 'all'}) do
+      local ok, err = pcall(m.gradient_checkpointing, m, bad)
+      assert.is_false(ok)
+      assert.truthy(err:find('expected true, false or a layer count', 1, true), err)
+    end
     m:requires_grad_(false, {pattern = 'embed_tokens'})
     local fz = grads(false)
     assert.is_nil(fz[1])
