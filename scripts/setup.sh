@@ -31,7 +31,8 @@ SUDO=""
 # -- Debian packages ----------------------------------------------------------------------
 PKGS=(g++ cmake ninja-build pkg-config libspdlog-dev libcxxopts-dev libgtest-dev
       nlohmann-json3-dev lua-busted lua-check libpcre2-dev libutf8proc-dev libsentencepiece-dev sentencepiece libzstd-dev bible-kjv
-      libgloo-dev libmimalloc-dev)   # gloo: headers for c10d's ProcessGroupGloo (lib/dist.cpp); mimalloc: the process allocator
+      libgloo-dev libmimalloc-dev    # gloo: headers for c10d's ProcessGroupGloo (lib/dist.cpp); mimalloc: the process allocator
+      shellcheck)                    # lints the shell scripts (lint.shellcheck)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
