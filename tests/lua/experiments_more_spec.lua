@@ -50,6 +50,7 @@ exp('bench_kd_loss', '--set n=64 --set vocab=512 --set hidden=32 --set k=8 --set
 exp('bench_kd_cache', '--set n=32 --set L=32 --set K=8 --set shard_size=16 --set batch_size=8 --set read_batch=8 '
   .. '--set epochs=1 --set hidden=32 --set layers=1' .. text_opt)
 exp('bench_overhead', '--set iters=200 --set repeats=3 --set rounds=1 --set startup_runs=1')
+exp('bench_dist', '--set tiny=true --set batches=4 --set L=16 --set K=8 --set steps=2 --set warmup=0 --set threads=1')
 local sr003 = '--set layers=1 --set hidden=32 --set inter=64 --set head_dim=8 --set vocab=64 --set seq=16 '
   .. '--set max=8 --set steps=1 --set K=8 --set loss='
 exp('sr003_find_max_batch', sr003 .. 'kd')
@@ -145,6 +146,20 @@ describe('experiments at tiny size (more)', function()
     local build, read_sps, mbs = out:match('build (%S+) seq/s | read (%S+) seq/s, (%S+) MB/s')
     assert.truthy(build, out)
     for _, v in ipairs({build, read_sps, mbs}) do assert.is_true(finite(tonumber(v)) and tonumber(v) > 0, v) end
+  end)
+
+  it('bench_dist: 2 Gloo ranks and one process time the same steps and give the same losses', function()
+    local _, out = ok('bench_dist')
+    local rows = md_rows(out, '| global batch |')
+    assert.are.equal(1, #rows)
+    local r = rows[1]
+    assert.are.equal('4', r[1])
+    for i = 2, 3 do assert.is_true(finite(tonumber(r[i]:match('^(%S+) s$'))), r[i]) end
+    for i = 7, 8 do
+      local a, b = r[i]:match('^(%S+) / (%S+)$')
+      a, b = tonumber(a), tonumber(b)
+      assert.is_true(finite(a) and math.abs(a - b) <= 1e-6 * math.abs(a), r[i])
+    end
   end)
 
   it('bench_overhead: per-op times for six ops and the start-up times', function()
