@@ -30,9 +30,12 @@ struct BindFn {
 // Sets t[name] = trampoline(fn) for each entry; `prefix` ("torch.", "Tensor.") names errors.
 void bind_register(lua_State * L, int table_idx, const char * prefix, const BindFn * fns);
 void bind_push_function(lua_State * L, const char * full_name, lua_CFunction fn);
-// How many bound calls are running now (0: the VM is in Lua code or a Lua library function).
-// Async-signal-safe.
+// How many bound calls are running C++ now (0: the VM is in Lua code or a Lua library function,
+// perhaps called back by a bound function). Async-signal-safe.
 int bind_call_depth();
+// lua_pcall(L, nargs, nresults, 0) for a bound function calling back into Lua (no_grad(fn),
+// progress callbacks): while it runs, the Ctrl-C watchdog counts the VM as running Lua.
+int bind_pcall(lua_State * L, int nargs, int nresults);
 
 // -- arguments -----------------------------------------------------------------------
 // PyTorch-style calls: positional arguments, then optionally one trailing options table

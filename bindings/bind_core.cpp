@@ -44,8 +44,17 @@ static void msg_copy(char * dst, size_t cap, const char * src) {
 // Also read by the host's Ctrl-C watchdog from a signal handler, hence sig_atomic_t.
 static volatile sig_atomic_t bind_depth = 0;
 static const int bind_depth_max = 200;
+// Bound calls that are waiting on a Lua function they called (bind_pcall): the VM runs Lua then.
+static volatile sig_atomic_t bind_callbacks = 0;
 
-int bind_call_depth() { return bind_depth; }
+int bind_call_depth() { return bind_depth - bind_callbacks; }
+
+int bind_pcall(lua_State * L, int nargs, int nresults) {
+    bind_callbacks = bind_callbacks + 1;
+    int status = lua_pcall(L, nargs, nresults, 0);
+    bind_callbacks = bind_callbacks - 1;
+    return status;
+}
 namespace {
 struct DepthGuard {  // also undone when a Lua error unwinds through the frame
     DepthGuard() { bind_depth = bind_depth + 1; }

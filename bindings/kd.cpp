@@ -179,7 +179,7 @@ int kd_evaluate_l(lua_State * L) {
             } else {
                 lua_pushvalue(L, src);
             }
-            if (lua_pcall(L, nargs, 1, 0) != 0) {
+            if (bind_pcall(L, nargs, 1) != 0) {
                 std::string err = lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)";
                 lua_pop(L, 1);
                 throw BindError("the batch iterator failed: " + err);

@@ -68,7 +68,7 @@ int f_build_cache(lua_State * L) {
             lua_pushnumber(L, lua_Number(done));
             lua_pushnumber(L, lua_Number(total));
             lua_pushnumber(L, sps);
-            if (lua_pcall(L, 3, 0, 0) != 0) {
+            if (bind_pcall(L, 3, 0) != 0) {
                 cb_error = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error in on_progress";
                 lua_pop(L, 1);
                 throw std::runtime_error("on_progress: " + cb_error);

@@ -338,7 +338,7 @@ int m_generate(lua_State * L) {
             lua_pushvalue(L, cb);
             lua_pushnumber(L, (lua_Number)tok);
             lua_pushnumber(L, (lua_Number)(row + 1));
-            if (lua_pcall(L, 2, 1, 0) != 0) {
+            if (bind_pcall(L, 2, 1) != 0) {
                 std::string msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error in on_token";
                 lua_pop(L, 1);
                 throw std::runtime_error("on_token: " + msg);

@@ -312,7 +312,7 @@ int grad_mode_call(lua_State * L, bool enabled) {
     int status;
     {
         at::AutoGradMode guard(enabled);
-        status = lua_pcall(L, base - 1, LUA_MULTRET, 0);
+        status = bind_pcall(L, base - 1, LUA_MULTRET);
     }
     if (status != 0) return lua_error(L);  // re-raise after the guard has restored the mode
     return lua_gettop(L);
@@ -392,7 +392,7 @@ int f_autocast(lua_State * L) {
     int status;
     {
         AutocastScope scope(dev, enabled, dtype, cache);
-        status = lua_pcall(L, nargs, LUA_MULTRET, 0);
+        status = bind_pcall(L, nargs, LUA_MULTRET);
     }
     if (status != 0) return lua_error(L);  // re-raise after the scope has restored the state
     return lua_gettop(L) - (fn - 1);

@@ -197,6 +197,12 @@ B.add('sigint_jit', ([[
 pid=$!
 for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
 sleep 0.3; kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint_jit.out'), path('sigint_jit.out')))
+-- The same loop inside a bound call that calls back into Lua (torch.no_grad(fn)).
+B.add('sigint_jit_cb', ([[
+%s -e 'local torch = require "torch" torch.no_grad(function() print("ready") io.stdout:flush() local x = 0 while true do x = x + 1 end end)' >%s &
+pid=$!
+for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
+sleep 0.3; kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint_jit_cb.out'), path('sigint_jit_cb.out')))
 -- The REPL: Ctrl-C interrupts the evaluation, the prompt goes on and the next line runs.
 B.add('sigint_repl', ([[
 mkfifo %s
@@ -359,6 +365,9 @@ describe('a hostile script is never a crash', function()
 
   it('Ctrl-C in a compiled Lua loop that calls nothing ends the process with 130 and says why', function()
     local r = B.get('sigint_jit')
+    assert.are.equal('rc=130', r.out:match('rc=%d+'), r.out .. r.err)
+    hr.has(r.err, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop', 'stderr')
+    r = B.get('sigint_jit_cb')   -- inside torch.no_grad(fn): the bound call waits on Lua, so it counts as Lua
     assert.are.equal('rc=130', r.out:match('rc=%d+'), r.out .. r.err)
     hr.has(r.err, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop', 'stderr')
   end)
