@@ -11,9 +11,9 @@
 #                  outside the repository); about 5 GB, reused by later runs
 #
 # Needs network access to PyPI. The CUDA compiler comes from NVIDIA's pip packages of the same
-# CUDA release as the wheel (nvcc, nvvm, crt, cccl): CMake's CUDA support insists on a working
-# nvcc although qatlab compiles no .cu file. Only CUDA 13 wheels (one nvidia/cu13 folder) are
-# handled. The Debian packages and the project's .venv (test references) come from setup.sh.
+# CUDA release as the wheel (scripts/cuda_toolkit.sh): CMake's CUDA support insists on a working
+# nvcc although qatlab compiles no .cu file. Only CUDA 13 wheels are handled. The Debian packages
+# and the project's .venv (test references) come from setup.sh.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,29 +49,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/d
 fi
 CUDA_VERSION="$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)"
 [ -n "$CUDA_VERSION" ] || die "$TORCH_SPEC is not a CUDA build of torch"
-SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-CU="$SITE/nvidia/cu${CUDA_VERSION%%.*}"
-[ -d "$CU/include" ] || die "expected the CUDA ${CUDA_VERSION%%.*} packages in $CU (only CUDA 13 wheels are handled)"
-if [ ! -x "$CU/bin/nvcc" ] || [ ! -e "$CU/include/cccl/nv/target" ] || [ ! -d "$CU/nvvm" ]; then
-  say "installing nvcc, nvvm, crt and cccl $CUDA_VERSION from PyPI"
-  pip_install "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-nvvm==$CUDA_VERSION.*" \
-    "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*"
-fi
-
-# A toolkit folder as CMake expects one: bin, include, nvvm, lib64 with unversioned .so names.
-# nvcc.profile looks for lib64 next to its own bin, so the package gets that link too.
-TK="$DIR/toolkit"
-rm -rf "$TK"
-mkdir -p "$TK/lib64"
-ln -s "$CU/bin" "$TK/bin"
-ln -s "$CU/include" "$TK/include"
-ln -s "$CU/nvvm" "$TK/nvvm"
-[ -e "$CU/lib64" ] || ln -s lib "$CU/lib64"
-for f in "$CU"/lib/*; do
-  b="$(basename "$f")"
-  ln -sf "$f" "$TK/lib64/$b"
-  case "$b" in *.so.*) [ -e "$TK/lib64/${b%%.so.*}.so" ] || ln -s "$f" "$TK/lib64/${b%%.so.*}.so" ;; esac
-done
+# nvcc and a toolkit folder from NVIDIA's pip packages (scripts/cuda_toolkit.sh).
+TK="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$DIR/toolkit")"
 
 BUILD="$DIR/build"
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)"

@@ -79,10 +79,22 @@ for mod in tokenizers transformers jinja2; do
 done
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
+# A CUDA torch needs nvcc when CMake configures against it (LibTorch's config enables CUDA). With
+# no toolkit installed, nvcc and the headers come from NVIDIA's pip packages (cuda_toolkit.sh).
+CUDA_ARGS=()
+TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
+if [ -n "$TORCH_CUDA" ] && [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1 &&
+   [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  say "torch is a CUDA $TORCH_CUDA build and no nvcc is installed: taking one from NVIDIA's pip packages"
+  TK="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$VENV/cuda-toolkit")"
+  export PATH="$TK/bin:$PATH" CUDA_HOME="$TK"
+  CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$TK")
+fi
+
 # -- build ----------------------------------------------------------------------------------
 if [ ! -f "$BUILD/build.ninja" ]; then
   say "configuring $BUILD"
-  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release "${CUDA_ARGS[@]}" \
         -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DQATLAB_TEST_PYTHON="$PY" >/dev/null
 fi
 JOBS="$(nproc 2>/dev/null || echo 2)"
