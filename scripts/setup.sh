@@ -79,16 +79,23 @@ for mod in tokenizers transformers jinja2; do
 done
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 
-# A CUDA torch needs nvcc when CMake configures against it (LibTorch's config enables CUDA). With
-# no toolkit installed, nvcc and the headers come from NVIDIA's pip packages (cuda_toolkit.sh).
+# A CUDA torch needs a CUDA toolkit when CMake configures against it (LibTorch's config enables
+# CUDA; torch's CUDA headers include cuBLAS's). Without a complete one ($CUDA_HOME or
+# /usr/local/cuda), nvcc and the headers come from NVIDIA's pip packages (cuda_toolkit.sh).
 CUDA_ARGS=()
 TORCH_CUDA="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
-if [ -n "$TORCH_CUDA" ] && [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1 &&
-   [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
-  say "torch is a CUDA $TORCH_CUDA build and no nvcc is installed: taking one from NVIDIA's pip packages"
-  TK="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$VENV/cuda-toolkit")"
-  export PATH="$TK/bin:$PATH" CUDA_HOME="$TK"
-  CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$TK")
+cuda_root_ok() { [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime_api.h" ] && [ -f "$1/include/cublas_v2.h" ]; }
+if [ -n "$TORCH_CUDA" ] && [ -z "${CUDACXX:-}" ]; then
+  CUDA_ROOT=""
+  for c in "${CUDA_HOME:-}" /usr/local/cuda; do
+    if [ -n "$c" ] && cuda_root_ok "$c"; then CUDA_ROOT="$c"; break; fi
+  done
+  if [ -z "$CUDA_ROOT" ]; then
+    say "torch is a CUDA $TORCH_CUDA build and no complete CUDA toolkit is installed: assembling one from NVIDIA's pip packages"
+    CUDA_ROOT="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$VENV/cuda-toolkit")"
+  fi
+  export PATH="$CUDA_ROOT/bin:$PATH" CUDA_HOME="$CUDA_ROOT"
+  CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT")
 fi
 
 # -- build ----------------------------------------------------------------------------------
