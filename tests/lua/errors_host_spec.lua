@@ -185,24 +185,23 @@ for _, s in ipairs{'uncaught', 'nested', 'method', 'caught', 'errnil', 'syntax',
                    'errbadtostring', 'callback_err', 'overflow', 'cstack', 'gcabuse', 'objabuse', 'hostile'} do
   B.host(s, 'run ' .. path(s .. '.lua'))
 end
--- Ctrl-C while a script loops in torch calls: the handshake waits until the loop runs.
-B.add('sigint', ([[
-%s -e 'local torch = require "torch" print("ready") io.stdout:flush() while true do torch.ones(1) end' >%s &
+-- Ctrl-C: `code` runs under qatlab -e; the handshake waits for its "ready" line (the loop runs), then
+-- SIGINT; the output ends in rc=<exit status>.
+local function sigint_case(name, code, pause)
+  B.add(name, ([[
+%s -e %s >%s &
 pid=$!
 for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
-kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint.out'), path('sigint.out')))
--- Ctrl-C in a compiled loop that calls nothing (hooks never run there): the watchdog ends it.
-B.add('sigint_jit', ([[
-%s -e 'print("ready") io.stdout:flush() local x = 0 while true do x = x + 1 end' >%s &
-pid=$!
-for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
-sleep 0.3; kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint_jit.out'), path('sigint_jit.out')))
--- The same loop inside a bound call that calls back into Lua (torch.no_grad(fn)).
-B.add('sigint_jit_cb', ([[
-%s -e 'local torch = require "torch" torch.no_grad(function() print("ready") io.stdout:flush() local x = 0 while true do x = x + 1 end end)' >%s &
-pid=$!
-for i in $(seq 300); do grep -q ready %s 2>/dev/null && break; sleep 0.1; done
-sleep 0.3; kill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), path('sigint_jit_cb.out'), path('sigint_jit_cb.out')))
+%skill -INT $pid; wait $pid; echo "rc=$?"]]):format(h.q(h.bin), h.q(code), path(name .. '.out'), path(name .. '.out'),
+    pause or ''))
+end
+local READY = 'print("ready") io.stdout:flush() '
+-- in torch calls (hooks run), in a compiled loop that calls nothing, and that loop inside a bound
+-- call waiting on Lua (torch.no_grad(fn))
+sigint_case('sigint', 'local torch = require "torch" ' .. READY .. 'while true do torch.ones(1) end')
+sigint_case('sigint_jit', READY .. 'local x = 0 while true do x = x + 1 end', 'sleep 0.3; ')
+sigint_case('sigint_jit_cb', 'local torch = require "torch" torch.no_grad(function() ' .. READY
+  .. 'local x = 0 while true do x = x + 1 end end)', 'sleep 0.3; ')
 -- The REPL: Ctrl-C interrupts the evaluation, the prompt goes on and the next line runs.
 B.add('sigint_repl', ([[
 mkfifo %s
@@ -357,19 +356,20 @@ describe('a hostile script is never a crash', function()
     assert(tonumber(v.errors) > tonumber(v.calls) / 2, 'most garbage calls must fail')
   end)
 
+  local function interrupted(name, rc, message)
+    local r = B.get(name)
+    assert.are.equal('rc=' .. rc, r.out:match('rc=%d+'), r.out .. r.err)
+    hr.has(r.err, message, 'stderr')
+  end
+
   it('Ctrl-C stops a script inside torch calls with a message and exit 1', function()
-    local r = B.get('sigint')
-    assert.are.equal('rc=1', r.out:match('rc=%d+'), r.out .. r.err)
-    hr.has(r.err, 'interrupted', 'stderr')
+    interrupted('sigint', 1, 'interrupted')
   end)
 
   it('Ctrl-C in a compiled Lua loop that calls nothing ends the process with 130 and says why', function()
-    local r = B.get('sigint_jit')
-    assert.are.equal('rc=130', r.out:match('rc=%d+'), r.out .. r.err)
-    hr.has(r.err, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop', 'stderr')
-    r = B.get('sigint_jit_cb')   -- inside torch.no_grad(fn): the bound call waits on Lua, so it counts as Lua
-    assert.are.equal('rc=130', r.out:match('rc=%d+'), r.out .. r.err)
-    hr.has(r.err, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop', 'stderr')
+    interrupted('sigint_jit', 130, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop')
+    -- inside torch.no_grad(fn): the bound call waits on Lua, so the VM counts as running Lua
+    interrupted('sigint_jit_cb', 130, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop')
   end)
 
   it('Ctrl-C in the REPL interrupts the evaluation and the prompt goes on', function()
