@@ -10,38 +10,17 @@ local trainer = require 'trainer'
 local log = require 'log'
 local qatlab = require 'qatlab'
 local sweep = require 'sweep'   -- sweep.hash: the corpus fingerprint in sp.source
+local files = require 'files'
 
 local M = {}
 
-local function read(path)
-  local f = io.open(path, 'rb')
-  if not f then return nil end
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local read = files.read
 
--- A temporary name of this process (host and pid): processes that share a folder never write the same one.
-local function tmp_name(path)
-  local stat, host = read('/proc/self/stat'), read('/proc/sys/kernel/hostname')
-  local pid = stat and stat:match('^(%d+)') or tostring(math.random(1, 2 ^ 30))
-  return ('%s.tmp.%s.%s'):format(path, (host or ''):gsub('%W', ''), pid)
-end
-
--- Writes text to path unless it already holds exactly that (returns whether it wrote), through a temporary
--- name and a rename: processes sharing `work` (sweep workers, job-array tasks) never see half a file.
+-- Writes text to path unless it already holds exactly that (returns whether it wrote), atomically:
+-- processes sharing `work` (sweep workers, job-array tasks) never see half a file.
 local function write_once(path, text)
   if read(path) == text then return false end
-  local tmp = tmp_name(path)
-  local f, err = io.open(tmp, 'wb')
-  if not f then error(('kd_lab: cannot write %s: %s'):format(path, tostring(err)), 0) end
-  local ok, err2 = f:write(text)
-  f:close()
-  if ok then ok, err2 = os.rename(tmp, path) end
-  if not ok then
-    os.remove(tmp)
-    error(('kd_lab: cannot write %s: %s'):format(path, tostring(err2)), 0)
-  end
+  files.write_atomic(path, text, 'kd_lab')
   return true
 end
 

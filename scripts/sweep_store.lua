@@ -5,54 +5,16 @@
 --   <root>/sweep.json             name, metric, goal and every trial, so that any process can summarize
 -- An older runs.jsonl without records/ (appended by earlier versions) is still read, and kept in the rebuild.
 local json = require 'json'
+local files = require 'files'
 
 local M = {}
 
 function M.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
-function M.mkdir(d)
-  if os.execute('mkdir -p ' .. M.q(d)) ~= 0 then
-    error(('sweep: cannot create the folder %s (check the path and its permissions)'):format(d), 0)
-  end
-end
-
-function M.read(path)
-  local f = io.open(path, 'rb')
-  if not f then return nil end
-  local s = f:read('*a')
-  f:close()
-  return s
-end
-
--- host and process id: temporary names of processes writing the same file (on a shared disk) differ.
-local token
-local function unique()
-  if not token then
-    local stat, host = M.read('/proc/self/stat'), M.read('/proc/sys/kernel/hostname')
-    local pid = stat and stat:match('^(%d+)')
-    if not pid then
-      local n = os.tmpname()
-      os.remove(n)
-      pid = n:gsub('%W', '')
-    end
-    token = ((host or os.getenv('HOSTNAME') or ''):gsub('%W', '')) .. '.' .. pid
-  end
-  return token
-end
-
--- Writes to a temporary name, then renames: a reader sees the old text or the new, never half of it.
-function M.write_atomic(path, text)
-  local tmp = path .. '.tmp.' .. unique()
-  local f, err = io.open(tmp, 'w')
-  if not f then error(('sweep: cannot write %s: %s'):format(path, tostring(err)), 0) end
-  f:write(text)
-  f:close()
-  local ok, rerr = os.rename(tmp, path)
-  if not ok then
-    os.remove(tmp)
-    error(('sweep: cannot write %s: %s'):format(path, tostring(rerr)), 0)
-  end
-end
+M.read = files.read
+function M.mkdir(d) files.mkdir(d, 'sweep') end
+-- a reader sees the old text or the new, never half of it (files.write_atomic)
+function M.write_atomic(path, text) files.write_atomic(path, text, 'sweep') end
 
 local function decode(text)
   local ok, v = pcall(json.decode, text)

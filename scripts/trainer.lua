@@ -6,6 +6,7 @@ local json = require 'json'
 local progress = require 'progress'
 local ema_mod = require 'ema'
 local log = require 'log'
+local files = require 'files'
 
 local M = {}
 
@@ -40,20 +41,8 @@ local function dist_active()
   if ok and d.is_initialized() and d.world_size() > 1 then return d end
 end
 
-local function read_file(path)
-  local f = io.open(path, 'rb')
-  if not f then return nil end
-  local s = f:read('*a')
-  return s, f:close()
-end
-
-local function write_atomic(path, text)
-  local tmp = path .. '.tmp'
-  local f = assert(io.open(tmp, 'wb'))
-  f:write(text)
-  f:close()
-  assert(os.rename(tmp, path))
-end
+local read_file = files.read
+local function write_atomic(path, text) files.write_atomic(path, text, 'trainer') end
 
 -- The steps of the ckpt_<step> directories in dir, ascending.
 local function list_ckpts(dir)

@@ -64,13 +64,7 @@ local function ok(name)
   return r.out .. '\n' .. r.err, r.out
 end
 
-local function read(path)
-  local f = io.open(path, 'rb')
-  if not f then return nil end
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local read = require('files').read
 
 describe('experiments at tiny size (more)', function()
   it('quickstart_charlm: metrics.jsonl with a falling val loss, the weights, a sample', function()

@@ -4,14 +4,7 @@ local h = require 'helper'
 
 local M = {}
 
-local function slurp(path)
-  local f = io.open(path, 'rb')
-  if not f then return nil end
-  local s = f:read('*a')
-  f:close()
-  return s
-end
-M.slurp = slurp
+M.slurp = require('files').read
 
 function M.spit(path, text)
   local f = assert(io.open(path, 'wb'))

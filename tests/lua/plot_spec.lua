@@ -3,9 +3,7 @@
 local plot = require 'plot'
 local h = require 'helper'
 
-local function read(path)
-  local f = assert(io.open(path)); local s = f:read('*a'); f:close(); return s
-end
+local function read(path) return assert(require('files').read(path), 'cannot read ' .. path) end
 
 local function count(s, pat)
   local n = 0

@@ -3,13 +3,7 @@
 -- numbers, and the Q2 student's KD loss and perplexity fall during KD training from their post-conversion values.
 local h = require 'helper'
 
-local function read(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local read = require('files').read
 
 -- The rows of the results table: label -> {kd = number, ppl = number}.
 local function table_rows(md)

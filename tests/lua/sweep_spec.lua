@@ -10,12 +10,7 @@ local function overrides(space)
   return t
 end
 
-local function read(path)
-  local f = assert(io.open(path))
-  local s = f:read('*a')
-  f:close()
-  return s
-end
+local function read(path) return assert(require('files').read(path), 'cannot read ' .. path) end
 
 local function lines(path)
   local t = {}
