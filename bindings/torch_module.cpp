@@ -21,6 +21,7 @@
 namespace qatlab {
 
 void tensor_open_methods(lua_State * L, int torch_table);
+void torch_open_autograd(lua_State * L, int torch_table);  // torch_autograd.cpp
 
 namespace {
 
@@ -865,6 +866,7 @@ int luaopen_torch(lua_State * L) {
     bind_register(L, t, "torch.", functions);
     tensor_open_methods(L, t);
     sub_module(L, t, "autograd", "torch.autograd.", autograd_fns);
+    torch_open_autograd(L, t);
     sub_module(L, t, "linalg", "torch.linalg.", linalg_fns);
     sub_module(L, t, "cuda", "torch.cuda.", cuda_fns);
     static const char * dtypes[] = {"float32", "float16", "bfloat16", "float64", "int8", "uint8",
