@@ -12,6 +12,7 @@ int luaopen_data(lua_State * L);
 int luaopen_kd(lua_State * L);
 int luaopen_optim(lua_State * L);
 int luaopen_dist(lua_State * L);
+int luaopen_torch_nn_functional(lua_State * L);
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -28,6 +29,7 @@ static const struct {
     {"kd", luaopen_kd},
     {"optim", luaopen_optim},
     {"dist", luaopen_dist},
+    {"torch.nn.functional", luaopen_torch_nn_functional},
 };
 
 void bind_open_all(lua_State * L) {
