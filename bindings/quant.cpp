@@ -1,12 +1,17 @@
-// quant: the seed's LUT quantization (lib/quant_lut) as the Lua module `quant`: replace the
-// projections of a model with V2 (or V1) layers, freeze Q, choose what trains and how the
-// forward is computed, snap, convert (V1→V2, Q4→Q2), export and load checkpoints.
+// quant: the seed's LUT quantization (lib/quant_lut, lib/quant_init) as the Lua module `quant`:
+// replace the projections of a model with V2 (or V1) layers by preset or per-layer recipe,
+// calibrate and initialise them data-aware, freeze Q, choose what trains and how the forward is
+// computed, snap, convert (V1→V2, Q4→Q2), count bits, export and load checkpoints.
 // The int-N functions of the same module live in bindings/quant_intn.cpp.
 #include "bindings/bind.h"
+#include "lib/quant_init.h"
 #include "lib/quant_lut.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -46,14 +51,331 @@ QuantReplaceOptions replace_options(Args & a) {
     return o;
 }
 
-// quant.replace(model, {preset='q2a4', mlp=true, attn=true, filter=nil, forward='materialized',
-//                       ste_fp16=false, group_size=32, freeze=true}) -> {names}
+// The candidates of a recipe: the projections the seed quantizes, in model order.
+std::vector<std::string> projection_names(DecoderModel & m) {
+    std::vector<std::string> out;
+    for (auto & n : m.linear_names())
+        if (quant_is_mlp(n) || quant_is_attn(n)) out.push_back(n);
+    return out;
+}
+
+// string.find(s, pattern) ~= nil, with Lua's own patterns.
+bool lua_find(lua_State * L, const std::string & s, const std::string & pattern, const char * what) {
+    lua_getglobal(L, "string");
+    lua_getfield(L, -1, "find");
+    lua_remove(L, -2);
+    lua_pushlstring(L, s.data(), s.size());
+    lua_pushlstring(L, pattern.data(), pattern.size());
+    if (bind_pcall(L, 2, 1) != 0) {
+        std::string e = lua_tostring(L, -1) ? lua_tostring(L, -1) : "?";
+        lua_pop(L, 1);
+        bind_fail("%s: pattern '%s': %s", what, pattern.c_str(), e.c_str());
+    }
+    bool found = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    return found;
+}
+
+// The decoder layer index in a name "model.layers.<i>." (as in the name, 0-based), or -1.
+int64_t layer_index_of(const std::string & n) {
+    const std::string p = "model.layers.";
+    if (n.rfind(p, 0) != 0) return -1;
+    return std::atoll(n.c_str() + p.size());
+}
+
+// A layer's config table {lut=, rank=, group_size=, include_zero=, kmeans=} at idx.
+LayerRecipe layer_config(lua_State * L, int idx, const std::string & name, const LayerRecipe & def) {
+    LayerRecipe r = def;
+    r.name = name;
+    const char * n = name.c_str();
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING)
+            bind_fail("recipe: layer '%s': config keys must be option names (lut, rank, group_size, include_zero, kmeans)", n);
+        std::string k = lua_tostring(L, -2);
+        auto integer = [&]() -> int64_t {
+            if (lua_type(L, -1) != LUA_TNUMBER || std::floor(lua_tonumber(L, -1)) != lua_tonumber(L, -1))
+                bind_fail("recipe: layer '%s': option '%s': expected an integer, got %s", n, k.c_str(),
+                          lua_type(L, -1) == LUA_TNUMBER ? "a fraction" : luaL_typename(L, -1));
+            return (int64_t)lua_tonumber(L, -1);
+        };
+        auto boolean = [&]() -> bool {
+            if (!lua_isboolean(L, -1))
+                bind_fail("recipe: layer '%s': option '%s': expected a boolean, got %s", n, k.c_str(), luaL_typename(L, -1));
+            return lua_toboolean(L, -1);
+        };
+        if (k == "lut") r.lut_size = integer();
+        else if (k == "rank") r.rank = integer();
+        else if (k == "group_size") r.group_size = integer();
+        else if (k == "include_zero") r.include_zero = boolean();
+        else if (k == "kmeans") r.kmeans = boolean();
+        else bind_fail("recipe: layer '%s': unknown option '%s' (expected lut, rank, group_size, include_zero, kmeans)", n, k.c_str());
+        lua_pop(L, 1);
+    }
+    r.preset = false;
+    return r;
+}
+
+// A recipe value for one layer at idx: false/nil = stays float (false returned), a table = config.
+bool layer_value(lua_State * L, int idx, const std::string & name, const LayerRecipe & def, DecoderModel & m,
+                 std::vector<LayerRecipe> & out) {
+    if (lua_isnil(L, idx) || (lua_isboolean(L, idx) && !lua_toboolean(L, idx))) return false;
+    if (!lua_istable(L, idx))
+        bind_fail("recipe: layer '%s': expected a config table or false, got %s", name.c_str(), luaL_typename(L, idx));
+    LayerRecipe r = layer_config(L, idx, name, def);
+    auto lin = m.get_linear(name);
+    layer_recipe_check(r, lin->out_features(), lin->in_features());
+    out.push_back(r);
+    return true;
+}
+
+// Resolves a recipe (function, array of {pattern, config} pairs, or map pattern -> config, each
+// with an optional `default`) against the model's projections.
+std::vector<LayerRecipe> recipe_from_lua(lua_State * L, int ridx, DecoderModel & m, const LayerRecipe & def) {
+    std::vector<LayerRecipe> out;
+    auto names = projection_names(m);
+    if (lua_isfunction(L, ridx)) {
+        for (auto & n : names) {
+            auto lin = m.get_linear(n);
+            lua_pushvalue(L, ridx);
+            lua_pushstring(L, n.c_str());
+            lua_pushnumber(L, (lua_Number)lin->out_features());
+            lua_pushnumber(L, (lua_Number)lin->in_features());
+            int64_t li = layer_index_of(n);
+            if (li >= 0) lua_pushnumber(L, (lua_Number)li);
+            else lua_pushnil(L);
+            bind_callback(L, 4, 1, "recipe('" + n + "')");
+            layer_value(L, lua_gettop(L), n, def, m, out);
+            lua_pop(L, 1);
+        }
+        return out;
+    }
+    if (!lua_istable(L, ridx)) bind_fail("option 'recipe': expected a table or a function, got %s", luaL_typename(L, ridx));
+    // (pattern, stack index of its config), in match order; the configs stay on the stack.
+    std::vector<std::pair<std::string, int>> entries;
+    int def_idx = 0;
+    const bool array = lua_objlen(L, ridx) > 0;
+    lua_getfield(L, ridx, "default");
+    if (!lua_isnil(L, -1)) def_idx = lua_gettop(L);
+    else lua_pop(L, 1);
+    if (array) {
+        const int n = (int)lua_objlen(L, ridx);
+        lua_checkstack(L, n + 8);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, ridx, i);
+            int e = lua_gettop(L);
+            if (!lua_istable(L, e)) bind_fail("recipe[%d]: expected a {pattern, config} pair, got %s", i, luaL_typename(L, e));
+            lua_rawgeti(L, e, 1);
+            if (lua_type(L, -1) != LUA_TSTRING) bind_fail("recipe[%d][1]: expected a pattern string, got %s", i, luaL_typename(L, -1));
+            std::string p = lua_tostring(L, -1);
+            lua_pop(L, 1);
+            lua_rawgeti(L, e, 2);   // the config, kept
+            lua_remove(L, e);
+            entries.push_back({p, lua_gettop(L)});
+        }
+        lua_pushnil(L);
+        while (lua_next(L, ridx)) {   // only the array part and `default`
+            lua_pop(L, 1);
+            bool ok = lua_type(L, -1) == LUA_TNUMBER || (lua_type(L, -1) == LUA_TSTRING && std::string(lua_tostring(L, -1)) == "default");
+            if (!ok) bind_fail("recipe: an array of {pattern, config} pairs takes no other key than 'default'");
+        }
+    } else {
+        std::vector<std::string> pats;
+        lua_pushnil(L);
+        while (lua_next(L, ridx)) {
+            lua_pop(L, 1);
+            if (lua_type(L, -1) != LUA_TSTRING) bind_fail("recipe: keys must be patterns (strings)");
+            std::string k = lua_tostring(L, -1);
+            if (k != "default") pats.push_back(k);
+        }
+        std::sort(pats.begin(), pats.end());
+        lua_checkstack(L, (int)pats.size() + 8);
+        for (auto & p : pats) {
+            lua_getfield(L, ridx, p.c_str());
+            entries.push_back({p, lua_gettop(L)});
+        }
+    }
+    std::vector<bool> used(entries.size(), false);
+    for (auto & n : names) {
+        int hit = -1;
+        for (size_t i = 0; i < entries.size(); i++) {
+            if (!lua_find(L, n, entries[i].first, "recipe")) continue;
+            used[i] = true;
+            if (hit < 0) {
+                hit = (int)i;
+                if (array) break;   // first match wins
+            } else {
+                bind_fail("recipe: layer '%s' matches both '%s' and '%s' (a map recipe needs one match per layer; "
+                          "use an array of {pattern, config} pairs for first-match order)",
+                          n.c_str(), entries[hit].first.c_str(), entries[i].first.c_str());
+            }
+        }
+        if (hit >= 0) layer_value(L, entries[hit].second, n, def, m, out);
+        else if (def_idx) layer_value(L, def_idx, n, def, m, out);
+    }
+    // In an array recipe a later pattern may be shadowed: it counts as used when it matches.
+    for (size_t i = 0; i < entries.size(); i++)
+        if (!used[i]) {
+            bool any = false;
+            for (auto & n : names) any = any || lua_find(L, n, entries[i].first, "recipe");
+            if (!any) bind_fail("recipe: pattern '%s' matches no layer", entries[i].first.c_str());
+        }
+    return out;
+}
+
+// quant.replace(model, {preset='q2a4', mlp=true, attn=true, filter=nil | recipe=r,
+//     init='svd'|'weighted', imatrix=stats, refine=0, lut='uniform'|'kmeans', tighten=false,
+//     svd='auto', seed=0, factory=fn, forward='materialized', ste_fp16=false, group_size=32,
+//     freeze=true}) -> {names}, {seconds=}
 int q_replace(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     Args a(L, 2);
+    int ridx = a.find(0, "recipe");
+    if (ridx)
+        for (const char * k : {"preset", "mlp", "attn", "filter"})
+            if (a.has(0, k)) bind_fail("option '%s': not with 'recipe' (the recipe says which layers and how)", k);
     QuantReplaceOptions o = replace_options(a);
+    V2InitOptions io;
+    io.form = o.form;
+    io.ste_fp16 = o.ste_fp16;
+    io.freeze = o.freeze;
+    io.init = a.opt_string(0, "init", "svd");
+    if (io.init != "svd" && io.init != "weighted") bind_fail("option 'init': expected 'svd' or 'weighted', got '%s'", io.init.c_str());
+    io.refine = a.opt_integer(0, "refine", 0);
+    if (io.refine < 0) bind_fail("option 'refine': expected >= 0");
+    io.tighten = a.opt_bool(0, "tighten", false);
+    io.svd = a.opt_string(0, "svd", "auto");
+    if (io.svd != "auto" && io.svd != "exact" && io.svd != "randomized")
+        bind_fail("option 'svd': expected 'auto', 'exact' or 'randomized', got '%s'", io.svd.c_str());
+    io.seed = (uint64_t)a.opt_integer(0, "seed", 0);
+    std::string lut = a.opt_string(0, "lut", "uniform");
+    if (lut != "uniform" && lut != "kmeans") bind_fail("option 'lut': expected 'uniform' or 'kmeans', got '%s'", lut.c_str());
+    if (int ii = a.find(0, "imatrix")) {
+        if (!lua_istable(L, ii)) bind_fail("option 'imatrix': expected a table name -> tensor (quant.calibrate), got %s", luaL_typename(L, ii));
+        lua_pushnil(L);
+        while (lua_next(L, ii)) {
+            if (lua_type(L, -2) != LUA_TSTRING) bind_fail("option 'imatrix': keys must be layer names");
+            at::Tensor * t = tensor_test(L, -1);
+            if (!t) bind_fail("option 'imatrix': '%s': expected a tensor, got %s", lua_tostring(L, -2), luaL_typename(L, -1));
+            io.imatrix[lua_tostring(L, -2)] = *t;
+            lua_pop(L, 1);
+        }
+    }
+    int fidx = a.find(0, "factory");
+    if (fidx && !lua_isfunction(L, fidx)) bind_fail("option 'factory': expected a function, got %s", luaL_typename(L, fidx));
     a.finish();
-    push_strings(L, quant_replace(m, o));
+    LayerRecipe def;
+    def.group_size = o.group_size;
+    def.kmeans = lut == "kmeans";
+    std::vector<LayerRecipe> recipe;
+    if (ridx) {
+        recipe = recipe_from_lua(L, ridx, m, def);
+    } else {
+        recipe = quant_preset_recipe(m, o);
+        for (auto & r : recipe) r.kmeans = def.kmeans;
+    }
+    double seconds = 0;
+    std::vector<std::string> names;
+    if (fidx) {   // Lua layers built by the factory from the float weight and the config
+        auto t0 = std::chrono::steady_clock::now();
+        for (auto & r : recipe) {
+            auto old = m.get_linear(r.name);
+            layer_recipe_check(r, old->out_features(), old->in_features());
+        }
+        for (auto & r : recipe) {
+            at::Tensor W, bias;
+            linear_dense_weight(m.get_linear(r.name), W, bias);
+            lua_pushvalue(L, fidx);
+            lua_pushstring(L, r.name.c_str());
+            tensor_push(L, W.detach());
+            tensor_push(L, bias.defined() ? bias.detach() : at::Tensor());
+            lua_createtable(L, 0, 5);
+            lua_pushnumber(L, (lua_Number)r.lut_size);
+            lua_setfield(L, -2, "lut");
+            lua_pushnumber(L, (lua_Number)r.rank);
+            lua_setfield(L, -2, "rank");
+            lua_pushnumber(L, (lua_Number)r.group_size);
+            lua_setfield(L, -2, "group_size");
+            lua_pushboolean(L, r.include_zero);
+            lua_setfield(L, -2, "include_zero");
+            lua_pushboolean(L, r.kmeans);
+            lua_setfield(L, -2, "kmeans");
+            bind_callback(L, 4, 1, "factory('" + r.name + "')");
+            m.set_linear(r.name, lua_linear_new(L, -1, "factory('" + r.name + "')"));
+            lua_pop(L, 1);
+            names.push_back(r.name);
+        }
+        seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } else {
+        names = quant_replace_recipe(m, recipe, io, &seconds);
+    }
+    push_strings(L, names);
+    lua_createtable(L, 0, 1);
+    lua_pushnumber(L, seconds);
+    lua_setfield(L, -2, "seconds");
+    return 2;
+}
+
+// quant.calibrate(model, batches, {modules=pattern}) -> {name = E[x^2] (in)}, tokens
+int q_calibrate(lua_State * L) {
+    DecoderModel & m = nn_model_check(L, 1);
+    std::vector<at::Tensor> batches;
+    if (at::Tensor * t = tensor_test(L, 2)) {
+        batches.push_back(*t);
+    } else if (lua_istable(L, 2)) {
+        const int n = (int)lua_objlen(L, 2);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, 2, i);
+            at::Tensor * t = tensor_test(L, -1);
+            if (!t) bind_fail("argument #2 (batches): element %d: expected an int64 (B, T) tensor, got %s", i, luaL_typename(L, -1));
+            batches.push_back(*t);
+            lua_pop(L, 1);
+        }
+    } else {
+        bind_fail("argument #2 (batches): expected an array of int64 (B, T) tensors, got %s", luaL_typename(L, 2));
+    }
+    Args a(L, 3);
+    std::string pat = a.opt_string(0, "modules", "");
+    a.finish();
+    std::vector<std::string> mods;
+    for (auto & n : projection_names(m))
+        if (pat.empty() || lua_find(L, n, pat, "option 'modules'")) mods.push_back(n);
+    if (mods.empty()) bind_fail("option 'modules': pattern '%s' matches no projection", pat.c_str());
+    Calibration c = quant_calibrate(m, batches, mods);
+    lua_createtable(L, 0, (int)c.stats.size());
+    for (auto & [n, t] : c.stats) {
+        tensor_push(L, t);
+        lua_setfield(L, -2, n.c_str());
+    }
+    lua_pushnumber(L, (lua_Number)c.tokens);
+    return 2;
+}
+
+// quant.bits_per_weight(model) -> {quantized=, model=, quantized_weights=, model_weights=, bits=}
+int q_bits_per_weight(lua_State * L) {
+    BitsReport r = quant_bits_per_weight(nn_model_check(L, 1));
+    lua_createtable(L, 0, 5);
+    lua_pushnumber(L, r.quantized);
+    lua_setfield(L, -2, "quantized");
+    lua_pushnumber(L, r.model);
+    lua_setfield(L, -2, "model");
+    lua_pushnumber(L, (lua_Number)r.quantized_weights);
+    lua_setfield(L, -2, "quantized_weights");
+    lua_pushnumber(L, (lua_Number)r.model_weights);
+    lua_setfield(L, -2, "model_weights");
+    lua_pushnumber(L, r.bits);
+    lua_setfield(L, -2, "bits");
+    return 1;
+}
+
+// quant.tighten_q(model, {floor=1e-4}) -> count
+int q_tighten_q(lua_State * L) {
+    DecoderModel & m = nn_model_check(L, 1);
+    Args a(L, 2);
+    double f = a.opt_number(0, "floor", 1e-4);
+    a.finish();
+    if (!(f > 0)) bind_fail("option 'floor': expected > 0");
+    lua_pushnumber(L, (lua_Number)quant_tighten_q(m, f));
     return 1;
 }
 
@@ -243,7 +565,8 @@ int q_preset(lua_State * L) {
     return 1;
 }
 
-// quant.layers(model) -> array of {name=, kind='v2'|'v1', lut_size=, rank=, baked=, forward=, ste_fp16=}
+// quant.layers(model) -> array of {name=, kind='v2'|'v1', lut_size=, rank=, baked=, forward=, ste_fp16=,
+//                                  bits_per_weight=, group_size=, include_zero=} (V2; V1: name, kind, lut_size, rank)
 int q_layers(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     auto v2 = quant_v2_layers(m);
@@ -251,7 +574,13 @@ int q_layers(lua_State * L) {
     lua_createtable(L, (int)(v2.size() + v1.size()), 0);
     int i = 1;
     for (auto & [n, l] : v2) {
-        lua_createtable(L, 0, 7);
+        lua_createtable(L, 0, 10);
+        lua_pushnumber(L, v2_bits_per_weight(l->out_features(), l->in_features(), l->rank(), l->lut.numel()));
+        lua_setfield(L, -2, "bits_per_weight");
+        lua_pushnumber(L, (lua_Number)l->cfg.group_size);
+        lua_setfield(L, -2, "group_size");
+        lua_pushboolean(L, l->cfg.lut_include_zero);
+        lua_setfield(L, -2, "include_zero");
         lua_pushstring(L, n.c_str());
         lua_setfield(L, -2, "name");
         lua_pushliteral(L, "v2");
@@ -301,6 +630,9 @@ int q_enable_lut_training(lua_State * L) {
 
 const BindFn quant_functions[] = {
     {"replace", q_replace},
+    {"calibrate", q_calibrate},
+    {"bits_per_weight", q_bits_per_weight},
+    {"tighten_q", q_tighten_q},
     {"replace_v1", q_replace_v1},
     {"freeze_q", q_freeze_q},
     {"set_trainable", q_set_trainable},

@@ -2,6 +2,7 @@
 // trainable subsets, snapping, V1→V2 and Q4→Q2, Hugging Face and compact export, and the
 // seed's checkpoint layout (.pt state dicts, config.json) plus our safetensors checkpoints.
 #include "lib/pt_reader.h"
+#include "lib/quant_init.h"
 #include "lib/quant_lut.h"
 #include "lib/safetensors.h"
 
@@ -62,7 +63,9 @@ std::vector<std::tuple<std::string, int64_t, int64_t>> replace_targets(DecoderMo
     return out;
 }
 
-void dense_of(const std::shared_ptr<Linear> & l, at::Tensor & W, at::Tensor & bias) {
+} // namespace
+
+void linear_dense_weight(const std::shared_ptr<Linear> & l, at::Tensor & W, at::Tensor & bias) {
     if (auto d = std::dynamic_pointer_cast<DenseLinear>(l)) {
         W = d->w;
         bias = d->b;
@@ -73,26 +76,27 @@ void dense_of(const std::shared_ptr<Linear> & l, at::Tensor & W, at::Tensor & bi
         W = l->weight();
     }
 }
-} // namespace
+
+std::vector<LayerRecipe> quant_preset_recipe(DecoderModel & m, const QuantReplaceOptions & o) {
+    std::vector<LayerRecipe> out;
+    for (auto & [n, lut, rank] : replace_targets(m, o)) {
+        LayerRecipe r;
+        r.name = n;
+        r.lut_size = lut;
+        r.rank = rank;
+        r.group_size = o.group_size;
+        r.preset = true;
+        out.push_back(r);
+    }
+    return out;
+}
 
 std::vector<std::string> quant_replace(DecoderModel & m, const QuantReplaceOptions & o) {
-    std::vector<std::string> done;
-    for (auto & [n, lut, rank] : replace_targets(m, o)) {
-        auto old = m.get_linear(n);
-        if (std::dynamic_pointer_cast<LutLinearV2>(old)) continue;   // already quantized
-        at::Tensor W, bias;
-        dense_of(old, W, bias);
-        LutConfig c;
-        c.lut_size = lut;
-        c.scale_rank = rank;
-        c.group_size = o.group_size;
-        c.use_ste_fp16 = o.ste_fp16;
-        auto l = v2_from_dense(W, bias, c, o.freeze);
-        l->form = o.form;
-        m.set_linear(n, l);
-        done.push_back(n);
-    }
-    return done;
+    V2InitOptions io;
+    io.form = o.form;
+    io.ste_fp16 = o.ste_fp16;
+    io.freeze = o.freeze;
+    return quant_replace_recipe(m, quant_preset_recipe(m, o), io);
 }
 
 std::vector<std::string> quant_replace_v1(DecoderModel & m, const QuantReplaceOptions & o) {
@@ -100,7 +104,7 @@ std::vector<std::string> quant_replace_v1(DecoderModel & m, const QuantReplaceOp
     for (auto & [n, lut, rank] : replace_targets(m, o)) {
         auto old = m.get_linear(n);
         at::Tensor W, bias;
-        dense_of(old, W, bias);
+        linear_dense_weight(old, W, bias);
         auto l = std::make_shared<LutLinearV1>(W.size(0), W.size(1), lut, rank, 128, W.options(), bias.defined());
         l->w = W.detach();
         if (bias.defined()) l->b = bias.detach();
@@ -258,25 +262,42 @@ void quant_export_hf(DecoderModel & m, const std::string & dir, std::optional<at
     fs::rename(tmp, d);
 }
 
-int64_t lut_bits_for(int64_t n) { return n <= 4 ? 2 : n <= 16 ? 4 : 8; }
+int64_t lut_bits_for(int64_t n) {
+    int64_t b = 1;
+    while ((int64_t(1) << b) < n) b++;
+    return b;
+}
 
 at::Tensor indices_pack(const at::Tensor & idx, int64_t bits) {
-    if (bits != 2 && bits != 4 && bits != 8) throw std::runtime_error("indices_pack: bits must be 2, 4 or 8");
-    const int64_t per = 8 / bits, n = idx.numel(), pad = (per - n % per) % per;
+    if (bits < 1 || bits > 8) throw std::runtime_error("indices_pack: bits must be in 1..8, got " + std::to_string(bits));
+    const int64_t n = idx.numel();
     at::Tensor v = idx.reshape({-1}).to(at::kCPU, at::kInt);
-    if (v.numel() && v.max().item<int64_t>() >= (1 << bits))
+    if (n && v.max().item<int64_t>() >= (1 << bits))
         throw std::runtime_error("indices_pack: an index does not fit in " + std::to_string(bits) + " bits");
-    if (pad) v = at::cat({v, at::zeros({pad}, v.options())});
-    v = v.view({-1, per});
-    at::Tensor shifts = at::arange(per, v.options()) * bits;   // element j at bits [j·bits, (j+1)·bits)
-    return at::bitwise_left_shift(v, shifts).sum(1).to(at::kByte);
+    if (8 % bits == 0) {   // whole elements per byte: element j of a byte at bits [j·bits, (j+1)·bits)
+        const int64_t per = 8 / bits, pad = (per - n % per) % per;
+        if (pad) v = at::cat({v, at::zeros({pad}, v.options())});
+        v = v.view({-1, per});
+        return at::bitwise_left_shift(v, at::arange(per, v.options()) * bits).sum(1).to(at::kByte);
+    }
+    // The same stream bit by bit: (n, bits) → n·bits stream bits → bytes.
+    at::Tensor s = at::bitwise_and(at::bitwise_right_shift(v.unsqueeze(1), at::arange(bits, v.options())), 1).reshape({-1});
+    const int64_t pad = (8 - s.numel() % 8) % 8;
+    if (pad) s = at::cat({s, at::zeros({pad}, s.options())});
+    return at::bitwise_left_shift(s.view({-1, 8}), at::arange(8, s.options())).sum(1).to(at::kByte);
 }
 
 at::Tensor indices_unpack(const at::Tensor & packed, int64_t bits, int64_t n) {
-    const int64_t per = 8 / bits;
+    if (bits < 1 || bits > 8) throw std::runtime_error("indices_unpack: bits must be in 1..8, got " + std::to_string(bits));
     at::Tensor p = packed.reshape({-1}).to(at::kCPU, at::kInt).unsqueeze(1);
-    at::Tensor shifts = at::arange(per, p.options()) * bits;
-    return at::bitwise_and(at::bitwise_right_shift(p, shifts), (1 << bits) - 1).reshape({-1}).narrow(0, 0, n).to(at::kByte);
+    if (8 % bits == 0) {
+        const int64_t per = 8 / bits;
+        at::Tensor shifts = at::arange(per, p.options()) * bits;
+        return at::bitwise_and(at::bitwise_right_shift(p, shifts), (1 << bits) - 1).reshape({-1}).narrow(0, 0, n).to(at::kByte);
+    }
+    at::Tensor s = at::bitwise_and(at::bitwise_right_shift(p, at::arange(8, p.options())), 1).reshape({-1});   // stream bits
+    s = s.narrow(0, 0, n * bits).view({n, bits});
+    return at::bitwise_left_shift(s, at::arange(bits, s.options())).sum(1).to(at::kByte);
 }
 
 int64_t quant_export_compact(DecoderModel & m, const std::string & path) {

@@ -1,7 +1,8 @@
 // quant_lut: LUTs, STE-FP16, the V2 layer (scales, Q, the three forward forms), init,
 // freeze_Q, trainable LUT16, snapping and the Q4→Q2 layer conversion; the V1 layer and V1→V2.
-// Formulas follow shared/reference/anemll_spec.md §1-§3 (section numbers in comments).
+// Formulas follow the seed's V2/V1 specification, §1-§3 (section numbers in comments).
 #include "lib/quant_lut.h"
+#include "lib/quant_init.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -327,13 +328,19 @@ at::Tensor group_maxabs_full(const at::Tensor & W, int64_t G) {
 }
 } // namespace
 
-void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W_, bool round_g_fp16) {
+void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W_, bool round_g_fp16, const std::string & svd,
+                         uint64_t seed) {
     at::NoGradGuard ng;
     at::Tensor W = W_.detach().to(scale_dtype(W_.scalar_type()));
     const int64_t in = W.size(1), r = l.cfg.scale_rank;
     if (l.cfg.group_size <= 0) throw std::runtime_error("v2_init_from_weight: group_size must be > 0");
     at::Tensor S_full = group_maxabs_full(W, l.cfg.group_size).narrow(1, 0, in).contiguous();   // [out,in]
-    auto [U, sv, Vh] = at::linalg_svd(S_full, false);   // U [out,k], sv [k], Vh [k,in]
+    // Only the top r triplets are needed: a randomized SVD unless the matrix is small.
+    if (svd != "auto" && svd != "exact" && svd != "randomized")
+        throw std::runtime_error("svd = '" + svd + "': expected 'auto', 'exact' or 'randomized'");
+    const int64_t exact_below = svd == "exact" ? INT64_MAX : svd == "randomized" ? 0 : 64;
+    LowRankSvd s = svd_lowrank(S_full, r, 10, 2, seed, exact_below);
+    const at::Tensor &U = s.U, &sv = s.S, &Vh = s.Vh;   // U [out,k], sv [k], Vh [k,in]
     const int64_t k = std::min<int64_t>(r, sv.numel());
     double floor = std::max(0.01 * sv[0].item<double>(), 0.01);
     at::Tensor A = at::zeros({W.size(0), r}, W.options()), B = at::zeros({r, in}, W.options());

@@ -105,9 +105,11 @@ at::Tensor v2_q(LutLinearV2 & l, at::ScalarType dt);     // Q = lut[idx] (or LUT
 // The three forms on explicit inputs (no form dispatch): x (..., in) → (..., out).
 at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form);
 
-// Init from a float weight W [out,in] (§1.4): group max-abs (group_size), thin SVD, floor on g;
-// round_g_fp16 mirrors replace_linear_with_anemll_v2. Leaves indices undefined.
-void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W, bool round_g_fp16 = true);
+// Init from a float weight W [out,in] (§1.4): group max-abs (group_size), rank-r SVD, floor on g;
+// round_g_fp16 mirrors replace_linear_with_anemll_v2. Leaves indices undefined. svd: "exact"
+// (the full thin SVD), "randomized" or "auto" (exact for small matrices; see svd_lowrank).
+void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W, bool round_g_fp16 = true,
+                         const std::string & svd = "auto", uint64_t seed = 0);
 // freeze_Q (§1.6): indices = nearest LUT entry of W / S, as uint8; weight frozen.
 void v2_freeze_q(LutLinearV2 & l);
 // A V2 layer from a dense weight: init + optional freeze.
@@ -191,13 +193,16 @@ int64_t quant_q4_to_q2(DecoderModel & m, int64_t mlp_rank = 32, int64_t attn_ran
 // A Hugging Face directory with plain weights (W_eff for V2/V1 layers), loadable by
 // DecoderModel::from_pretrained and transformers.
 void quant_export_hf(DecoderModel & m, const std::string & dir, std::optional<at::ScalarType> dtype = std::nullopt);
-// Compact form: one safetensors file with, per quantized layer, indices packed at 2 or 4 (or 8)
-// bits ("<name>.indices_packed", uint8), "lut", baked "scale_A"/"scale_B"/"rank_magnitude" in
-// fp16, shapes in the metadata; other parameters in fp16. Returns the file size in bytes.
+// Compact form: one safetensors file with, per quantized layer, indices packed at ceil(log2 L)
+// bits ("<name>.indices_packed", uint8), "lut", "scale_A"/"scale_B"/"rank_magnitude" (unit
+// directions and g) in fp16, shapes and bits in the metadata; other parameters in fp16.
+// Returns the file size in bytes.
 int64_t quant_export_compact(DecoderModel & m, const std::string & path);
-at::Tensor indices_pack(const at::Tensor & idx, int64_t bits);                  // uint8 (N) → (ceil(N·bits/8))
+// A bit stream, little-endian: index j occupies stream bits [j·bits, (j+1)·bits), bit k of the
+// stream being bit k % 8 of byte k / 8 (for 1, 2, 4, 8 bits: element j of a byte at j·bits).
+at::Tensor indices_pack(const at::Tensor & idx, int64_t bits);                  // uint8 (N) → (ceil(N·bits/8)), bits 1..8
 at::Tensor indices_unpack(const at::Tensor & packed, int64_t bits, int64_t n);  // → uint8 (n)
-int64_t lut_bits_for(int64_t lut_size);   // 2, 4 or 8
+int64_t lut_bits_for(int64_t lut_size);   // ceil(log2 L), at least 1
 
 // The seed's config.json for a V2 model (version, lut_bits, attn_lut_bits, scale_rank, ...).
 std::string quant_config_json(DecoderModel & m);

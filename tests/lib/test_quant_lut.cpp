@@ -1,6 +1,7 @@
 // quant_lut: the seed's V2/V1 LUT layers (anemll_spec.md §1-§3) pinned on small hand-computable
 // layers, gradients against float64 central finite differences, the three forward forms, the
 // k-means example, snapping, V1→V2, export, and a .pt checkpoint written by real PyTorch.
+#include "lib/quant_init.h"
 #include "lib/quant_lut.h"
 #include "lib/pt_reader.h"
 #include "lib/safetensors.h"
@@ -779,5 +780,232 @@ torch.save({k: v[1] for k, v in refs.items()}, sys.argv[1] + '/y.pt')
         EXPECT_NE(w.find("best_state_dict.pt"), std::string::npos) << w;
         EXPECT_NE(w.find("mlp.gate_proj.scale_A"), std::string::npos) << w;
     }
+    fs::remove_all(d);
+}
+
+// -- recipes, data-aware init, calibration, bits (lib/quant_init) -----------------------------
+
+namespace {
+// ‖P_a - P_b‖_max of the projectors on the column spaces of a and b (orthonormal columns).
+double subspace_gap(const at::Tensor & a, const at::Tensor & b) {
+    return maxdiff(at::matmul(a, a.t()), at::matmul(b, b.t()));
+}
+
+std::shared_ptr<LutLinearV2> layer_for(const at::Tensor & W, int64_t lut, int64_t rank) {
+    LutConfig c;
+    c.lut_size = lut;
+    c.scale_rank = rank;
+    c.group_size = 8;
+    auto l = std::make_shared<LutLinearV2>(W.size(0), W.size(1), c, W.options());
+    l->w = W;
+    return l;
+}
+} // namespace
+
+TEST(QuantLutInit, RandomizedSvdMatchesExactTopSubspace) {
+    at::manual_seed(1);
+    for (auto shape : {std::vector<int64_t>{300, 200}, std::vector<int64_t>{150, 400}}) {
+        const int64_t m = shape[0], n = shape[1], r = 8;
+        at::Tensor U = std::get<0>(at::linalg_qr(at::randn({m, 40}, at::kDouble)));
+        at::Tensor V = std::get<0>(at::linalg_qr(at::randn({n, 40}, at::kDouble)));
+        at::Tensor s = at::pow(0.7, at::arange(40, at::kDouble));   // decaying spectrum
+        at::Tensor M = at::matmul(U * s, V.t()) + 1e-4 * at::randn({m, n}, at::kDouble);
+        LowRankSvd ex = svd_lowrank(M, r, 10, 2, 0, INT64_MAX);
+        LowRankSvd rn = svd_lowrank(M, r, 10, 2, 7, 0);
+        ASSERT_EQ(rn.U.sizes(), (at::IntArrayRef{m, r}));
+        ASSERT_EQ(rn.Vh.sizes(), (at::IntArrayRef{r, n}));
+        double gu = subspace_gap(ex.U, rn.U), gv = subspace_gap(ex.Vh.t(), rn.Vh.t());
+        double gs = maxdiff(ex.S, rn.S) / ex.S[0].item<double>();
+        std::printf("[svd_lowrank %lldx%lld r=8] projector gap U %.2e V %.2e, singular values %.2e\n", (long long)m,
+                    (long long)n, gu, gv, gs);
+        EXPECT_LT(gu, 1e-3);
+        EXPECT_LT(gv, 1e-3);
+        EXPECT_LT(gs, 1e-4);
+    }
+}
+
+TEST(QuantLutInit, WeightedFitBeatsUnweightedOnItsObjective) {
+    at::manual_seed(2);
+    // Rows with different magnitudes and a skewed imatrix: a tenth of the channels carry 100x
+    // the activation energy (the pattern of real LLM activations).
+    const int64_t out = 64, in = 128;
+    at::Tensor W = at::randn({out, in}) * (0.02 + 0.1 * at::rand({out, 1}));
+    at::Tensor d = at::ones({in});
+    d.narrow(0, 0, in / 10).fill_(100.0);
+    d = d.index_select(0, at::randperm(in));
+    LayerRecipe rc;
+    rc.name = "synthetic";
+    rc.lut_size = 4;
+    rc.rank = 4;
+    rc.group_size = 8;
+    auto run = [&](const std::string & init, const at::Tensor & dw, int64_t refine, bool kmeans) {
+        auto l = layer_for(W, rc.lut_size, rc.rank);
+        V2InitOptions o;
+        o.init = init;
+        o.refine = refine;
+        LayerRecipe r = rc;
+        r.kmeans = kmeans;
+        v2_init(*l, dw, r, o);
+        if (!l->indices.defined()) v2_freeze_q(*l);
+        return v2_weighted_error(*l, d);   // always the weighted objective
+    };
+    double seed_init = run("svd", {}, 0, false);
+    double plain = run("weighted", {}, 0, false), plain4 = run("weighted", {}, 4, false);
+    double wtd = run("weighted", d, 0, false), wtd4 = run("weighted", d, 4, false);
+    double km4 = run("weighted", d, 4, true);
+    std::printf("[weighted init, LUT4 rank 4] sum d (W_eff - W)^2: seed svd %.4f; unweighted %.4f, +4 refine %.4f; "
+                "weighted %.4f, +4 refine %.4f, +k-means LUT %.4f\n", seed_init, plain, plain4, wtd, wtd4, km4);
+    EXPECT_LT(wtd, plain);
+    EXPECT_LT(wtd4, plain4);
+    EXPECT_LE(wtd4, wtd);
+    EXPECT_LT(wtd4, seed_init);
+    EXPECT_LE(km4, wtd4 * 1.0001);
+    // The stored indices are the nearest LUT entries of W / S (tighten_q), as uint8.
+    auto l = layer_for(W, 16, 4);
+    V2InitOptions o;
+    o.init = "weighted";
+    o.refine = 2;
+    LayerRecipe r16 = rc;
+    r16.lut_size = 16;
+    v2_init(*l, d, r16, o);
+    EXPECT_EQ(l->indices.scalar_type(), at::kByte);
+    at::Tensor idx = l->indices.clone();
+    v2_tighten_q(*l);
+    EXPECT_EQ(maxdiff(idx, l->indices), 0);
+}
+
+TEST(QuantLutInit, TightenQFloorsScalesByHand) {
+    // S = g a b^T with a = (1, 0), b = (0.6, 0.8), g = 1: row 2 of S is 0. tighten_q divides it
+    // by 1e-4 instead: W / S = (0.5, -0.5; 0.5, -0.2) → LUT16 indices (11, 4; 11, 6);
+    // freeze_Q's plain division saturates row 2 at the LUT ends (15, 0).
+    LutConfig c;
+    c.scale_rank = 1;
+    auto l = std::make_shared<LutLinearV2>(2, 2, c, at::TensorOptions().dtype(at::kFloat));
+    l->w = at::tensor({0.3f, -0.4f, 5e-5f, -2e-5f}).view({2, 2});
+    l->scale_A = at::tensor({1.0f, 0.0f}).view({2, 1});
+    l->scale_B = at::tensor({0.6f, 0.8f}).view({1, 2});
+    l->rank_magnitude = at::tensor({1.0f});
+    v2_tighten_q(*l);
+    EXPECT_EQ(vals(l->indices), (std::vector<double>{11, 4, 11, 6}));
+    v2_freeze_q(*l);
+    EXPECT_EQ(vals(l->indices), (std::vector<double>{11, 4, 15, 0}));
+}
+
+TEST(QuantLutInit, RecipeErrorsNameLayerAndOption) {
+    auto msg = [](const LayerRecipe & r, int64_t out, int64_t in) {
+        try {
+            layer_recipe_check(r, out, in);
+        } catch (const std::exception & e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    LayerRecipe r;
+    r.name = "model.layers.0.mlp.up_proj";
+    r.lut_size = 1;
+    EXPECT_NE(msg(r, 96, 64).find("layer 'model.layers.0.mlp.up_proj': lut = 1"), std::string::npos) << msg(r, 96, 64);
+    r.lut_size = 300;
+    EXPECT_NE(msg(r, 96, 64).find("lut = 300: expected an integer in 2..256"), std::string::npos);
+    r.lut_size = 256;
+    r.rank = 65;
+    EXPECT_NE(msg(r, 96, 64).find("rank = 65: expected an integer in 1..64"), std::string::npos) << msg(r, 96, 64);
+    r.rank = 64;
+    EXPECT_EQ(msg(r, 96, 64), "");
+    // an imatrix missing a layer: nothing is replaced
+    at::manual_seed(0);
+    DecoderModel m(tiny_config(1));
+    LayerRecipe a;
+    a.name = "model.layers.0.mlp.down_proj";
+    V2InitOptions o;
+    o.init = "weighted";
+    o.imatrix["model.layers.0.mlp.up_proj"] = at::ones({64});
+    try {
+        quant_replace_recipe(m, {a}, o);
+        ADD_FAILURE() << "no error";
+    } catch (const std::exception & e) {
+        EXPECT_NE(std::string(e.what()).find("layer 'model.layers.0.mlp.down_proj': imatrix"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(quant_v2_layers(m).empty());
+}
+
+TEST(QuantLutInit, BitsPerWeightByHand) {
+    // 4 index bits + 16 bits x (4 (64 + 96) + 4 scale values + 16 LUT entries) / (64 x 96)
+    EXPECT_DOUBLE_EQ(v2_bits_per_weight(64, 96, 4, 16), 4.0 + 16.0 * 660.0 / 6144.0);
+    EXPECT_DOUBLE_EQ(v2_bits_per_weight(64, 96, 1, 5), 3.0 + 16.0 * (161.0 + 5.0) / 6144.0);
+    EXPECT_DOUBLE_EQ(v2_bits_per_weight(10, 10, 1, 2), 1.0 + 16.0 * (20.0 + 1.0 + 2.0) / 100.0);
+    at::manual_seed(0);
+    DecoderModel m(tiny_config(1));
+    int64_t total = 0;
+    for (auto & [n, t] : m.named_parameters()) total += t.numel();
+    LayerRecipe r;
+    r.name = "model.layers.0.mlp.down_proj";   // (64, 96)
+    r.lut_size = 16;
+    r.rank = 4;
+    quant_replace_recipe(m, {r}, V2InitOptions());
+    BitsReport b = quant_bits_per_weight(m);
+    EXPECT_EQ(b.quantized_weights, 6144);
+    EXPECT_EQ(b.model_weights, total);
+    EXPECT_DOUBLE_EQ(b.quantized, 4.0 + 16.0 * 660.0 / 6144.0);
+    EXPECT_NEAR(b.model, (6144 * b.quantized + 16.0 * (double)(total - 6144)) / (double)total, 1e-12);
+}
+
+TEST(QuantLutInit, CalibrateMatchesHandComputedSecondMoment) {
+    at::manual_seed(3);
+    DecoderModel m(tiny_config(2));
+    m.train(true);
+    at::Tensor ids = at::randint(0, 40, {2, 5}, at::kLong), ids2 = at::randint(0, 40, {1, 3}, at::kLong);
+    Calibration c = quant_calibrate(m, {ids, ids2}, {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"});
+    EXPECT_EQ(c.tokens, 13);
+    EXPECT_EQ(m.num_hooks(), 0);
+    EXPECT_TRUE(m.is_training());
+    // q_proj of layer 0 sees input_layernorm(embed(ids)): x = e / sqrt(mean(e^2) + eps) * w.
+    at::Tensor E, w;
+    for (auto & [n, t] : m.named_parameters()) {
+        if (n == "model.embed_tokens.weight") E = t.detach();
+        if (n == "model.layers.0.input_layernorm.weight") w = t.detach();
+    }
+    at::Tensor e = E.index_select(0, at::cat({ids.reshape({-1}), ids2.reshape({-1})})).to(at::kDouble);   // (13, 64)
+    at::Tensor x = e * at::rsqrt(e.pow(2).mean(1, true) + m.config().rms_norm_eps) * w.to(at::kDouble);
+    at::Tensor want = x.pow(2).mean(0);
+    EXPECT_LT(maxdiff(c.stats.at("model.layers.0.self_attn.q_proj"), want), 1e-5 * want.max().item<double>());
+    EXPECT_EQ(c.stats.at("model.layers.0.mlp.up_proj").numel(), 64);
+    EXPECT_EQ(c.stats.size(), 2u);
+    // an error inside the forward (a token id out of range) still removes the hooks
+    EXPECT_THROW(quant_calibrate(m, {at::full({1, 2}, 99, at::kLong)}, {"model.layers.0.mlp.up_proj"}), std::exception);
+    EXPECT_EQ(m.num_hooks(), 0);
+    EXPECT_TRUE(m.is_training());
+    EXPECT_THROW(quant_calibrate(m, {ids.to(at::kInt)}, {"model.layers.0.mlp.up_proj"}), std::runtime_error);
+}
+
+TEST(QuantLutInit, PackAnyBitsAndCompactExport) {
+    // 3 bits: 1 at stream bits 0-2, 2 at 3-5, 3 at 6-8 → bytes 1 + 2·8 + (3 & 3)·64 = 209, 3 >> 2 = 0
+    EXPECT_EQ(vals(indices_pack(at::tensor({1, 2, 3}, at::kByte), 3)), (std::vector<double>{209, 0}));
+    for (int64_t bits = 1; bits <= 8; bits++) {
+        at::Tensor v = at::randint(0, int64_t(1) << bits, {101}, at::kLong).to(at::kByte);
+        at::Tensor p = indices_pack(v, bits);
+        EXPECT_EQ(p.numel(), (101 * bits + 7) / 8) << bits;
+        EXPECT_EQ(maxdiff(indices_unpack(p, bits, 101), v), 0) << bits;
+    }
+    EXPECT_EQ(lut_bits_for(2), 1);
+    EXPECT_EQ(lut_bits_for(5), 3);
+    EXPECT_EQ(lut_bits_for(256), 8);
+    at::manual_seed(0);
+    DecoderModel m(tiny_config(1));
+    LayerRecipe r;
+    r.name = "model.layers.0.mlp.up_proj";   // (96, 64)
+    r.lut_size = 8;
+    r.rank = 3;
+    quant_replace_recipe(m, {r}, V2InitOptions());
+    fs::path d = tmp_dir("compact3");
+    int64_t bytes = quant_export_compact(m, (d / "c.safetensors").string());
+    EXPECT_EQ(bytes, (int64_t)fs::file_size(d / "c.safetensors"));
+    auto st = safetensors_load((d / "c.safetensors").string());
+    EXPECT_EQ(st.metadata["model.layers.0.mlp.up_proj.bits"], "3");
+    auto l = quant_v2_layers(m)[0].second;
+    for (auto & [n, t] : st.tensors)
+        if (n == "model.layers.0.mlp.up_proj.indices_packed") {
+            EXPECT_EQ(t.numel(), 96 * 64 * 3 / 8);
+            EXPECT_EQ(maxdiff(indices_unpack(t, 3, 96 * 64), l->indices.reshape({-1})), 0);
+        }
     fs::remove_all(d);
 }
