@@ -107,6 +107,45 @@ std::string shape_str(at::IntArrayRef s) {
     throw std::runtime_error("Function '" + name + "': " + msg);
 }
 
+// The callbacks run inside xpcall with a traceback from the failing frame up to the callback's
+// own entry (the leading [C] frames of error() and the caller's frames left out), so the message
+// shows where in forward, backward or the hook it failed. bind_callback still runs the wrapper:
+// it keeps the Ctrl-C accounting and catches what the wrapper itself could raise.
+char wrap_key;  // registry key of the wrapper, per Lua state
+const char wrap_src[] = R"LUA(
+local traceback, xpcall, tostring = debug.traceback, xpcall, tostring
+local function handler(e)
+  local out, skip = {tostring(e)}, true
+  for line in traceback('', 2):gmatch('[^\n]+') do
+    -- the wrapper's xpcall (a tail call, so LuaJIT may show it as a numbered builtin)
+    if line:find("in function 'xpcall'", 1, true) or line:match('^%s*%[builtin#%d+%]:') then break end
+    if not (skip and line:match('^%s*%[C%]:')) then
+      out[#out + 1] = line
+      skip = skip and line == 'stack traceback:'
+    end
+  end
+  return table.concat(out, '\n')
+end
+return function(f, ...) return xpcall(f, handler, ...) end
+)LUA";
+
+// Calls the function below nargs arguments on L; returns how many results it left where the
+// function was, or throws "<what>: <message and traceback>".
+int call_lua(lua_State * L, int nargs, const std::string & what) {
+    int fpos = lua_gettop(L) - nargs;
+    lua_pushlightuserdata(L, &wrap_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_insert(L, fpos);
+    bind_callback(L, nargs + 1, LUA_MULTRET, what);
+    if (!lua_toboolean(L, fpos)) {
+        std::string msg = lua_tostring(L, fpos + 1) ? lua_tostring(L, fpos + 1) : "error object is not a string";
+        lua_settop(L, fpos - 1);
+        throw std::runtime_error(what + ": " + msg);
+    }
+    lua_remove(L, fpos);
+    return lua_gettop(L) - fpos + 1;
+}
+
 // The single C++ Function type behind every Lua Function: its static forward and backward call
 // the Lua callbacks; inputs are the tensor arguments, the call itself rides as a non-tensor one.
 struct LuaFunction : torch::autograd::Function<LuaFunction> {
@@ -139,7 +178,7 @@ struct LuaFunction : torch::autograd::Function<LuaFunction> {
             lua_getfield(L, call->fn, "forward");
             lua_pushvalue(L, ctx);
             for (int i = 0; i < call->nargs; i++) lua_pushvalue(L, call->first + i);
-            bind_callback(L, call->nargs + 1, LUA_MULTRET, "Function '" + call->name + "': forward");
+            call_lua(L, call->nargs + 1, "Function '" + call->name + "': forward");
             call->res_first = ctx + 1;
             call->nres = lua_gettop(L) - ctx;
         }
@@ -182,7 +221,7 @@ struct LuaFunction : torch::autograd::Function<LuaFunction> {
             else lua_pushnil(L);
         }
         int base = lua_gettop(L) - (int)st->out_tensor.size() - 1;
-        bind_callback(L, (int)st->out_tensor.size() + 1, LUA_MULTRET, "Function '" + st->name + "': backward");
+        call_lua(L, (int)st->out_tensor.size() + 1, "Function '" + st->name + "': backward");
         int nret = lua_gettop(L) - base + 1;
         // as PyTorch: extra trailing nils are fine, any other count is an error
         while (nret > st->nargs && lua_isnil(L, base + nret - 1)) nret--;
@@ -400,11 +439,11 @@ int t_register_hook(lua_State * L) {
         lua_checkstack(S, 4);
         fn->push(S);
         tensor_push(S, grad);
-        bind_callback(S, 1, 1, *label);
-        if (lua_isnil(S, -1)) return at::Tensor();
-        at::Tensor * r = tensor_test(S, -1);
+        int n = call_lua(S, 1, *label), ri = lua_gettop(S) - n + 1;
+        if (n == 0 || lua_isnil(S, ri)) return at::Tensor();
+        at::Tensor * r = tensor_test(S, ri);
         if (!r || !r->defined())
-            throw std::runtime_error(*label + ": returned a " + (r ? std::string("freed tensor") : luaL_typename(S, -1)) +
+            throw std::runtime_error(*label + ": returned a " + (r ? std::string("freed tensor") : luaL_typename(S, ri)) +
                                      " (expected a tensor or nil)");
         if (r->sizes() != grad.sizes())
             throw std::runtime_error(*label + ": returned a gradient of shape " + shape_str(r->sizes()) +
@@ -589,6 +628,11 @@ void torch_open_autograd(lua_State * L, int torch_table) {
 
     udata_open_metatable<HookHandle>(L, HOOK_MT, "RemovableHandle", hook_methods);
     lua_pop(L, 1);
+
+    lua_pushlightuserdata(L, &wrap_key);
+    if (luaL_loadbuffer(L, wrap_src, sizeof(wrap_src) - 1, "=autograd callback") != 0) lua_error(L);
+    lua_call(L, 0, 1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
 
     if (luaL_loadbuffer(L, gradcheck_src, sizeof(gradcheck_src) - 1, "=torch.autograd.gradcheck") != 0) lua_error(L);
     lua_pushvalue(L, torch_table);

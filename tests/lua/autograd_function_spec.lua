@@ -229,10 +229,11 @@ describe('torch.autograd.Function', function()
     local e = errmsg(Boom.apply, Boom, x, 'forward')
     assert.matches("Function 'Boom': forward: ", e, 1, true)
     assert.matches('autograd_function_spec%.lua:%d+: forward went wrong', e)
-    assert.matches('stack traceback', e, 1, true)
+    -- the traceback starts at the failing callback's frame
+    assert.matches('stack traceback:\n\t[^\n]*autograd_function_spec%.lua:%d+: in function', e)
     e = errmsg(function() Boom(x, 'no'):sum():backward() end)
     assert.matches("^Tensor%.backward: Function 'Boom': backward: .*autograd_function_spec%.lua:%d+: backward went wrong", e)
-    assert.matches('stack traceback', e, 1, true)
+    assert.matches('stack traceback:\n\t[^\n]*autograd_function_spec%.lua:%d+: in function', e)
     e = errmsg(function() torch.autograd.grad(Boom(x, 'no'):sum(), {x}) end)
     assert.matches("^torch%.autograd%.grad: Function 'Boom': backward", e)
     -- the process is still usable, grad mode is back on
@@ -391,7 +392,7 @@ end)
 
 describe('leaks', function()
   it('2,000 applies with backward keep tensor bytes, Lua memory and registry references bounded', function()
-    local w = torch.randn(64, 64):requires_grad_()
+    local w = torch.randn(16, 64):requires_grad_()
     local function round()
       local x = torch.randn(16, 64)
       local y = ScaledMul(x, w, 2)
@@ -399,20 +400,28 @@ describe('leaks', function()
       z:sum():backward()
       w.grad = nil
     end
+    -- live registry references (released ones stay as numbers in the free list)
+    local function refs()
+      local n = 0
+      for k, v in pairs(debug.getregistry()) do
+        if type(k) == 'number' and type(v) ~= 'number' then n = n + 1 end
+      end
+      return n
+    end
     local function measure()
       collectgarbage()
       collectgarbage()
-      round()   -- a bound call releases the references freed by the collection
-      collectgarbage()
-      collectgarbage()
-      return torch.memory_stats().cpu_live_bytes, collectgarbage('count'), #debug.getregistry()
+      torch.ones(1)   -- a bound call releases the references freed by the collection
+      return torch.memory_stats().cpu_live_bytes, collectgarbage('count'), refs()
     end
-    for _ = 1, 200 do round() end
+    for _ = 1, 500 do round() end
     local b0, k0, r0 = measure()
     for _ = 1, 2000 do round() end
     local b1, k1, r1 = measure()
+    print(('\n  after 500 / 2500 rounds: tensor bytes %d / %d, Lua KiB %.0f / %.0f, live refs %d / %d'):format(
+      b0, b1, k0, k1, r0, r1))
     assert.is_true(b1 <= b0 + 64 * 1024, ('tensor bytes grew from %d to %d'):format(b0, b1))
-    assert.is_true(k1 <= k0 + 256, ('Lua memory grew from %.0f KiB to %.0f KiB'):format(k0, k1))
-    assert.is_true(r1 <= r0 + 16, ('registry grew from %d to %d'):format(r0, r1))
+    assert.is_true(k1 <= k0 + 512, ('Lua memory grew from %.0f KiB to %.0f KiB'):format(k0, k1))
+    assert.is_true(r1 <= r0 + 4, ('live registry references grew from %d to %d'):format(r0, r1))
   end)
 end)
