@@ -65,9 +65,10 @@ struct TopGuard {
 };
 
 // Lua values kept by one node of the graph: the Function's table (for backward and its name) and
-// the ctx table. Stored as a capsule in the context's saved_data, so they die with the node (or
-// when autograd frees the graph's buffers after a backward), and their references are released at
-// the next bound call. Saved tensors go through the context's SavedVariables, not through Lua.
+// the ctx table. Stored as a capsule in the context's saved_data, so they die with the node (when
+// the last output tensor is collected), and their references are released at the next bound call.
+// Saved tensors go through the context's SavedVariables, not through Lua: a tensor kept in a ctx
+// field instead would tie the graph to itself through the registry, which no collector sees.
 struct LuaNodeState : torch::CustomClassHolder {
     LuaRef def, ctx;
     std::string name;
