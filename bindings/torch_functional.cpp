@@ -2,6 +2,7 @@
 // losses, linear/embedding, norms, dropout, activations, attention, one_hot, pad, normalize.
 #include "bindings/bind.h"
 #include "lib/logging.h"
+#include "lib/tensor_print.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -36,7 +37,7 @@ std::optional<at::Tensor> opt(const at::Tensor * t) {
 void check_floating(const at::Tensor & t, int pos, const char * name) {
     if (!at::isFloatingType(t.scalar_type()))
         bind_fail("%s: expected a floating-point Tensor, got %s", label(pos, name).c_str(),
-                  c10::toString(t.scalar_type()));
+                  dtype_name(t.scalar_type(), true).c_str());
 }
 
 // reduction = 'none' | 'mean' | 'sum' (| 'batchmean' where allowed, reported through *batchmean).
@@ -91,12 +92,12 @@ void check_class_target(const at::Tensor & input, const at::Tensor & target, boo
         if (probs_ok && target.sizes() == input.sizes()) return;
         bind_fail("argument #2 (target): class indices must be int64 (make them with {dtype = 'int64'} or :long()), "
                   "got %s of shape %s%s",
-                  c10::toString(target.scalar_type()), shape_str(target.sizes()).c_str(),
+                  dtype_name(target.scalar_type(), true).c_str(), shape_str(target.sizes()).c_str(),
                   probs_ok ? "; a floating-point target holds class probabilities and needs the input's shape" : "");
     }
     if (target.scalar_type() != at::kLong && target.scalar_type() != at::kByte)
         bind_fail("argument #2 (target): class indices must be int64, got %s (convert with :long())",
-                  c10::toString(target.scalar_type()));
+                  dtype_name(target.scalar_type(), true).c_str());
     std::vector<int64_t> want = input.sizes().vec();
     want.erase(want.begin() + (input.dim() == 1 ? 0 : 1));
     if (target.sizes() != at::IntArrayRef(want))
@@ -270,7 +271,7 @@ int f_embedding(lua_State * L) {
     a.finish();
     if (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt)
         bind_fail("argument #1 (input): token ids must be int64 or int32 (0-based), got %s (make them with "
-                  "{dtype = 'int64'} or :long())", c10::toString(ids.scalar_type()));
+                  "{dtype = 'int64'} or :long())", dtype_name(ids.scalar_type(), true).c_str());
     if (w.dim() != 2) bind_fail("argument #2 (weight): expected (num_embeddings, embedding_dim), got shape %s",
                                 shape_str(w.sizes()).c_str());
     int64_t n = w.size(0);
@@ -469,7 +470,7 @@ int f_scaled_dot_product_attention(lua_State * L) {
         bind_fail("options attn_mask and is_causal cannot both be given: fold the causal mask into attn_mask");
     if (mask && mask->scalar_type() != at::kBool && mask->scalar_type() != q.scalar_type())
         bind_fail("argument #4 (attn_mask): expected a bool mask (true = attend) or additive %s, got %s",
-                  c10::toString(q.scalar_type()), c10::toString(mask->scalar_type()));
+                  dtype_name(q.scalar_type(), true).c_str(), dtype_name(mask->scalar_type(), true).c_str());
     if (!(dropout_p >= 0 && dropout_p <= 1))
         bind_fail("argument #5 (dropout_p): expected a probability in [0, 1], got %g", dropout_p);
     tensor_push(L, at::scaled_dot_product_attention(q, k, v, opt(mask), dropout_p, causal, scale, gqa));
@@ -485,7 +486,7 @@ int f_one_hot(lua_State * L) {
     a.finish();
     if (t.scalar_type() != at::kLong)
         bind_fail("argument #1 (input): class indices must be int64 (0-based), got %s (convert with :long())",
-                  c10::toString(t.scalar_type()));
+                  dtype_name(t.scalar_type(), true).c_str());
     if (n < -1) bind_fail("argument #2 (num_classes): expected a positive count (or -1: max + 1), got %lld", (long long)n);
     tensor_push(L, at::one_hot(t, n));
     return 1;

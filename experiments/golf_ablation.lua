@@ -9,6 +9,7 @@
 --
 --   qatlab run experiments/golf_ablation.lua [--set tiny=true] [--set budget=60] [--out runs/golf]
 local torch = require 'torch'
+local F = require 'torch.nn.functional'
 local nn = require 'nn'
 local data = require 'data'
 local quant = require 'quant'
@@ -69,7 +70,7 @@ local function batch()
 end
 local function ce_loss(m, b)
   local x, y = b:narrow(2, 1, cfg.L), b:narrow(2, 2, cfg.L)
-  return -m:forward(x):log_softmax(3):gather(3, y:unsqueeze(3)):mean()
+  return F.cross_entropy(m:forward(x):flatten(1, 2), y:flatten())          -- (B*L, V) logits, (B*L,) ids
 end
 
 -- held-out bits per byte: mean CE over blocks of L+1 tokens (nats/token) / ln 2 * tokens/bytes; one batched

@@ -3,6 +3,7 @@
 --
 --   qatlab run experiments/quickstart_charlm.lua [--set steps=2000] [--set text=FILE] [--out runs/q]
 local torch = require 'torch'
+local F = require 'torch.nn.functional'
 local log = require 'log'
 local config = require 'config'
 local qatlab = require 'qatlab'
@@ -73,9 +74,7 @@ local function forward(x)                                                  -- x 
   return h:matmul(p.w2) + p.b2                                             -- (B, V)
 end
 
-local function cross_entropy(logits, y)                                    -- mean over B
-  return -logits:log_softmax(2):gather(2, y:unsqueeze(2)):mean()
-end
+local cross_entropy = F.cross_entropy                                      -- (B, V), (B,) int64: mean over B
 
 -- AdamW, decoupled weight decay on matrices only ----------------------------------------
 local state = {}
