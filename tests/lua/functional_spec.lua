@@ -254,6 +254,8 @@ local cases = {
       F.cosine_similarity(A, A * 1e-9, {eps = 1e-3})
   end, 'F.cosine_similarity(A, B), F.cosine_similarity(A, B, dim=0), F.cosine_similarity(A, B[0], -1), ' ..
        'F.cosine_similarity(A, A * 1e-9, eps=1e-3)'},
+  {'cosine_similarity_grad', function() return G(function(a, b) return F.cosine_similarity(a, b) end, A, B) end,
+    'G(lambda a, b: F.cosine_similarity(a, b), A, B)'},
   -- dropout (same CPU generator as PyTorch, so the same draw)
   {'dropout_draw', dropout_draw, '(torch.manual_seed(7), F.dropout(A, p=0.4))[1]'},
   -- softmax family
@@ -287,6 +289,9 @@ local cases = {
   {'sdpa_masks', function()
     return F.scaled_dot_product_attention(Q, K, V, {attn_mask = MB}), F.scaled_dot_product_attention(Q, K, V, MF)
   end, 'F.scaled_dot_product_attention(Q, K, V, attn_mask=MB), F.scaled_dot_product_attention(Q, K, V, MF)'},
+  {'sdpa_mask_grad', function()
+    return G(function(q, k, v, m) return F.scaled_dot_product_attention(q, k, v, {attn_mask = m}) end, Q, K, V, MF)
+  end, 'G(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), Q, K, V, MF)'},
   {'sdpa_causal_gqa', function()
     return F.scaled_dot_product_attention(Q, KG:narrow(3, 1, 5), VG:narrow(3, 1, 5), {is_causal = true, enable_gqa = true})
   end, 'F.scaled_dot_product_attention(Q, KG[:, :, :5], VG[:, :, :5], is_causal=True, enable_gqa=True)'},
