@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Scalar.h>
 #include <lua.hpp>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -36,6 +37,33 @@ int bind_call_depth();
 // lua_pcall(L, nargs, nresults, 0) for a bound function calling back into Lua (no_grad(fn),
 // progress callbacks): while it runs, the Ctrl-C watchdog counts the VM as running Lua.
 int bind_pcall(lua_State * L, int nargs, int nresults);
+
+// -- Lua values held by C++ -------------------------------------------------------------
+// The Lua state of the innermost bound call now running (nullptr outside any): callbacks kept
+// by C++ objects (module hooks, Lua layers, autograd Functions, tensor hooks) run on it, so a
+// model called from a coroutine calls back into that coroutine. Backward passes started by a
+// bound call (t:backward()) run their callbacks on that call's state.
+lua_State * bind_current_state();
+
+// A Lua value kept alive by a C++ object: a registry reference. Its destructor may run on any
+// thread and at any time (autograd frees graphs on its own threads and inside collections),
+// so the reference is released at the next bound call, on the VM's thread.
+class LuaRef {
+public:
+    LuaRef(lua_State * L, int idx);   // references the value at idx
+    ~LuaRef();
+    LuaRef(const LuaRef &) = delete;
+    LuaRef & operator=(const LuaRef &) = delete;
+    void push(lua_State * L) const;   // pushes the value
+    int ref() const { return ref_; }
+private:
+    int ref_;
+};
+
+// Calls the function below nargs arguments on L's stack (bind_pcall with a traceback handler);
+// on error pops it and throws std::runtime_error("<what>: <message and traceback>"), so the
+// error reaches Lua through the trampoline of the bound call that started it.
+void bind_callback(lua_State * L, int nargs, int nresults, const std::string & what);
 
 // -- arguments -----------------------------------------------------------------------
 // PyTorch-style calls: positional arguments, then optionally one trailing options table
@@ -182,6 +210,9 @@ at::Tensor & tensor_check(lua_State * L, int idx, const char * what);
 // A tensor argument, or a number/bool converted to a 0-dim tensor like `like`.
 at::Tensor tensor_or_scalar(lua_State * L, int idx, const at::Tensor * like);
 void tensor_release(at::Tensor & t);                 // drop storage accounting, reset
+// Rebinds the tensor held by a userdata (a Lua layer's parameter moved by model:to()),
+// moving the accounting to the new storage.
+void tensor_assign(lua_State * L, at::Tensor & held, at::Tensor value);
 
 // Live bytes held by tensor userdata (each storage once), per device kind, and GC control.
 struct MemStats {
@@ -213,6 +244,16 @@ void torch_open_ops(lua_State * L, int t, int methods); // shared ops: torch.f a
 // for anything else, or a freed model.
 class DecoderModel;
 DecoderModel & nn_model_check(lua_State * L, int idx);
+// The same model's shared owner (hook handles keep a weak reference to it).
+std::shared_ptr<DecoderModel> nn_model_shared(lua_State * L, int idx);
+// Lua layers (bindings/nn_lua.cpp): a Linear whose forward, parameters, weight() and train()
+// call the Lua object at `idx` (a table or userdata with forward(self, x)); what = the name used
+// in errors. The object's in_features/out_features fields (or methods) give its shape.
+struct Linear;
+std::shared_ptr<Linear> lua_linear_new(lua_State * L, int idx, const std::string & what);
+// Pushes the Lua object of a Lua layer and returns true; pushes nothing and returns false for
+// a C++ layer.
+bool lua_linear_push(lua_State * L, const std::shared_ptr<Linear> & layer);
 // The tokenizer held by the Tokenizer userdata at `idx` (bindings/tokenizers.cpp).
 class Tokenizer;
 Tokenizer & tokenizer_check(lua_State * L, int idx);

@@ -7,7 +7,9 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+#include <atomic>
 #include <cmath>
+#include <mutex>
 #include <cstdarg>
 #include <csignal>
 #include <cstring>
@@ -55,12 +57,110 @@ int bind_pcall(lua_State * L, int nargs, int nresults) {
     bind_callbacks = bind_callbacks - 1;
     return status;
 }
+// The innermost bound call's state (see bind_current_state); not thread_local, because
+// autograd may run a CUDA backward on its own thread while the bound call waits for it.
+static lua_State * bind_state = nullptr;
+lua_State * bind_current_state() { return bind_state; }
+
 namespace {
 struct DepthGuard {  // also undone when a Lua error unwinds through the frame
-    DepthGuard() { bind_depth = bind_depth + 1; }
-    ~DepthGuard() { bind_depth = bind_depth - 1; }
+    lua_State * prev;
+    explicit DepthGuard(lua_State * L) : prev(bind_state) {
+        bind_depth = bind_depth + 1;
+        bind_state = L;
+    }
+    ~DepthGuard() {
+        bind_depth = bind_depth - 1;
+        bind_state = prev;
+    }
 };
+
+// References whose LuaRef was destroyed, waiting for the VM's thread.
+std::mutex & dead_refs_mutex() {
+    static std::mutex m;
+    return m;
+}
+std::vector<int> & dead_refs() {
+    static std::vector<int> v;
+    return v;
+}
+std::atomic<bool> dead_refs_pending{false};
+
+void dead_refs_drain(lua_State * L) {
+    std::vector<int> refs;
+    {
+        std::lock_guard<std::mutex> g(dead_refs_mutex());
+        refs.swap(dead_refs());
+        dead_refs_pending = false;
+    }
+    for (int r : refs) luaL_unref(L, LUA_REGISTRYINDEX, r);
+}
 } // namespace
+
+LuaRef::LuaRef(lua_State * L, int idx) {
+    lua_pushvalue(L, idx);
+    ref_ = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+LuaRef::~LuaRef() {
+    if (ref_ == LUA_NOREF || ref_ == LUA_REFNIL) return;
+    std::lock_guard<std::mutex> g(dead_refs_mutex());
+    dead_refs().push_back(ref_);
+    dead_refs_pending = true;
+}
+
+void LuaRef::push(lua_State * L) const { lua_rawgeti(L, LUA_REGISTRYINDEX, ref_); }
+
+// Message handler of bind_callback: the message with the callback's own traceback.
+static int callback_traceback(lua_State * L) {
+    const char * msg = lua_tostring(L, 1);
+    if (!msg) msg = luaL_typename(L, 1);
+    lua_getglobal(L, "debug");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "traceback");
+        if (lua_isfunction(L, -1)) {
+            lua_pushstring(L, msg);
+            lua_pushinteger(L, 2);
+            lua_call(L, 2, 1);
+            return 1;
+        }
+    }
+    lua_pushstring(L, msg);
+    return 1;
+}
+
+void bind_callback(lua_State * L, int nargs, int nresults, const std::string & what) {
+    const int fn = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, callback_traceback);
+    lua_insert(L, fn);
+    bind_callbacks = bind_callbacks + 1;
+    int status = lua_pcall(L, nargs, nresults, fn);
+    bind_callbacks = bind_callbacks - 1;
+    lua_remove(L, fn);
+    if (status != 0) {
+        std::string msg = lua_tostring(L, -1) ? lua_tostring(L, -1) : "error object is not a string";
+        lua_pop(L, 1);
+        // Keep the callback's own frames, up to the bound call that ran it: the uncaught-error
+        // handler prints the caller's traceback after the message.
+        // Leading [C] frames (error(), a failing op) belong to the callback.
+        size_t pos = msg.find("\nstack traceback:");
+        bool lua_seen = false;
+        while (pos != std::string::npos) {
+            size_t next = msg.find('\n', pos + 1);
+            std::string line = msg.substr(pos + 1, next == std::string::npos ? std::string::npos : next - pos - 1);
+            if (line.rfind("\t[C]:", 0) == 0) {
+                if (lua_seen) {
+                    msg.resize(pos);
+                    break;
+                }
+            } else if (line.rfind("\t", 0) == 0) {
+                lua_seen = true;
+            }
+            pos = next;
+        }
+        throw std::runtime_error(what + ": " + msg);
+    }
+}
 
 static int bind_trampoline(lua_State * L) {
     lua_CFunction fn = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(2));
@@ -74,7 +174,8 @@ static int bind_trampoline(lua_State * L) {
 again:
     {
         bool oom = false;
-        DepthGuard depth;
+        DepthGuard depth(L);
+        if (dead_refs_pending) dead_refs_drain(L);
         try {
             return fn(L);
         } catch (const c10::OutOfMemoryError & e) {
@@ -695,6 +796,12 @@ void tensor_set_data(lua_State * L, at::Tensor & t, const at::Tensor & data) {
     mem_untrack(t);
     t.set_data(data);
     mem_track(t, L);
+}
+
+void tensor_assign(lua_State * L, at::Tensor & held, at::Tensor value) {
+    mem_untrack(held);
+    held = std::move(value);
+    mem_track(held, L);
 }
 
 void tensor_release(at::Tensor & t) {

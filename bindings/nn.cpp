@@ -472,6 +472,14 @@ DecoderModel & nn_model_check(lua_State * L, int idx) {
     return model_check(L, idx);
 }
 
+std::shared_ptr<DecoderModel> nn_model_shared(lua_State * L, int idx) {
+    ModelUD & u = udata_check<ModelUD>(L, idx, QATLAB_MODEL_MT, "a Model");
+    if (!u.m) bind_fail("the model was freed");
+    return u.m;
+}
+
+void nn_open_lua_methods(lua_State * L, int methods);
+
 int luaopen_nn(lua_State * L) {
     udata_open_metatable<ModelUD>(L, QATLAB_MODEL_MT, "Model", nullptr, m_tostring);
     bind_push_function(L, "Model.__index", model_index);
@@ -480,10 +488,23 @@ int luaopen_nn(lua_State * L) {
     lua_setfield(L, -2, "__call");
     lua_newtable(L);   // methods live in the metatable of this Lua state
     bind_register(L, -1, "Model:", model_methods);
+    nn_open_lua_methods(L, lua_gettop(L));
     lua_setfield(L, -2, "__methods");
     lua_pop(L, 1);
     lua_newtable(L);
     bind_register(L, -1, "nn.", nn_functions);
+    // nn.Module, nn.Linear, ...: the Lua module toolkit (scripts/nn/*.lua), required on first use.
+    static const char * lazy =
+        "local t = ...\n"
+        "return setmetatable(t, {__index = function(_, k)\n"
+        "  if type(k) ~= 'string' or not k:match('^%u[%w_]*$') then return nil end\n"
+        "  local ok, m = pcall(require, 'nn.' .. k)\n"
+        "  if ok then rawset(t, k, m) return m end\n"
+        "  if not tostring(m):find(\"module 'nn.\" .. k .. \"' not found\", 1, true) then error(m, 2) end\n"
+        "end})\n";
+    if (luaL_loadbuffer(L, lazy, strlen(lazy), "=nn") != 0) return lua_error(L);
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
     return 1;
 }
 

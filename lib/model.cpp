@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -339,6 +340,12 @@ DecoderModel::load_state_dict(const NamedTensors & sd, bool strict, const std::s
 }
 
 void DecoderModel::to(std::optional<c10::Device> device, std::optional<at::ScalarType> dtype) {
+    // A linear layer's slots are replaced through the layer (Lua layers keep their own books).
+    std::map<at::Tensor *, Linear *> owner;
+    for (auto & n : linear_names()) {
+        auto l = get_linear(n);
+        for (auto & [ln, p] : l->parameter_slots()) owner[p] = l.get();
+    }
     for (auto & [n, p] : slots()) {
         bool rg = p->requires_grad();
         auto opts = p->options();
@@ -346,9 +353,16 @@ void DecoderModel::to(std::optional<c10::Device> device, std::optional<at::Scala
         if (dtype && p->is_floating_point()) opts = opts.dtype(*dtype);
         at::Tensor t = p->detach().to(opts);
         if (rg) t.requires_grad_(true);
-        *p = t;
+        auto it = owner.find(p);
+        if (it != owner.end()) it->second->slot_assign(p, std::move(t));
+        else *p = std::move(t);
     }
     if (dtype) cfg_.torch_dtype = dtype_json_name(*dtype);
+}
+
+void DecoderModel::train(bool on) {
+    training_ = on;
+    for (auto & n : linear_names()) get_linear(n)->train(on);
 }
 
 int64_t DecoderModel::requires_grad(bool on, const std::string & pattern) {
@@ -425,7 +439,122 @@ void DecoderModel::set_linear(const std::string & name, std::shared_ptr<Linear> 
                                      : rest == "mlp.gate_proj"    ? &L.gate_proj
                                      : rest == "mlp.up_proj"      ? &L.up_proj
                                                                   : &L.down_proj;
+    layer->module_name = name;
     *slot = std::move(layer);
+}
+
+// -- module hooks ----------------------------------------------------------------------------
+
+std::string DecoderModel::module_name_of(int64_t id) const {
+    if (id == 0) return "model.embed_tokens";
+    if (id == norm_id()) return "model.norm";
+    if (id == head_id()) return "lm_head";
+    static const char * subs[kSub] = {"", ".input_layernorm", ".self_attn", ".self_attn.q_proj", ".self_attn.k_proj",
+                                      ".self_attn.v_proj", ".self_attn.q_norm", ".self_attn.k_norm", ".self_attn.o_proj",
+                                      ".post_attention_layernorm", ".mlp", ".mlp.gate_proj", ".mlp.up_proj",
+                                      ".mlp.down_proj"};
+    int64_t i = (id - 1) / kSub, sub = (id - 1) % kSub;
+    return "model.layers." + std::to_string(i) + subs[sub];
+}
+
+std::vector<std::string> DecoderModel::module_names() const {
+    std::vector<std::string> out;
+    for (int64_t id = 0; id <= head_id(); id++)
+        if (id == 0 || id >= norm_id()) {
+            out.push_back(module_name_of(id));
+        } else {
+            int64_t sub = (id - 1) % kSub;
+            if ((sub == kQNorm || sub == kKNorm) && !cfg_.qk_norm) continue;
+            if (sub == kGate && cfg_.mlp_act != "swiglu") continue;
+            out.push_back(module_name_of(id));
+        }
+    return out;
+}
+
+int64_t DecoderModel::module_find(const std::string & name) const {
+    for (int64_t id = 0; id <= head_id(); id++)
+        if (module_name_of(id) == name) {
+            auto names = module_names();
+            return std::find(names.begin(), names.end(), name) == names.end() ? -1 : id;
+        }
+    return -1;
+}
+
+namespace {
+std::vector<int64_t> module_ids(const DecoderModel & m, const std::vector<std::string> & modules,
+                                const std::function<int64_t(const std::string &)> & find) {
+    if (modules.empty()) throw std::runtime_error("register hook: no module named");
+    std::vector<int64_t> ids;
+    for (auto & n : modules) {
+        int64_t id = find(n);
+        if (id < 0) throw std::runtime_error("register hook: no module named '" + n + "' (see named_modules())");
+        ids.push_back(id);
+    }
+    return ids;
+}
+} // namespace
+
+int64_t DecoderModel::register_forward_pre_hook(const std::vector<std::string> & modules, ModulePreHook fn) {
+    auto ids = module_ids(*this, modules, [this](const std::string & n) { return module_find(n); });
+    auto f = std::make_shared<ModulePreHook>(std::move(fn));
+    int64_t h = next_hook_++;
+    for (int64_t id : ids) {
+        hooks_[id].push_back({h, f, nullptr});
+        hook_count_++;
+    }
+    return h;
+}
+
+int64_t DecoderModel::register_forward_hook(const std::vector<std::string> & modules, ModuleHook fn) {
+    auto ids = module_ids(*this, modules, [this](const std::string & n) { return module_find(n); });
+    auto f = std::make_shared<ModuleHook>(std::move(fn));
+    int64_t h = next_hook_++;
+    for (int64_t id : ids) {
+        hooks_[id].push_back({h, nullptr, f});
+        hook_count_++;
+    }
+    return h;
+}
+
+bool DecoderModel::remove_hook(int64_t handle) {
+    bool found = false;
+    for (auto it = hooks_.begin(); it != hooks_.end();) {
+        auto & v = it->second;
+        for (size_t k = 0; k < v.size();)
+            if (v[k].handle == handle) {
+                v.erase(v.begin() + (long)k);
+                hook_count_--;
+                found = true;
+            } else {
+                k++;
+            }
+        it = v.empty() ? hooks_.erase(it) : std::next(it);
+    }
+    return found;
+}
+
+at::Tensor DecoderModel::call_hooked(int64_t id, const at::Tensor & x, const std::function<at::Tensor(const at::Tensor &)> & f) {
+    auto it = hooks_.find(id);
+    if (it == hooks_.end()) return f(x);
+    std::vector<HookEntry> hs = it->second;   // a hook may add or remove hooks
+    const std::string name = module_name_of(id);
+    at::Tensor in = x;
+    for (auto & h : hs)
+        if (h.pre) {
+            at::Tensor r = (*h.pre)(name, in);
+            if (r.defined()) in = r;
+        }
+    at::Tensor out = f(in);
+    for (auto & h : hs)
+        if (h.post) {
+            at::Tensor r = (*h.post)(name, in, out);
+            if (r.defined()) out = r;
+        }
+    return out;
+}
+
+at::Tensor DecoderModel::proj(int64_t layer, Sub s, Linear & l, const at::Tensor & x) {
+    return call(module_id(layer, s), x, [&l](const at::Tensor & v) { return l.forward(v); });
 }
 
 std::vector<at::Tensor> DecoderModel::layer_parameters(int64_t i) {
@@ -477,12 +606,12 @@ at::Tensor DecoderModel::attention(int64_t i, const at::Tensor & x, const Aux & 
     auto & L = layers_[i];
     const int64_t B = x.size(0), T = x.size(1), nh = cfg_.num_attention_heads, kvh = cfg_.num_key_value_heads,
                   hd = cfg_.head_dim;
-    at::Tensor q = L.q_proj->forward(x).view({B, T, nh, hd});   // (B, T, nh, hd)
-    at::Tensor k = L.k_proj->forward(x).view({B, T, kvh, hd});
-    at::Tensor v = L.v_proj->forward(x).view({B, T, kvh, hd}).transpose(1, 2);
+    at::Tensor q = proj(i, kQ, *L.q_proj, x).view({B, T, nh, hd});   // (B, T, nh, hd)
+    at::Tensor k = proj(i, kK, *L.k_proj, x).view({B, T, kvh, hd});
+    at::Tensor v = proj(i, kV, *L.v_proj, x).view({B, T, kvh, hd}).transpose(1, 2);
     if (cfg_.qk_norm) {
-        q = rms_norm(q, L.q_norm);
-        k = rms_norm(k, L.k_norm);
+        q = call(module_id(i, kQNorm), q, [&](const at::Tensor & t) { return rms_norm(t, L.q_norm); });
+        k = call(module_id(i, kKNorm), k, [&](const at::Tensor & t) { return rms_norm(t, L.k_norm); });
     }
     q = q.transpose(1, 2);                                       // (B, nh, T, hd)
     k = k.transpose(1, 2);                                       // (B, kvh, T, hd)
@@ -501,16 +630,22 @@ at::Tensor DecoderModel::attention(int64_t i, const at::Tensor & x, const Aux & 
     if (aux.mask.defined()) mask = aux.mask;
     at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, 1.0 / std::sqrt((double)hd),
                                                     /*enable_gqa=*/kvh != nh);   // (B, nh, T, hd)
-    return L.o_proj->forward(o.transpose(1, 2).reshape({B, T, nh * hd}));
+    return proj(i, kO, *L.o_proj, o.transpose(1, 2).reshape({B, T, nh * hd}));
+}
+
+at::Tensor DecoderModel::mlp(int64_t i, const at::Tensor & y) {
+    auto & L = layers_[i];
+    if (cfg_.mlp_act == "swiglu")
+        return proj(i, kDown, *L.down_proj, at::silu(proj(i, kGate, *L.gate_proj, y)) * proj(i, kUp, *L.up_proj, y));
+    return proj(i, kDown, *L.down_proj, at::relu(proj(i, kUp, *L.up_proj, y)).square());
 }
 
 at::Tensor DecoderModel::layer_forward(int64_t i, const at::Tensor & x, const Aux & aux) {
     auto & L = layers_[i];
-    at::Tensor h = x + attention(i, rms_norm(x, L.input_norm), aux);
-    at::Tensor y = rms_norm(h, L.post_norm);
-    at::Tensor m = cfg_.mlp_act == "swiglu" ? L.down_proj->forward(at::silu(L.gate_proj->forward(y)) * L.up_proj->forward(y))
-                                            : L.down_proj->forward(at::relu(L.up_proj->forward(y)).square());
-    return h + m;
+    at::Tensor a = call(module_id(i, kInNorm), x, [&](const at::Tensor & t) { return rms_norm(t, L.input_norm); });
+    at::Tensor h = x + call(module_id(i, kSelfAttn), a, [&](const at::Tensor & t) { return attention(i, t, aux); });
+    at::Tensor y = call(module_id(i, kPostNorm), h, [&](const at::Tensor & t) { return rms_norm(t, L.post_norm); });
+    return h + call(module_id(i, kMlp), y, [&](const at::Tensor & t) { return mlp(i, t); });
 }
 
 namespace {
@@ -545,6 +680,7 @@ struct LayerCheckpoint : torch::autograd::Function<LayerCheckpoint> {
         at::Tensor y;
         {
             at::AutoGradMode on(true);
+            DecoderModel::Recompute mark(*model);
             y = model->layer_forward(layer, xd, aux);
         }
         std::vector<at::Tensor> inputs;
@@ -572,7 +708,7 @@ struct LayerCheckpoint : torch::autograd::Function<LayerCheckpoint> {
 at::Tensor DecoderModel::forward_impl(const at::Tensor & ids, const at::Tensor & key_mask, const at::Tensor & pos,
                                       KVCache * cache, ForwardOutput out) {
     const int64_t B = ids.size(0), T = ids.size(1);
-    at::Tensor x = at::embedding(embed_, ids);    // (B, T, H)
+    at::Tensor x = call(0, ids, [this](const at::Tensor & t) { return at::embedding(embed_, t); });   // (B, T, H)
     if (cfg_.embed_norm) x = rms_norm(x, {});
     Aux aux;
     std::tie(aux.cos, aux.sin) = rope(pos, x.scalar_type());
@@ -592,17 +728,20 @@ at::Tensor DecoderModel::forward_impl(const at::Tensor & ids, const at::Tensor &
     const bool ckpt = ckpt_layers_ != 0 && training_ && !cache && at::GradMode::is_enabled();
     const int64_t n_ckpt = gradient_checkpointing_layers();
     for (int64_t i = 0; i < (int64_t)layers_.size(); i++) {
-        if (ckpt && i < n_ckpt) {
-            auto params = layer_parameters(i);
-            std::optional<at::Tensor> mask;   // an undefined Tensor argument is refused by apply()
-            if (aux.mask.defined()) mask = aux.mask;
-            x = LayerCheckpoint::apply(x, at::TensorList(params), (int64_t)(intptr_t)this, i, aux.cos, aux.sin, mask);
-        } else {
-            x = layer_forward(i, x, aux);
-        }
+        // The layer's own hooks run here, once per forward; hooks inside a checkpointed layer
+        // run in forward and again when backward recomputes it.
+        x = call(module_id(i, kLayer), x, [&](const at::Tensor & xi) {
+            if (ckpt && i < n_ckpt) {
+                auto params = layer_parameters(i);
+                std::optional<at::Tensor> mask;   // an undefined Tensor argument is refused by apply()
+                if (aux.mask.defined()) mask = aux.mask;
+                return LayerCheckpoint::apply(xi, at::TensorList(params), (int64_t)(intptr_t)this, i, aux.cos, aux.sin, mask);
+            }
+            return layer_forward(i, xi, aux);
+        });
     }
     if (cache) cache->len += T;
-    x = rms_norm(x, final_norm_);
+    x = call(norm_id(), x, [this](const at::Tensor & t) { return rms_norm(t, final_norm_); });
     return out == ForwardOutput::hidden ? x : lm_head(x);
 }
 
@@ -615,8 +754,14 @@ int64_t DecoderModel::gradient_checkpointing_layers() const {
     return ckpt_layers_ < 0 ? (int64_t)layers_.size() : ckpt_layers_;
 }
 
+at::Tensor DecoderModel::lm_head_weight() {
+    return lm_head_ ? lm_head_->weight() : embed_;
+}
+
 at::Tensor DecoderModel::lm_head(const at::Tensor & h) {
-    at::Tensor logits = lm_head_ ? lm_head_->forward(h) : at::linear(h, embed_);   // (..., V)
+    at::Tensor logits = call(head_id(), h, [this](const at::Tensor & t) {
+        return lm_head_ ? lm_head_->forward(t) : at::linear(t, embed_);   // (..., V)
+    });
     if (cfg_.logit_softcap > 0) logits = at::tanh(logits / cfg_.logit_softcap) * cfg_.logit_softcap;
     return logits;
 }
@@ -725,9 +870,25 @@ void DecoderModel::save_pretrained(const std::string & dir, int64_t max_shard_by
     fs::create_directories(d, ec);
     if (ec) throw std::runtime_error(dir + ": cannot create directory: " + ec.message());
     cfg_.torch_dtype = dtype_json_name(dtype());
+    // Each linear layer says what it saves (its slots; a Lua layer its dense weight).
+    std::map<at::Tensor *, std::pair<std::string, Linear *>> owner;
+    for (auto & ln : linear_names()) {
+        auto l = get_linear(ln);
+        for (auto & [sn, p] : l->parameter_slots()) owner[p] = {ln, l.get()};
+    }
+    NamedTensors all;
+    std::set<Linear *> done;
+    for (auto & [n, p] : slots()) {
+        auto it = owner.find(p);
+        if (it == owner.end()) {
+            all.push_back({n, p->detach()});
+        } else if (done.insert(it->second.second).second) {
+            for (auto & nt : it->second.second->save_tensors(it->second.first)) all.push_back(nt);
+        }
+    }
     std::vector<NamedTensors> shards(1);
     int64_t shard_bytes = 0, total = 0;
-    for (auto & [n, t] : named_parameters()) {
+    for (auto & [n, t] : all) {
         int64_t nb = t.numel() * (int64_t)t.element_size();
         if (shard_bytes > 0 && shard_bytes + nb > max_shard_bytes) {
             shards.emplace_back();

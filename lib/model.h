@@ -64,7 +64,29 @@ struct Linear {
     virtual at::Tensor weight() = 0;
     virtual int64_t in_features() const = 0;
     virtual int64_t out_features() const = 0;
+    // Train/eval mode (model.train(on) passes it on; built-in layers ignore it).
+    virtual void train(bool on) {}
+    // Replaces a parameter slot's tensor (model.to()); layers whose slots live elsewhere (Lua
+    // layers) override it to keep their own bookkeeping right.
+    virtual void slot_assign(at::Tensor * slot, at::Tensor value) { *slot = std::move(value); }
+    // What save_pretrained writes for this layer under `prefix` (its module name): its
+    // parameter slots; a Lua layer writes the dense weight it computes with instead.
+    virtual std::vector<std::pair<std::string, at::Tensor>> save_tensors(const std::string & prefix) {
+        std::vector<std::pair<std::string, at::Tensor>> out;
+        for (auto & [n, p] : parameter_slots()) out.push_back({prefix + "." + n, p->detach()});
+        return out;
+    }
+    // Set by set_linear: the HF module name, for error messages.
+    std::string module_name;
 };
+
+// -- module hooks ----------------------------------------------------------------------------
+// Hooks keyed by Hugging Face module name (model.layers.3.mlp, lm_head...), run where the model
+// calls that module. A pre-hook sees the module's input and may return a replacement; a forward
+// hook sees input and output and may return a replacement output (undefined = keep).
+using ModulePreHook = std::function<at::Tensor(const std::string & module, const at::Tensor & input)>;
+using ModuleHook = std::function<at::Tensor(const std::string & module, const at::Tensor & input,
+                                            const at::Tensor & output)>;
 
 // x @ W^T (+ b).
 struct DenseLinear : Linear {
@@ -154,7 +176,7 @@ public:
     std::pair<std::vector<std::string>, std::vector<std::string>>
     load_state_dict(const NamedTensors & sd, bool strict = true, const std::string & source = "state_dict");
 
-    void train(bool on = true) { training_ = on; }
+    void train(bool on = true);   // also passed on to every linear layer
     bool is_training() const { return training_; }
     // Per-layer activation checkpointing: every layer (true), none (false), or the first n
     // layers (n >= number of layers = all): a dial between memory and recomputation.
@@ -169,6 +191,26 @@ public:
     // Sets requires_grad on every parameter whose name matches `pattern` (std::regex_search;
     // empty = all). Returns how many matched.
     int64_t requires_grad(bool on, const std::string & pattern = "");
+
+    // Every module under its Hugging Face name, in call order: model.embed_tokens, per layer
+    // model.layers.i, its input_layernorm, self_attn (q/k/v_proj, q/k_norm, o_proj),
+    // post_attention_layernorm, mlp (gate/up/down_proj); model.norm; lm_head.
+    std::vector<std::string> module_names() const;
+    // Hooks on the named modules (each must be in module_names()); returns a handle for
+    // remove_hook. Hooks run in the order registered, in training and eval, in generate();
+    // a checkpointed layer's hooks run again when backward recomputes it (is_recomputing()).
+    int64_t register_forward_pre_hook(const std::vector<std::string> & modules, ModulePreHook fn);
+    int64_t register_forward_hook(const std::vector<std::string> & modules, ModuleHook fn);
+    bool remove_hook(int64_t handle);   // false when already removed
+    int64_t num_hooks() const { return hook_count_; }
+    bool is_recomputing() const { return recomputing_ > 0; }
+    // The lm_head weight (V, H): the embedding when tied.
+    at::Tensor lm_head_weight();
+    // Next-token cross-entropy of input_ids (B, T) (labels default to input_ids, shifted inside),
+    // chunked over positions with the lm_head recomputed in backward: no (N, V) tensor lives
+    // whole. reduction "mean" (over non-ignored targets), "sum" or "none" ((B, T-1)).
+    at::Tensor loss(const at::Tensor & input_ids, const at::Tensor & labels = {}, const at::Tensor & attention_mask = {},
+                    int64_t ignore_index = -100, const std::string & reduction = "mean", int64_t chunk = 256);
 
     std::vector<std::string> linear_names() const;
     std::shared_ptr<Linear> get_linear(const std::string & name) const;
@@ -198,9 +240,40 @@ public:
         KVCache * cache = nullptr;
     };
     at::Tensor layer_forward(int64_t i, const at::Tensor & x, const Aux & aux);
+    // Marks a backward recomputation of checkpointed layers while alive (is_recomputing()).
+    struct Recompute {
+        DecoderModel & m;
+        explicit Recompute(DecoderModel & model) : m(model) { m.recomputing_++; }
+        ~Recompute() { m.recomputing_--; }
+    };
     std::vector<at::Tensor> layer_parameters(int64_t i);
 
 private:
+    // Module ids: 0 embed_tokens; 1 + i * kSub + sub per layer; then model.norm, lm_head.
+    enum Sub { kLayer, kInNorm, kSelfAttn, kQ, kK, kV, kQNorm, kKNorm, kO, kPostNorm, kMlp, kGate, kUp, kDown, kSub };
+    int64_t module_id(int64_t layer, Sub s) const { return 1 + layer * kSub + s; }
+    int64_t norm_id() const { return 1 + (int64_t)layers_.size() * kSub; }
+    int64_t head_id() const { return norm_id() + 1; }
+    std::string module_name_of(int64_t id) const;
+    int64_t module_find(const std::string & name) const;   // -1 if no such module
+    // Runs f(x) as module `id`, with its hooks when any are registered.
+    template <class F> at::Tensor call(int64_t id, const at::Tensor & x, F && f) {
+        if (hook_count_ == 0) return f(x);
+        return call_hooked(id, x, std::function<at::Tensor(const at::Tensor &)>(std::forward<F>(f)));
+    }
+    at::Tensor call_hooked(int64_t id, const at::Tensor & x, const std::function<at::Tensor(const at::Tensor &)> & f);
+    at::Tensor proj(int64_t layer, Sub s, Linear & l, const at::Tensor & x);
+    at::Tensor mlp(int64_t i, const at::Tensor & y);
+
+    struct HookEntry {
+        int64_t handle;
+        std::shared_ptr<ModulePreHook> pre;   // one of the two
+        std::shared_ptr<ModuleHook> post;
+    };
+    std::map<int64_t, std::vector<HookEntry>> hooks_;   // module id -> hooks in order
+    int64_t hook_count_ = 0, next_hook_ = 1;
+    int recomputing_ = 0;
+
     at::Tensor forward_impl(const at::Tensor & ids, const at::Tensor & key_mask, const at::Tensor & pos,
                             KVCache * cache, ForwardOutput out);
     at::Tensor rms_norm(const at::Tensor & x, const at::Tensor & w);
