@@ -1,6 +1,7 @@
 -- nn.Embedding: a table of num_embeddings vectors looked up by 0-based ids (data stays 0-based),
 -- with PyTorch's N(0, 1) initialisation and padding_idx (a zero row that gets no gradient).
 local torch = require 'torch'
+local F = require 'torch.nn.functional'
 local Module = require 'nn.Module'
 
 local Embedding = Module:extend('nn.Embedding')
@@ -32,15 +33,8 @@ function Embedding:__init(num, dim, opts)
 end
 
 function Embedding:forward(ids)
-  local shape = ids.shape
-  local out = self.weight:index_select(1, ids:reshape(-1))   -- (N, dim)
-  if self.padding_idx ~= nil and self.weight.requires_grad then
-    -- The padding row gets no gradient: mask its lookups out of the graph.
-    local keep = ids:reshape(-1):ne(self.padding_idx):unsqueeze(2):to(out.dtype)
-    out = out * keep
-  end
-  shape[#shape + 1] = self.embedding_dim
-  return out:view(shape)
+  if self.padding_idx == nil then return F.embedding(ids, self.weight) end   -- (...) -> (..., dim)
+  return F.embedding(ids, self.weight, {padding_idx = self.padding_idx})
 end
 
 function Embedding:extra_repr()

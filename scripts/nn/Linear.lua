@@ -1,6 +1,7 @@
 -- nn.Linear: y = x W^T + b as a Lua module, with PyTorch's initialisation (uniform in
 -- ±1/sqrt(in_features)); usable as a projection of a model through model:set_linear.
 local torch = require 'torch'
+local F = require 'torch.nn.functional'
 local Module = require 'nn.Module'
 
 local Linear = Module:extend('nn.Linear')
@@ -42,9 +43,7 @@ function Linear.from_weight(weight, bias)
 end
 
 function Linear:forward(x)
-  local y = x:matmul(self.weight:t())   -- (..., in) @ (in, out) -> (..., out)
-  if self.bias ~= nil then y = y + self.bias end
-  return y
+  return F.linear(x, self.weight, self.bias)   -- (..., in) -> (..., out)
 end
 
 function Linear:extra_repr()

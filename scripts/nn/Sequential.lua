@@ -19,6 +19,4 @@ function Sequential:forward(x)
   return x
 end
 
-function Sequential:__len() return #self._modules end
-
 return Sequential
