@@ -46,7 +46,7 @@ function V2:forward(x)
   local st = self.ste and quant.ste_fp16 or function(t) return t end
   local A_dir = self.scale_A / self.scale_A:norm(2, 1, true):clamp(1e-6)   -- unit columns (out, r)
   local B_dir = self.scale_B / self.scale_B:norm(2, 2, true):clamp(1e-6)   -- unit rows (r, in)
-  local g = self.rank_magnitude + 1e-6                                       -- identity activation + eps
+  local g = st(self.rank_magnitude + 1e-6)                                   -- identity activation + eps
   local S = st(A_dir * g):matmul(st(B_dir))                                  -- (out, in)
   local Q = st(self.lut:index_select(1, self._indices:reshape(-1):long()):view(self.out_features, self.in_features))
   local W = st(Q * S)                                                        -- W_eff (out, in)

@@ -117,10 +117,7 @@ end
 
 -- Mean next-token cross-entropy over rows (B, L) and the token count.
 local function lm_loss(model, ids)
-  local S = ids:size(2)
-  local lp = model:forward(ids:narrow(2, 1, S - 1)):float():log_softmax(3)
-  local nll = -lp:gather(3, ids:narrow(2, 2, S - 1):unsqueeze(3)):mean()
-  return nll, {tokens = ids:size(1) * (S - 1)}
+  return model:loss(ids), {tokens = ids:size(1) * (ids:size(2) - 1)}
 end
 
 -- Held-out perplexity: exp of the mean next-token CE over the eval blocks.

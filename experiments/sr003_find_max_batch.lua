@@ -86,15 +86,12 @@ end
 -- One training step on random tokens: next-token cross-entropy, backward, AdamW.
 local function ce_step(batch)
   local ids = torch.randint(0, cfg.vocab, {batch, cfg.seq + 1}, {dtype = 'int64', device = device})
-  local x, y = ids:narrow(2, 1, cfg.seq), ids:narrow(2, 2, cfg.seq)
-  local logits = model(x):float()
-  local logp = logits:log_softmax(-1)
-  local loss = -logp:gather(3, y:unsqueeze(3)):mean()
+  local loss = model:loss(ids)   -- chunked over the vocabulary: no (B, T, V) logits live whole
   loss:backward()
   opt:step()
   opt:zero_grad()
   local v = loss:item()
-  logits:free(); logp:free(); loss:free()
+  loss:free()
   return v
 end
 local make_step = cfg.loss == 'kd' and kd_step or ce_step

@@ -82,11 +82,7 @@ function M.setup(cfg, work, opts)
                    num_key_value_heads = 2, head_dim = math.floor(cfg.hidden / 4),
                    max_position_embeddings = 2 * cfg.L, tie_word_embeddings = true}
 
-  local function ce_loss(m, x)                                     -- next-token CE over a (B, L) block
-    local logits = m:forward(x):narrow(2, 1, cfg.L - 1)
-    local y = x:narrow(2, 2, cfg.L - 1)
-    return -logits:log_softmax(3):gather(3, y:unsqueeze(3)):mean()
-  end
+  local function ce_loss(m, x) return m:loss(x) end               -- next-token CE over a (B, L) block
   local function quiet(o, name)
     o.progress, o.log_every, o.save_final, o.eval_at_start = false, 0, false, false
     o.out = opts.sub_out and opts.sub_out(name) or nil
