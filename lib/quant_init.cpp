@@ -63,11 +63,7 @@ void layer_recipe_check(const LayerRecipe & r, int64_t out, int64_t in) {
 
 namespace {
 // Nearest entry of a sorted LUT (ascending): ties go to the lower entry. x any shape → int64.
-at::Tensor nearest_sorted(const at::Tensor & x, const at::Tensor & lut) {
-    const int64_t L = lut.numel();
-    at::Tensor mid = (lut.narrow(0, 0, L - 1) + lut.narrow(0, 1, L - 1)) * 0.5;   // (L-1)
-    return at::bucketize(x.contiguous(), mid, false, false);
-}
+at::Tensor nearest_sorted(const at::Tensor & x, const at::Tensor & lut) { return lut_nearest_long(x, lut); }
 
 // S with |S| floored at f, sign kept (0 counts as positive).
 at::Tensor floor_abs(const at::Tensor & S, double f) {
@@ -176,7 +172,8 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
     if (weighted) {
         // Rank-r fit of the group max-abs in the column-weighted norm ||(S - X) diag(sqrt d)||:
         // exact by the SVD of S diag(sqrt d), mapped back by diag(1/sqrt d).
-        at::Tensor sq = d.sqrt();
+        // d floored higher here: 1/sqrt(d) maps the fit back and must not blow up a quiet channel.
+        at::Tensor sq = d.clamp_min(1e-2).sqrt();
         LowRankSvd s = svd_lowrank(group_maxabs(W, rc.group_size) * sq.unsqueeze(0), r, 10, 2, o.seed,
                                    o.svd == "exact" ? std::numeric_limits<int64_t>::max() : o.svd == "randomized" ? 0 : 64);
         const int64_t k = s.S.numel();
@@ -189,12 +186,15 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
             B.narrow(0, k, r - k).fill_(1e-3);
         }
         // One global factor: max-abs scales clip nothing, the error-optimal ones clip a little.
-        at::Tensor S = at::matmul(A, B);
+        // Chosen on a sample of rows (about 64k weights): the grid costs little next to the fit.
+        const int64_t stride = std::max<int64_t>(1, out * in / 65536);
+        at::Tensor rows = at::arange(0, out, stride, at::TensorOptions().dtype(at::kLong).device(W.device()));
+        at::Tensor S = at::matmul(A.index_select(0, rows), B), Ws = W.index_select(0, rows);
         double best = std::numeric_limits<double>::infinity(), ba = 1.0;
         for (int a = 0; a <= 20; a++) {
             double alpha = 0.3 + 0.05 * a;
             at::Tensor Sa = floor_abs(S * alpha, 1e-4);
-            double e = werr(W, Sa, lut, nearest_sorted(W / Sa, lut), dd);
+            double e = werr(Ws, Sa, lut, nearest_sorted(Ws / Sa, lut), dd);
             if (e < best) best = e, ba = alpha;
         }
         A = A * ba;

@@ -48,6 +48,7 @@ at::Tensor lut_make(int64_t size, bool include_zero = false);
 // Nearest LUT entry of each x (clamped to [min, max] of the LUT; ties to the lowest index).
 // x any shape, lut [Lq] → uint8 (Lq ≤ 256) of x's shape, on x's device.
 at::Tensor lut_nearest_indices(const at::Tensor & x, const at::Tensor & lut);
+at::Tensor lut_nearest_long(const at::Tensor & x, const at::Tensor & lut);   // the same as int64
 // lut[idx] for uint8/int indices, in lut's dtype: (..) → (..).
 at::Tensor lut_gather(const at::Tensor & lut, const at::Tensor & idx);
 // ste_fp16: x + (fp16(clamp(x, ±65504)) - x).detach(); identity for fp16 x; gradient identity.
