@@ -206,8 +206,14 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
     }
     at::Tensor S = floor_abs(at::matmul(A, B), 1e-4);
     at::Tensor idx = nearest_sorted(W / S, lut);
-    auto lut_step = [&]() {   // weighted 1-D k-means of W / S (weights d S²), then Q again
-        lut = lut_weighted_kmeans(W / S, dd * S.pow(2), lut, 10);
+    // Weighted 1-D k-means of W / S (weights d S²) on sampled rows (about 128k weights: the
+    // centres are means, a sample pins them), then Q again for every weight.
+    const int64_t kstride = std::max<int64_t>(1, out * in / 131072);
+    at::Tensor krows = at::arange(0, out, kstride, at::TensorOptions().dtype(at::kLong).device(W.device()));
+    at::Tensor Wk = W.index_select(0, krows);
+    auto lut_step = [&]() {
+        at::Tensor Sk = S.index_select(0, krows);
+        lut = lut_weighted_kmeans(Wk / Sk, dd * Sk.pow(2), lut, 5);
         idx = nearest_sorted(W / S, lut);
     };
     if (rc.kmeans) lut_step();

@@ -1009,3 +1009,22 @@ TEST(QuantLutInit, PackAnyBitsAndCompactExport) {
         }
     fs::remove_all(d);
 }
+
+TEST(QuantLutInit, FastNearestEqualsFullArgmin) {
+    // The candidate + neighbour rule against the plain argmin of |x - l_j| (ties to the lowest j),
+    // on uniform fp16 LUTs, a non-uniform sorted one, an unsorted one, exact ties and NaN.
+    at::manual_seed(5);
+    auto full = [](const at::Tensor & x, const at::Tensor & l) {
+        at::Tensor xc = x.clamp(l.min().item<double>(), l.max().item<double>());
+        return (xc.reshape({-1, 1}) - l.reshape({1, -1})).abs().argmin(1).view(x.sizes());
+    };
+    std::vector<at::Tensor> luts{lut_make(2), lut_make(4), lut_make(16), lut_make(16, true), lut_make(256),
+                                 std::get<0>(at::randn({13}).sort()), at::randn({9})};
+    for (auto & l : luts) {
+        at::Tensor mid = (l.narrow(0, 0, l.numel() - 1) + l.narrow(0, 1, l.numel() - 1)) * 0.5;
+        at::Tensor x = at::cat({at::randn({20000}) * 1.2, l, mid});   // random, on entries, on midpoints
+        EXPECT_EQ(maxdiff(lut_nearest_long(x, l), full(x, l)), 0) << l;
+    }
+    at::Tensor x = at::tensor({NAN, 0.5f, -INFINITY, INFINITY});
+    EXPECT_EQ(vals(lut_nearest_long(x, lut_make(4))), (std::vector<double>{0, 2, 0, 3}));
+}
