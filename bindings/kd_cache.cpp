@@ -4,6 +4,7 @@
 
 #include "lib/kd_cache.h"
 #include "lib/model.h"
+#include "lib/tokenizer.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -11,6 +12,9 @@
 #include <memory>
 
 namespace qatlab {
+
+std::string tokenizer_source(lua_State * L, int idx);   // bindings/tokenizers.cpp
+
 namespace {
 
 #define KD_READER_MT "qatlab.KdCacheReader"
@@ -26,7 +30,10 @@ CacheReader & reader_check(lua_State * L) {
 }
 
 // kd.build_cache{teacher=, data=(N,L), K=32, R=0, shard_size=1024, batch_size=8, out=, seed=0,
-//                resume=true, overwrite=false, meta={teacher_model=...}, on_progress=fn(done, total, seq_per_s)}
+//                resume=true, overwrite=false, meta={teacher_model=...}, tokenizer=tk,
+//                on_progress=fn(done, total, seq_per_s)}
+// meta.json records the teacher (meta.teacher_model, else a summary of its config; a fingerprint)
+// and, given tokenizer=, the tokenizer (its path, vocabulary size and fingerprint).
 // -> {n_written, shards_written, num_shards, done, seconds, seq_per_s}
 int f_build_cache(lua_State * L) {
     if (!is_options_table(L, 1)) bind_fail("argument #1: expected a table {teacher=, data=, out=, ...}");
@@ -57,6 +64,10 @@ int f_build_cache(lua_State * L) {
             o.meta[lua_tostring(L, -2)] = lua_tostring(L, -1);
             lua_pop(L, 1);
         }
+    }
+    if (int ki = a.find(0, "tokenizer")) {
+        o.tokenizer = &tokenizer_check(L, ki);
+        o.tokenizer_name = tokenizer_source(L, ki);
     }
     int pi = a.find(0, "on_progress");
     if (pi && lua_type(L, pi) != LUA_TFUNCTION) bind_fail("option 'on_progress': expected a function");
@@ -92,8 +103,16 @@ int f_build_cache(lua_State * L) {
     return 1;
 }
 
+// The model= and tokenizer= options of open_cache and reader:check: errors when they do not
+// match what meta.json records (vocabulary size; tokenizer fingerprint).
+void check_against(lua_State * L, Args & a, const CacheMeta & meta) {
+    if (int mi = a.find(0, "model")) cache_check_model(meta, nn_model_check(L, mi), "option 'model'");
+    if (int ki = a.find(0, "tokenizer")) cache_check_tokenizer(meta, tokenizer_check(L, ki), "option 'tokenizer'");
+}
+
 // kd.open_cache(dir, {batch_size=8, shuffle=true, seed=0, device=, prefetch=2, drop_last=false,
-//                     with_rand=true}) -> reader
+//                     with_rand=true, model=, tokenizer=}) -> reader; model / tokenizer: checked
+//                     against the teacher and tokenizer the cache records
 int f_open_cache(lua_State * L) {
     Args a(L);
     int di = a.find(1, "dir");
@@ -110,8 +129,14 @@ int f_open_cache(lua_State * L) {
     o.prefetch = a.opt_integer(0, "prefetch", 2);
     o.drop_last = a.opt_bool(0, "drop_last", false);
     o.with_rand = a.opt_bool(0, "with_rand", true);
+    int mi = a.find(0, "model"), ki = a.find(0, "tokenizer");
     a.finish();
     if (o.batch_size < 1) bind_fail("option 'batch_size': expected >= 1");
+    if (mi || ki) {   // before the loader thread starts
+        CacheMeta meta = cache_meta_load(dir);
+        if (mi) cache_check_model(meta, nn_model_check(L, mi), "option 'model'");
+        if (ki) cache_check_tokenizer(meta, tokenizer_check(L, ki), "option 'tokenizer'");
+    }
     auto r = std::make_unique<CacheReader>(dir, o);
     udata_new<ReaderUd>(L, KD_READER_MT, std::move(r));
     return 1;
@@ -177,6 +202,15 @@ int m_meta(lua_State * L) {
     return 1;
 }
 
+// reader:check{model=, tokenizer=}: errors when they do not match the cache's teacher/tokenizer
+int m_check(lua_State * L) {
+    CacheReader & r = reader_check(L);
+    Args a(L, 2);
+    check_against(L, a, r.meta());
+    a.finish();
+    return 0;
+}
+
 // reader:close(): stops the loader thread and unmaps the shard now
 int m_close(lua_State * L) {
     udata_check<ReaderUd>(L, 1, KD_READER_MT, "a KD cache reader").r.reset();
@@ -196,7 +230,7 @@ int reader_tostring(lua_State * L) {
 }
 
 const BindFn reader_methods[] = {
-    {"next", m_next}, {"reset", m_reset}, {"meta", m_meta}, {"close", m_close}, {nullptr, nullptr},
+    {"next", m_next}, {"reset", m_reset}, {"meta", m_meta}, {"check", m_check}, {"close", m_close}, {nullptr, nullptr},
 };
 
 const BindFn cache_functions[] = {

@@ -1,5 +1,5 @@
 // tokenizers: the `tokenizers` Lua module over lib/tokenizer: Hugging Face / GPT-2 byte-level
-// BPE and SentencePiece tokenizers as userdata, SentencePiece training, the Qwen3 chat format.
+// BPE and SentencePiece tokenizers as userdata, SentencePiece training, chat templates.
 #include "bindings/bind.h"
 
 #include "lib/gguf.h"
@@ -17,14 +17,21 @@ namespace {
 
 struct TokenizerUd {
     std::shared_ptr<Tokenizer> tk;
+    std::string source;                     // the path it was loaded from ("" when built otherwise)
+    std::optional<std::pair<std::string, std::string>> chat_template;   // {text, where it was found}
 };
 
-void tokenizer_push(lua_State * L, std::shared_ptr<Tokenizer> tk) {
-    udata_new<TokenizerUd>(L, TOKENIZER_MT, std::move(tk));
+void tokenizer_push(lua_State * L, std::shared_ptr<Tokenizer> tk, std::string source = "",
+                    std::optional<std::pair<std::string, std::string>> tpl = std::nullopt) {
+    udata_new<TokenizerUd>(L, TOKENIZER_MT, std::move(tk), std::move(source), std::move(tpl));
+}
+
+TokenizerUd & self_ud(lua_State * L) {
+    return udata_check<TokenizerUd>(L, 1, TOKENIZER_MT, "a Tokenizer");
 }
 
 Tokenizer & self_check(lua_State * L) {
-    return *udata_check<TokenizerUd>(L, 1, TOKENIZER_MT, "a Tokenizer").tk;
+    return *self_ud(L).tk;
 }
 
 std::string string_arg(Args & a, int pos, const char * name) {
@@ -167,10 +174,78 @@ int m_is_special(lua_State * L) {
     return 1;
 }
 
+std::string field_string(lua_State * L, int tbl, const char * key, int i, bool required) {
+    lua_getfield(L, tbl, key);
+    int t = lua_type(L, -1);
+    std::string s;
+    if (t == LUA_TSTRING) {
+        size_t n;
+        const char * p = lua_tolstring(L, -1, &n);
+        s.assign(p, n);
+    } else if (t != LUA_TNIL || required)
+        bind_fail("messages[%d].%s: expected a string, got %s", i, key, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return s;
+}
+
+std::vector<ChatMessage> messages_arg(lua_State * L, int idx) {
+    if (!idx || lua_type(L, idx) != LUA_TTABLE)
+        bind_fail("argument (messages): expected a table of {role=, content=}, got %s", idx ? luaL_typename(L, idx) : "nothing");
+    std::vector<ChatMessage> msgs;
+    int n = int(lua_objlen(L, idx));
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        int m = lua_gettop(L);
+        if (lua_type(L, m) != LUA_TTABLE) bind_fail("messages[%d]: expected a table {role=, content=}, got %s", i, luaL_typename(L, m));
+        ChatMessage cm;
+        cm.role = field_string(L, m, "role", i, true);
+        cm.content = field_string(L, m, "content", i, true);
+        lua_getfield(L, m, "reasoning_content");
+        bool has_reasoning = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+        if (has_reasoning) cm.reasoning_content = field_string(L, m, "reasoning_content", i, true);
+        lua_pop(L, 1);
+        msgs.push_back(std::move(cm));
+    }
+    return msgs;
+}
+
+void chat_options(Args & a, ChatFormatOptions & o) {
+    o.add_generation_prompt = a.opt_bool(0, "add_generation_prompt", false);
+    o.enable_thinking = a.opt_bool(0, "enable_thinking", false);
+    o.strip_think = a.opt_bool(0, "strip_think", true);
+}
+
+// tk:apply_chat_template(messages, {add_generation_prompt=false, enable_thinking=false,
+// strip_think=true, tokenize=false}) → the text the model's own template renders (ids when
+// tokenize), from the template found when the tokenizer was loaded (GGUF tokenizer.chat_template,
+// chat_template.jinja or tokenizer_config.json). Llama-3's bos is the tokenizer's own bos token.
+int m_apply_chat_template(lua_State * L) {
+    Args a(L);
+    TokenizerUd & ud = self_ud(L);
+    ChatFormatOptions o;
+    chat_options(a, o);
+    bool tokenize = a.opt_bool(0, "tokenize", false);
+    int idx = a.find(2, "messages");
+    a.finish();
+    std::vector<ChatMessage> msgs = messages_arg(L, idx);
+    if (!ud.chat_template)
+        bind_fail("%s: the tokenizer has no chat template (looked for GGUF tokenizer.chat_template, chat_template.jinja, "
+                  "tokenizer_config.json chat_template); use tokenizers.chat_format(messages, {template = ...}) with one of: %s",
+                  ud.source.empty() ? "this tokenizer" : ud.source.c_str(), chat_template_families());
+    ChatTemplate t = chat_template_parse(ud.chat_template->first, ud.chat_template->second);
+    if (ud.tk->bos_token_id() >= 0) t.bos_token = ud.tk->id_to_token(ud.tk->bos_token_id());
+    std::string s = chat_template_render(t, msgs, o);
+    if (tokenize) push_ids(L, ud.tk->encode(s, false));
+    else lua_pushlstring(L, s.data(), s.size());
+    return 1;
+}
+
 const BindFn methods[] = {
     {"encode", m_encode},           {"decode", m_decode},           {"vocab_size", m_vocab_size},
     {"token_to_id", m_token_to_id}, {"id_to_token", m_id_to_token}, {"token_bytes", m_token_bytes},
-    {"is_special", m_is_special},   {nullptr, nullptr},
+    {"is_special", m_is_special},   {"apply_chat_template", m_apply_chat_template},
+    {nullptr, nullptr},
 };
 
 // __index: methods first, then the read-only fields (special ids are nil when absent).
@@ -190,6 +265,15 @@ int tk_index(lua_State * L) {
     else if (!strcmp(k, "unk_token_id")) id = tk.unk_token_id();
     else if (!strcmp(k, "kind")) {
         lua_pushstring(L, tk.kind());
+        return 1;
+    } else if (!strcmp(k, "source")) {
+        if (ud->source.empty()) return 0;
+        lua_pushlstring(L, ud->source.data(), ud->source.size());
+        return 1;
+    } else if (!strcmp(k, "chat_template") || !strcmp(k, "chat_template_source")) {
+        if (!ud->chat_template) return 0;
+        const std::string & v = strcmp(k, "chat_template") ? ud->chat_template->second : ud->chat_template->first;
+        lua_pushlstring(L, v.data(), v.size());
         return 1;
     }
     if (id == -2 || id == -1) return 0;
@@ -211,7 +295,8 @@ int f_from_file(lua_State * L) {
     Args a(L);
     std::string path = string_arg(a, 1, "path");
     a.finish();
-    tokenizer_push(L, std::shared_ptr<Tokenizer>(tokenizer_load(path)));
+    std::shared_ptr<Tokenizer> tk(tokenizer_load(path));
+    tokenizer_push(L, std::move(tk), path, chat_template_find(path));
     return 1;
 }
 
@@ -221,7 +306,11 @@ int f_from_gguf(lua_State * L) {
     std::string path = string_arg(a, 1, "path");
     a.finish();
     GgufFile f = gguf_open(path);
-    tokenizer_push(L, std::shared_ptr<Tokenizer>(gguf_tokenizer(f, path)));
+    std::shared_ptr<Tokenizer> tk(gguf_tokenizer(f, path));
+    std::optional<std::pair<std::string, std::string>> tpl;
+    if (gguf_has(f, "tokenizer.chat_template"))
+        tpl = std::make_pair(gguf_get_string(f, "tokenizer.chat_template"), path + ": tokenizer.chat_template");
+    tokenizer_push(L, std::move(tk), path, std::move(tpl));
     return 1;
 }
 
@@ -230,7 +319,7 @@ int f_gpt2(lua_State * L) {
     Args a(L);
     std::string enc = string_arg(a, 1, "encoder_json"), bpe = string_arg(a, 2, "vocab_bpe");
     a.finish();
-    tokenizer_push(L, std::shared_ptr<Tokenizer>(BpeTokenizer::from_gpt2_files(enc, bpe)));
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(BpeTokenizer::from_gpt2_files(enc, bpe)), enc);
     return 1;
 }
 
@@ -238,7 +327,7 @@ int f_sentencepiece(lua_State * L) {
     Args a(L);
     std::string path = string_arg(a, 1, "model_path");
     a.finish();
-    tokenizer_push(L, std::shared_ptr<Tokenizer>(SentencePieceTokenizer::from_file(path)));
+    tokenizer_push(L, std::shared_ptr<Tokenizer>(SentencePieceTokenizer::from_file(path)), path, chat_template_find(path));
     return 1;
 }
 
@@ -291,51 +380,39 @@ int f_train_sentencepiece(lua_State * L) {
     return 1;
 }
 
-std::string field_string(lua_State * L, int tbl, const char * key, int i, bool required) {
-    lua_getfield(L, tbl, key);
-    int t = lua_type(L, -1);
-    std::string s;
-    if (t == LUA_TSTRING) {
-        size_t n;
-        const char * p = lua_tolstring(L, -1, &n);
-        s.assign(p, n);
-    } else if (t != LUA_TNIL || required)
-        bind_fail("messages[%d].%s: expected a string, got %s", i, key, luaL_typename(L, -1));
-    lua_pop(L, 1);
-    return s;
-}
-
-// tokenizers.chat_format(messages, {add_generation_prompt=false, enable_thinking=false,
-// strip_think=true}) → the Qwen3 chat text, as the seed's cache builder renders it
+// tokenizers.chat_format(messages, {template='qwen3', add_generation_prompt=false,
+// enable_thinking=false, strip_think=true, bos_token='<|begin_of_text|>'}) → the chat text.
+// template: a family name ('qwen3' as the seed's cache builder renders it, 'chatml', 'llama3')
+// or a Jinja template text whose family is recognised.
 int f_chat_format(lua_State * L) {
     Args a(L);
     ChatFormatOptions o;
-    o.add_generation_prompt = a.opt_bool(0, "add_generation_prompt", false);
-    o.enable_thinking = a.opt_bool(0, "enable_thinking", false);
-    o.strip_think = a.opt_bool(0, "strip_think", true);
+    chat_options(a, o);
+    std::string tpl = a.opt_string(0, "template", "qwen3");
+    std::string bos = a.opt_string(0, "bos_token", "");
     int idx = a.find(1, "messages");
     a.finish();
-    if (!idx || lua_type(L, idx) != LUA_TTABLE)
-        bind_fail("argument #1 (messages): expected a table of {role=, content=}, got %s", idx ? luaL_typename(L, idx) : "nothing");
-    std::vector<ChatMessage> msgs;
-    int n = int(lua_objlen(L, idx));
-    for (int i = 1; i <= n; i++) {
-        lua_rawgeti(L, idx, i);
-        int m = lua_gettop(L);
-        if (lua_type(L, m) != LUA_TTABLE) bind_fail("messages[%d]: expected a table {role=, content=}, got %s", i, luaL_typename(L, m));
-        ChatMessage cm;
-        cm.role = field_string(L, m, "role", i, true);
-        cm.content = field_string(L, m, "content", i, true);
-        lua_getfield(L, m, "reasoning_content");
-        bool has_reasoning = !lua_isnil(L, -1);
-        lua_pop(L, 1);
-        if (has_reasoning) cm.reasoning_content = field_string(L, m, "reasoning_content", i, true);
-        lua_pop(L, 1);
-        msgs.push_back(std::move(cm));
-    }
-    std::string s = chat_format_qwen3(msgs, o);
+    std::vector<ChatMessage> msgs = messages_arg(L, idx);
+    ChatTemplate t = chat_template_named(tpl);
+    if (!bos.empty()) t.bos_token = bos;
+    std::string s = chat_template_render(t, msgs, o);
     lua_pushlstring(L, s.data(), s.size());
     return 1;
+}
+
+// tokenizers.chat_family(template_text) → 'qwen3' | 'chatml' | 'llama3', or nil and the reason
+int f_chat_family(lua_State * L) {
+    Args a(L);
+    std::string text = string_arg(a, 1, "template");
+    a.finish();
+    try {
+        lua_pushstring(L, chat_template_parse(text, "template text").family.c_str());
+        return 1;
+    } catch (const std::runtime_error & e) {
+        lua_pushnil(L);
+        lua_pushstring(L, e.what());
+        return 2;
+    }
 }
 
 const BindFn functions[] = {
@@ -345,6 +422,7 @@ const BindFn functions[] = {
     {"sentencepiece", f_sentencepiece},
     {"train_sentencepiece", f_train_sentencepiece},
     {"chat_format", f_chat_format},
+    {"chat_family", f_chat_family},
     {nullptr, nullptr},
 };
 
@@ -356,6 +434,12 @@ Tokenizer & tokenizer_check(lua_State * L, int idx) {
     if (!ud) bind_fail("argument #%d: expected a Tokenizer, got %s", idx, luaL_typename(L, idx));
     if (!ud->alive) bind_fail("argument #%d: the tokenizer was freed", idx);
     return *ud->value.tk;
+}
+
+// The path a Tokenizer userdata was loaded from, "" when unknown (for KD cache meta).
+std::string tokenizer_source(lua_State * L, int idx) {
+    auto * ud = udata_test<TokenizerUd>(L, idx, TOKENIZER_MT);
+    return ud ? ud->source : std::string();
 }
 
 int luaopen_tokenizers(lua_State * L) {

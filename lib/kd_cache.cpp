@@ -6,6 +6,7 @@
 #include "lib/model.h"
 #include "lib/pt_reader.h"
 #include "lib/safetensors.h"
+#include "lib/tokenizer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -77,6 +78,23 @@ std::string ids_fingerprint(const at::Tensor & ids) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%016llx", (unsigned long long)h);
     return buf;
+}
+
+uint64_t fnv1a(uint64_t h, const void * data, size_t n) {
+    auto * p = static_cast<const uint8_t *>(data);
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+std::string hex64(uint64_t h) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%016llx", (unsigned long long)h);
+    return buf;
+}
+
+std::string json_str(const nlohmann::json & j, const char * key) {
+    auto it = j.find(key);
+    return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
 }
 
 std::string utc_now() {
@@ -175,6 +193,8 @@ CacheBuildResult cache_build(DecoderModel & teacher, const at::Tensor & ids_in, 
         expect("shard_size", o.shard_size);
         expect("seed", o.seed);
         expect("input_ids_fnv1a", fp);
+        if (m.contains("teacher_fingerprint") && m["teacher_fingerprint"].is_string())   // older caches lack it
+            expect("teacher_fingerprint", model_fingerprint(teacher));
         if (fs::exists(prog_path)) {
             nlohmann::json p = json_read(prog_path);
             next_shard = json_int(p, {"next_shard_id"}, prog_path.string(), true);
@@ -188,8 +208,18 @@ CacheBuildResult cache_build(DecoderModel & teacher, const at::Tensor & ids_in, 
             if (it != o.meta.end()) return it->second;
             return def ? nlohmann::json(def) : nlohmann::json();
         };
-        m["teacher_model"] = str("teacher_model", "");
+        const DecoderConfig & c = teacher.config();
+        m["teacher_model"] = str("teacher_model", nullptr);
+        if (m["teacher_model"].is_null())   // no name given: say what the teacher is
+            m["teacher_model"] = c.model_type + " (" + std::to_string(c.num_hidden_layers) + " layers, hidden " +
+                                 std::to_string(c.hidden_size) + ", vocab " + std::to_string(c.vocab_size) + ")";
+        m["teacher_fingerprint"] = model_fingerprint(teacher);
         m["tokenizer"] = str("tokenizer", "");
+        if (o.tokenizer) {
+            if (m["tokenizer"] == "") m["tokenizer"] = o.tokenizer_name.empty() ? std::string(o.tokenizer->kind()) : o.tokenizer_name;
+            m["tokenizer_vocab_size"] = o.tokenizer->vocab_size();
+            m["tokenizer_fingerprint"] = tokenizer_fingerprint(*o.tokenizer);
+        }
         m["dataset_name"] = str("dataset_name", "");
         m["dataset_config_name"] = str("dataset_config_name", nullptr);
         m["dataset_split"] = str("dataset_split", "train");
@@ -280,6 +310,35 @@ CacheBuildResult cache_build(DecoderModel & teacher, const at::Tensor & ids_in, 
     return res;
 }
 
+// -- fingerprints --------------------------------------------------------------------------------
+
+std::string model_fingerprint(DecoderModel & m) {
+    const DecoderConfig & c = m.config();
+    std::string arch = c.model_type + " " + std::to_string(c.vocab_size) + " " + std::to_string(c.hidden_size) + " " +
+                       std::to_string(c.intermediate_size) + " " + std::to_string(c.num_hidden_layers) + " " +
+                       std::to_string(c.num_attention_heads) + " " + std::to_string(c.num_key_value_heads) + " " +
+                       std::to_string(c.head_dim) + " " + std::to_string(c.rope_theta) + " " +
+                       std::to_string(int(c.tie_word_embeddings));
+    uint64_t h = fnv1a(1469598103934665603ull, arch.data(), arch.size());
+    // The first embedding rows, rounded to fp16 so a dtype or device change keeps the fingerprint.
+    at::Tensor w = m.lm_head_weight();
+    at::Tensor rows = w.detach().narrow(0, 0, std::min<int64_t>(4, w.size(0))).to(at::kCPU).to(at::kHalf).contiguous();
+    h = fnv1a(h, rows.data_ptr(), size_t(rows.numel()) * 2);
+    return c.model_type + " L" + std::to_string(c.num_hidden_layers) + " H" + std::to_string(c.hidden_size) + " V" +
+           std::to_string(c.vocab_size) + " fnv1a:" + hex64(h);
+}
+
+std::string tokenizer_fingerprint(const Tokenizer & tk) {
+    uint64_t h = 1469598103934665603ull;
+    const int64_t V = tk.vocab_size();
+    for (int64_t i = 0; i < V; i++) {
+        std::string b = tk.token_bytes(i);
+        uint8_t tag[2] = {uint8_t(tk.is_special(i)), 0};
+        h = fnv1a(fnv1a(h, b.data(), b.size()), tag, 2);
+    }
+    return "V" + std::to_string(V) + " fnv1a:" + hex64(h);
+}
+
 // -- meta and shards ---------------------------------------------------------------------------
 
 std::map<std::string, at::Tensor> cache_shard_load(const std::string & path, const CacheMeta & meta) {
@@ -349,6 +408,11 @@ CacheMeta cache_meta_load(const std::string & dir) {
     m.R = json_int(j, {"rand_neg", "random_negatives"}, mp.string(), false, 0);
     m.vocab_size = json_int(j, {"vocab_size"}, mp.string(), false, 0);
     m.num_sequences = json_int(j, {"num_sequences", "total_sequences"}, mp.string(), false, 0);
+    m.teacher_model = json_str(j, "teacher_model");
+    m.teacher_fingerprint = json_str(j, "teacher_fingerprint");
+    m.tokenizer = json_str(j, "tokenizer");
+    m.tokenizer_fingerprint = json_str(j, "tokenizer_fingerprint");
+    m.tokenizer_vocab_size = json_int(j, {"tokenizer_vocab_size"}, mp.string(), false, 0);
     if (m.L < 2 || m.K < 1 || m.R < 0) fail(mp.string(), "max_length >= 2, topk >= 1, rand_neg >= 0 expected");
     std::vector<std::string> st, pt;
     std::error_code ec;
@@ -367,6 +431,32 @@ CacheMeta cache_meta_load(const std::string & dir) {
         m.total_rows += m.shard_rows.back();
     }
     return m;
+}
+
+void cache_check_model(const CacheMeta & meta, const DecoderModel & m, const std::string & what) {
+    const int64_t v = m.config().vocab_size;
+    if (meta.vocab_size > 0 && meta.vocab_size != v)
+        fail((fs::path(meta.dir) / "meta.json").string(),
+             "vocab_size: the cache's teacher" + (meta.teacher_model.empty() ? "" : " (" + meta.teacher_model + ")") +
+                 " has " + std::to_string(meta.vocab_size) + " tokens, " + what + " has " + std::to_string(v));
+}
+
+void cache_check_tokenizer(const CacheMeta & meta, const Tokenizer & tk, const std::string & what) {
+    const std::string mp = (fs::path(meta.dir) / "meta.json").string();
+    const int64_t v = tk.vocab_size();
+    if (meta.tokenizer_vocab_size > 0 && meta.tokenizer_vocab_size != v)
+        fail(mp, "tokenizer_vocab_size: the cache was built with a tokenizer" +
+                     (meta.tokenizer.empty() ? "" : " (" + meta.tokenizer + ")") + " of " +
+                     std::to_string(meta.tokenizer_vocab_size) + " tokens, " + what + " has " + std::to_string(v));
+    if (meta.tokenizer_vocab_size == 0 && meta.vocab_size > 0 && v > meta.vocab_size)
+        fail(mp, "vocab_size: the cache's teacher has " + std::to_string(meta.vocab_size) + " tokens, " + what +
+                     " has " + std::to_string(v));
+    if (!meta.tokenizer_fingerprint.empty()) {
+        std::string fp = tokenizer_fingerprint(tk);
+        if (fp != meta.tokenizer_fingerprint)
+            fail(mp, "tokenizer_fingerprint: the cache was built with " + meta.tokenizer_fingerprint + ", " + what +
+                         " is " + fp + " (same size, other tokens)");
+    }
 }
 
 // -- reader ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@
 namespace qatlab {
 
 class DecoderModel;
+class Tokenizer;
 
 // -- builder ---------------------------------------------------------------------------------
 struct CacheBuildOptions {
@@ -36,6 +37,11 @@ struct CacheBuildOptions {
     // meta.json strings the seed records (teacher_model, tokenizer, dataset_name, dataset_format,
     // chat_thinking, ...); missing ones are written as null (or "" for strings the seed always has).
     std::map<std::string, std::string> meta;
+    // What the cache was built from, recorded in meta.json: teacher_model (meta's, else a summary
+    // of the teacher's config), teacher_fingerprint, and with a tokenizer: tokenizer (tokenizer_name,
+    // else its kind), tokenizer_vocab_size, tokenizer_fingerprint. Resume refuses another teacher.
+    const Tokenizer * tokenizer = nullptr;
+    std::string tokenizer_name;
     // Called after each shard: sequences done (cumulative), total, sequences/s of this run.
     std::function<void(int64_t, int64_t, double)> on_progress;
 };
@@ -60,10 +66,19 @@ CacheBuildResult cache_build(DecoderModel & teacher, const at::Tensor & ids, con
 // The generator seed of shard i (splitmix64 of seed and i).
 uint64_t cache_shard_seed(uint64_t seed, int64_t shard);
 
+// "<model_type> L<layers> H<hidden> V<vocab> fnv1a:<hash of the architecture and the first
+// embedding rows>": tells teachers apart (another checkpoint of one architecture too), cheaply.
+std::string model_fingerprint(DecoderModel & m);
+// "V<vocab size> fnv1a:<hash of every token's bytes and special flag, in id order>".
+std::string tokenizer_fingerprint(const Tokenizer & tk);
+
 // -- meta ------------------------------------------------------------------------------------
 struct CacheMeta {
     std::string dir;
     int64_t L = 0, K = 0, R = 0, vocab_size = 0, num_sequences = 0;
+    // What it was built from ("" / 0 when an older cache does not say).
+    std::string teacher_model, teacher_fingerprint, tokenizer, tokenizer_fingerprint;
+    int64_t tokenizer_vocab_size = 0;
     std::string json;                   // meta.json text
     std::vector<std::string> shards;    // sorted shard_*.safetensors, else sorted *.pt
     std::vector<int64_t> shard_rows;    // sequences per shard
@@ -72,6 +87,13 @@ struct CacheMeta {
 // Reads meta.json (max_length, topk, rand_neg; format qwen_kd_topk_cache_v1) and validates every
 // shard's tensor names, dtypes and shapes against it. Errors: "<file>: <tensor>: expected ..., got ...".
 CacheMeta cache_meta_load(const std::string & dir);
+
+// Refuse to read a cache with a model whose vocabulary size differs from the teacher's (meta.json
+// vocab_size), or with a tokenizer whose size or fingerprint differs from the one recorded:
+// "<dir>/meta.json: vocab_size: the cache's teacher has 49152 tokens, <what> has 151936". A
+// cache that records nothing passes.
+void cache_check_model(const CacheMeta & meta, const DecoderModel & m, const std::string & what = "the model");
+void cache_check_tokenizer(const CacheMeta & meta, const Tokenizer & tk, const std::string & what = "the tokenizer");
 
 // One shard's tensors: input_ids, attention_mask, topk_idx, topk_logits [, rand_idx, rand_logits],
 // CPU, views of a memory mapping. Validated against meta (rows = 0 when unknown).

@@ -1,5 +1,5 @@
 // model_generate: KV-cache decoding (prefill once, one token per step, independent samples from
-// one prefill as nanochat's engine) and the sliding-window perplexity of anemll §9.1.
+// one prefill as nanochat's engine, left-padded prompt batches) and the sliding-window perplexity of anemll §9.1.
 #include "lib/model.h"
 
 #include <ATen/ATen.h>
@@ -62,6 +62,29 @@ GenerateResult DecoderModel::generate(const at::Tensor & input_ids, const Genera
     if (o.top_p <= 0 || o.top_p > 1) throw std::runtime_error("generate: top_p must be in (0, 1]");
     if (o.repetition_penalty <= 0) throw std::runtime_error("generate: repetition_penalty must be > 0");
     const int64_t B = ids.size(0), P = ids.size(1), S = o.num_samples, R = B * S, V = cfg_.vocab_size;
+    // Left padding: positions and keys come from the mask (forward_cached), so a row's real tokens
+    // sit at RoPE positions 0.. and never attend to its padding, as the prompt alone would.
+    at::Tensor mask;
+    if (o.attention_mask.defined()) {
+        mask = o.attention_mask.dim() == 1 ? o.attention_mask.unsqueeze(0) : o.attention_mask;
+        if (mask.dim() != 2 || mask.size(0) != B || mask.size(1) != P)
+            throw std::runtime_error("generate: attention_mask: expected shape (" + std::to_string(B) + ", " +
+                                     std::to_string(P) + ") as input_ids");
+        mask = mask.to(at::kCPU).ne(0);
+        at::Tensor real = mask.sum(1);
+        for (int64_t b = 0; b < B; b++)
+            if (real[b].item<int64_t>() == 0)
+                throw std::runtime_error("generate: attention_mask: row " + std::to_string(b + 1) + " has no real token");
+        if (P > 1) {
+            at::Tensor bad = (mask.narrow(1, 0, P - 1).to(at::kInt) > mask.narrow(1, 1, P - 1).to(at::kInt)).any(1);
+            for (int64_t b = 0; b < B; b++)
+                if (bad[b].item<bool>())
+                    throw std::runtime_error("generate: attention_mask: row " + std::to_string(b + 1) +
+                                             " is not left-padded (expected zeros, then ones up to the last position)");
+        }
+        if (mask.all().item<bool>()) mask = at::Tensor();   // nothing padded: the plain causal path
+        else ids = ids.masked_fill(mask.to(ids.device()).logical_not(), 0);   // pad ids are never read
+    }
     if (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V)
         throw std::runtime_error("generate: input_ids out of range [0, " + std::to_string(V) + ")");
     GenerateResult res;
@@ -69,7 +92,7 @@ GenerateResult DecoderModel::generate(const at::Tensor & input_ids, const Genera
     auto t0 = std::chrono::steady_clock::now();
     // Prefill once per prompt, then replicate the cache: every sample row starts from it.
     KVCache cache = kvcache_init(B, P + std::max<int64_t>(o.max_new_tokens, 1));
-    at::Tensor logits = forward_cached(ids.to(device()), cache).select(1, P - 1).to(at::kFloat);   // (B, V)
+    at::Tensor logits = forward_cached(ids.to(device()), cache, mask).select(1, P - 1).to(at::kFloat);   // (B, V)
     if (S > 1) {
         for (auto & t : cache.k) t = t.repeat_interleave(S, 0);
         for (auto & t : cache.v) t = t.repeat_interleave(S, 0);
@@ -83,8 +106,9 @@ GenerateResult DecoderModel::generate(const at::Tensor & input_ids, const Genera
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
     at::Tensor seen;   // (R, V) bool: tokens in the prompt or generated, for the penalty
     if (o.repetition_penalty != 1.0) {
-        seen = at::zeros({R, V}, at::kBool);
-        seen.scatter_(1, ids.cpu().repeat_interleave(S, 0), true);
+        at::Tensor real = mask.defined() ? mask.to(at::kLong) : at::ones({B, P}, at::kLong);
+        at::Tensor count = at::zeros({B, V}, at::kLong).scatter_add_(1, ids.cpu(), real);   // padding adds 0
+        seen = count.gt(0).repeat_interleave(S, 0);
     }
     std::vector<bool> done(R, false);
     int64_t live = R;

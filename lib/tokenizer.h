@@ -173,4 +173,34 @@ struct ChatFormatOptions {
 // <think> block (empty when no reasoning is given).
 std::string chat_format_qwen3(const std::vector<ChatMessage> & messages, const ChatFormatOptions & opts = {});
 
+// A model's own chat template, recognised by family from distinctive markers in its Jinja text
+// and rendered in C++. Families: "qwen3" (the function above; thinking
+// modes and strip_think apply), "chatml" (<|im_start|>role\ncontent<|im_end|>\n, with the default
+// system message a template such as SmolLM2's inserts when the conversation has none), "llama3"
+// (bos, <|start_header_id|>role<|end_header_id|>\n\n trimmed content <|eot_id|>). chatml and
+// llama3 ignore enable_thinking and strip_think (their templates have no thinking block).
+struct ChatTemplate {
+    std::string family;                 // "qwen3", "chatml" or "llama3"
+    std::string source;                 // where the text came from, for errors
+    std::string text;                   // the Jinja text ("" when chosen by name)
+    bool has_default_system = false;    // chatml: insert default_system when messages[1] is not system
+    std::string default_system;
+    std::string bos_token = "<|begin_of_text|>";   // llama3: written before the first message
+};
+
+// The known family names, for error messages: "qwen3, chatml, llama3".
+const char * chat_template_families();
+// Recognises `text`; throws "<source>: chat template not recognised ..." naming the known families.
+ChatTemplate chat_template_parse(const std::string & text, const std::string & source);
+// A family by name ("qwen3", "chatml", "llama3"), else `name_or_text` parsed as template text.
+ChatTemplate chat_template_named(const std::string & name_or_text);
+// Renders as Hugging Face's apply_chat_template on the same template text (no tools).
+std::string chat_template_render(const ChatTemplate & t, const std::vector<ChatMessage> & messages,
+                                 const ChatFormatOptions & opts = {});
+// The template a tokenizer file or folder ships: <dir>/chat_template.jinja, else the
+// chat_template of <dir>/tokenizer_config.json (a string, or a list of {name, template} whose
+// "default" entry is taken); <dir> is the path itself or its parent. {text, source}, or
+// nullopt when there is none.
+std::optional<std::pair<std::string, std::string>> chat_template_find(const std::string & tokenizer_path);
+
 } // namespace qatlab
