@@ -302,12 +302,65 @@ int m_save_pretrained(lua_State * L) {
     return 0;
 }
 
+// model:generate{input_ids=, attention_mask=, pad_token_id=0, max_new_tokens=32, temperature=0,
+// top_k=0, top_p=1, repetition_penalty=1, stop=, seed=42, num_samples=1, on_token=fn(id, row)}
+// input_ids: (P) or (B, P) int64 (attention_mask (B, P): 0 marks left padding), or a Lua array of
+// id arrays of different lengths, left-padded here with pad_token_id. Each row generates as its
+// prompt alone would. Returns {[r] = the generated ids of row r (prompt b, sample s: r = (b-1)*S+s;
+// stop tokens kept, the prompt not repeated), new_tokens = all rows together, tokens_per_second,
+// prefill_seconds, decode_seconds}.
 int m_generate(lua_State * L) {
     DecoderModel & m = model_check(L, 1);
     if (!is_options_table(L, 2)) bind_fail("expected an options table: model:generate{input_ids = ..., ...}");
     Args a(L, 2);
-    at::Tensor ids = ids_arg(a, 0, "input_ids");
     GenerateOptions o;
+    at::Tensor ids;
+    int64_t pad = a.opt_integer(0, "pad_token_id", 0);
+    int ii = a.find(0, "input_ids");
+    bool ragged = false;
+    if (ii && lua_type(L, ii) == LUA_TTABLE) {
+        lua_rawgeti(L, ii, 1);
+        ragged = lua_type(L, -1) == LUA_TTABLE;
+        lua_pop(L, 1);
+    }
+    if (ragged) {
+        // A batch of prompts of different lengths: left-pad to the longest, mask the padding.
+        std::vector<std::vector<int64_t>> rows;
+        int64_t P = 0;
+        for (int b = 1, n = (int)lua_objlen(L, ii); b <= n; b++) {
+            lua_rawgeti(L, ii, b);
+            if (lua_type(L, -1) != LUA_TTABLE) bind_fail("input_ids[%d]: expected an array of token ids, got %s", b, luaL_typename(L, -1));
+            std::vector<int64_t> r;
+            for (int i = 1, k = (int)lua_objlen(L, -1); i <= k; i++) {
+                lua_rawgeti(L, -1, i);
+                if (lua_type(L, -1) != LUA_TNUMBER) bind_fail("input_ids[%d][%d]: expected a token id, got %s", b, i, luaL_typename(L, -1));
+                r.push_back((int64_t)lua_tonumber(L, -1));
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+            if (r.empty()) bind_fail("input_ids[%d]: empty prompt", b);
+            P = std::max<int64_t>(P, (int64_t)r.size());
+            rows.push_back(std::move(r));
+        }
+        if (a.find(0, "attention_mask")) bind_fail("option 'attention_mask': not allowed with an array of prompts (they are padded here)");
+        ids = at::full({(int64_t)rows.size(), P}, pad, at::kLong);
+        o.attention_mask = at::zeros({(int64_t)rows.size(), P}, at::kBool);
+        for (size_t b = 0; b < rows.size(); b++) {
+            int64_t off = P - (int64_t)rows[b].size();
+            ids[b].narrow(0, off, (int64_t)rows[b].size()).copy_(at::tensor(rows[b], at::kLong));
+            o.attention_mask[b].narrow(0, off, (int64_t)rows[b].size()).fill_(true);
+        }
+    } else {
+        ids = ids_arg(a, 0, "input_ids");
+        if (int mi = a.find(0, "attention_mask")) {
+            if (at::Tensor * t = tensor_test(L, mi)) {
+                if (!t->defined()) bind_fail("attention_mask: the tensor was freed");
+                o.attention_mask = *t;
+            } else {
+                o.attention_mask = ids_arg(a, 0, "attention_mask");
+            }
+        }
+    }
     o.max_new_tokens = a.opt_integer(0, "max_new_tokens", o.max_new_tokens);
     o.temperature = a.opt_number(0, "temperature", o.temperature);
     o.top_k = a.opt_integer(0, "top_k", o.top_k);

@@ -118,6 +118,9 @@ struct GenerateOptions {
     std::vector<int64_t> stop;            // stop token ids (the stop token is kept in the output)
     uint64_t seed = 42;
     int64_t num_samples = 1;              // independent samples per prompt row
+    // (B, P) 1/true = real token, 0 = padding on the left of a shorter prompt (undefined: all
+    // real). Each row then generates as its prompt alone would.
+    at::Tensor attention_mask;
     // Called per generated token (row, token); return false to stop every row.
     std::function<bool(int64_t, int64_t)> on_token;
 };
