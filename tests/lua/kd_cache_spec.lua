@@ -110,6 +110,70 @@ describe('kd cache', function()
     os.execute('rm -rf ' .. h.q(dir))
   end)
 
+  it('records the teacher and tokenizer, and refuses a model or tokenizer that differs', function()
+    local tokenizers = require 'tokenizers'
+    local json = require 'json'
+    local qwen = h.source_dir .. '/../shared/data/qwen3-tokenizer'
+    local present = io.open(qwen .. '/tokenizer.json')
+    local tk = present and tokenizers.from_file(qwen)
+    if present then present:close() end
+    local dir = tmpdir()
+    kd.build_cache{teacher = teacher, data = ids, K = 4, shard_size = 5, out = dir, tokenizer = tk or nil}
+    local meta = kd.open_cache(dir, {model = teacher, device = 'cpu'}):meta()
+    assert.are.equal('qwen3 (2 layers, hidden 32, vocab 97)', meta.teacher_model)
+    assert.is_truthy(meta.teacher_fingerprint:find('^qwen3 L2 H32 V97 fnv1a:%x+$'), meta.teacher_fingerprint)
+    if tk then
+      assert.are.equal(qwen, meta.tokenizer)
+      assert.are.equal(151669, meta.tokenizer_vocab_size)
+      assert.is_truthy(meta.tokenizer_fingerprint:find('^V151669 fnv1a:%x+$'))
+      kd.open_cache(dir, {tokenizer = tk, device = 'cpu'}):close()
+      local gpt2 = h.source_dir .. '/../shared/data/gpt2-bpe'
+      local other = tokenizers.gpt2(gpt2 .. '/encoder.json', gpt2 .. '/vocab.bpe')
+      local ok, err = pcall(kd.open_cache, dir, {tokenizer = other})
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find('of 151669 tokens, option \'tokenizer\' has 50257', 1, true), tostring(err))
+    end
+    -- a student with another vocabulary: both sizes named, on open and on reader:check
+    torch.manual_seed(0)
+    local other = nn.from_config({model_type = 'qwen3', vocab_size = 101, hidden_size = 32, intermediate_size = 48,
+                                  num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2, head_dim = 16})
+    local ok, err = pcall(kd.open_cache, dir, {model = other})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find(dir .. '/meta.json: vocab_size: the cache\'s teacher (qwen3 (2 layers, hidden 32, vocab 97)) has 97 tokens, option \'model\' has 101', 1, true), tostring(err))
+    local r = kd.open_cache(dir, {device = 'cpu'})
+    r:check{model = teacher}
+    ok, err = pcall(r.check, r, {model = other})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find('has 97 tokens', 1, true), tostring(err))
+    r:close()
+    -- resume with another teacher of the same shape is refused by its fingerprint
+    torch.manual_seed(5)
+    local t2 = nn.from_config({model_type = 'qwen3', vocab_size = 97, hidden_size = 32, intermediate_size = 48,
+                               num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, head_dim = 16,
+                               tie_word_embeddings = true, initializer_range = 0.5})
+    ok, err = pcall(kd.build_cache, {teacher = t2, data = ids, K = 4, shard_size = 5, out = dir})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find('teacher_fingerprint', 1, true), tostring(err))
+    -- an older cache without the fields still loads, and the checks it cannot make pass
+    local f = assert(io.open(dir .. '/meta.json'))
+    local m = json.decode(f:read('*a'))
+    f:close()
+    for _, k in ipairs{'teacher_fingerprint', 'tokenizer_vocab_size', 'tokenizer_fingerprint'} do m[k] = nil end
+    m.teacher_model, m.tokenizer = '', ''
+    f = assert(io.open(dir .. '/meta.json', 'w'))
+    f:write(json.encode(m))
+    f:close()
+    r = kd.open_cache(dir, {model = teacher, device = 'cpu'})
+    assert.is_truthy(r:next())
+    r:close()
+    if tk then   -- without the tokenizer's record, a tokenizer larger than the teacher's vocabulary is refused
+      ok, err = pcall(kd.open_cache, dir, {tokenizer = tk})
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find("teacher has 97 tokens, option 'tokenizer' has 151669", 1, true), tostring(err))
+    end
+    os.execute('rm -rf ' .. h.q(dir))
+  end)
+
   it('names the file on errors', function()
     local ok, err = pcall(kd.open_cache, tmpdir())
     assert.is_false(ok)
