@@ -13,6 +13,7 @@
 #include <iostream>
 #include <unistd.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <time.h>
 
 namespace qatlab {
@@ -148,49 +149,65 @@ static lua_State * g_signal_L = nullptr;
 static volatile sig_atomic_t g_interrupt_pending = 0;
 
 // Ctrl-C sets a hook that raises a Lua error at the next call, return or instruction count.
-// Compiled (JIT) loops that call nothing never run hooks, nor does a blocking read: a watchdog
-// checks each second and, when the hook has not fired and no bound C++ call is running (which
-// runs hooks when it returns), exits 130 with a message instead of leaving the script deaf.
+// Compiled (JIT) loops that call nothing never run hooks: a watchdog counting the process's CPU
+// time (not wall time, so a loaded machine that leaves the process waiting cannot trip it) fires
+// after 1 s of CPU and, when the hook has not fired and no bound C++ call is running (which runs
+// the hook when it returns), exits 130 with a message instead of leaving the script deaf.
+// SIGINT does not restart system calls, so a blocking read returns and the hook then runs.
+static void watchdog_set(int seconds) {
+    struct itimerval t = {};
+    t.it_value.tv_sec = seconds;
+    setitimer(ITIMER_PROF, &t, nullptr);
+}
+
 static void interrupt_hook(lua_State * L, lua_Debug *) {
     lua_sethook(L, nullptr, 0, 0);
     g_interrupt_pending = 0;
-    alarm(0);
+    watchdog_set(0);
     luaL_error(L, "interrupted (Ctrl-C)");
 }
 
 static void interrupt_watchdog(int) {
     if (!g_interrupt_pending) return;
     if (bind_call_depth() > 0) {   // a long C++ call: its return will run the hook
-        alarm(1);
+        watchdog_set(1);
         return;
     }
-    static const char msg[] = "qatlab: interrupted (Ctrl-C) while the script ran a compiled Lua loop or a "
-                              "blocking read; exiting without a traceback\n";
+    static const char msg[] = "qatlab: interrupted (Ctrl-C) while the script ran a compiled Lua loop that calls "
+                              "nothing (1 s of CPU without a point where Lua can stop); exiting without a traceback\n";
     ssize_t n = write(2, msg, sizeof(msg) - 1);
     (void)n;
     _exit(130);
 }
 
+static void signal_set(int sig, void (*handler)(int)) {
+    struct sigaction sa = {};
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;   // no SA_RESTART: a blocking read is interrupted
+    sigaction(sig, &sa, nullptr);
+}
+
 static void interrupt_signal(int sig) {
-    signal(sig, SIG_DFL);  // a second Ctrl-C kills the process
+    signal_set(sig, SIG_DFL);  // a second Ctrl-C kills the process
     if (!g_signal_L) return;
     g_interrupt_pending = 1;
     lua_sethook(g_signal_L, interrupt_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
-    signal(SIGALRM, interrupt_watchdog);
-    alarm(1);
+    signal_set(SIGPROF, interrupt_watchdog);
+    watchdog_set(1);
 }
 
 // Ctrl-C raises a Lua error in L from now on (run: the whole script; repl: each evaluation).
 static void interrupt_arm(lua_State * L) {
     g_signal_L = L;
     g_interrupt_pending = 0;
-    signal(SIGINT, interrupt_signal);
+    signal_set(SIGINT, interrupt_signal);
 }
 
 // Back to the default (Ctrl-C ends the process), with no hook or watchdog left pending.
 static void interrupt_disarm() {
-    signal(SIGINT, SIG_DFL);
-    alarm(0);
+    signal_set(SIGINT, SIG_DFL);
+    watchdog_set(0);
     g_interrupt_pending = 0;
     if (g_signal_L) lua_sethook(g_signal_L, nullptr, 0, 0);
     g_signal_L = nullptr;

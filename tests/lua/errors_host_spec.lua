@@ -202,6 +202,8 @@ sigint_case('sigint', 'local torch = require "torch" ' .. READY .. 'while true d
 sigint_case('sigint_jit', READY .. 'local x = 0 while true do x = x + 1 end', 'sleep 0.3; ')
 sigint_case('sigint_jit_cb', 'local torch = require "torch" torch.no_grad(function() ' .. READY
   .. 'local x = 0 while true do x = x + 1 end end)', 'sleep 0.3; ')
+-- a blocking read (a pipe that stays silent): Ctrl-C interrupts the read, then the script
+sigint_case('sigint_read', READY .. 'local p = io.popen("sleep 20") local s = p:read("*a") print("read", s)')
 -- The REPL: Ctrl-C interrupts the evaluation, the prompt goes on and the next line runs.
 B.add('sigint_repl', ([[
 mkfifo %s
@@ -370,6 +372,10 @@ describe('a hostile script is never a crash', function()
     interrupted('sigint_jit', 130, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop')
     -- inside torch.no_grad(fn): the bound call waits on Lua, so the VM counts as running Lua
     interrupted('sigint_jit_cb', 130, 'interrupted (Ctrl-C) while the script ran a compiled Lua loop')
+  end)
+
+  it('Ctrl-C during a blocking read interrupts the read and stops the script with exit 1', function()
+    interrupted('sigint_read', 1, 'interrupted (Ctrl-C)')
   end)
 
   it('Ctrl-C in the REPL interrupts the evaluation and the prompt goes on', function()
