@@ -1,10 +1,12 @@
 -- pretrained_chat_ppl: loads a real pretrained model (a Hugging Face directory, or the
--- SmolLM2-135M-Instruct GGUF fetched by scripts/fetch_smollm2.sh), chats from a prompt with the
--- KV-cache generator, and measures perplexity and bits per byte on a text file; with --out, the
--- answer and the numbers also go to results.json.
+-- SmolLM2-135M-Instruct GGUF fetched by scripts/fetch_smollm2.sh), chats from a prompt in the
+-- model's own chat template with the KV-cache generator (more prompts, given, run as one padded
+-- batch), and measures perplexity and bits per byte on a text file; with --out, the answers and
+-- the numbers also go to results.json.
 --
 --   qatlab run experiments/pretrained_chat_ppl.lua [--set prompt='...'] [--set dir=HF_DIR]
---          [--set text=FILE] [--set max_tokens=4096] [--device cuda --set dtype=bfloat16]
+--          [--set more_prompts='Q1|Q2'] [--set template=chatml] [--set text=FILE]
+--          [--set max_tokens=4096] [--device cuda --set dtype=bfloat16]
 local torch = require 'torch'
 local nn = require 'nn'
 local gguf = require 'gguf'
@@ -19,7 +21,10 @@ local cfg = config.merge({
   gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
   dir = '',             -- a Hugging Face model directory; used instead of gguf when set
   prompt = 'What is the capital of France? Answer in one sentence.',
-  system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face',
+  system = '',          -- '': none given (a template may add its own default, as SmolLM2's does)
+  more_prompts = '',    -- further prompts separated by '|', answered in the same padded batch
+  template = '',        -- '': the model's own chat template; else qwen3, chatml or llama3
+  enable_thinking = false,   -- Qwen3 templates: the thinking mode
   max_new_tokens = 64,
   temperature = 0.0,    -- 0: greedy
   top_p = 1.0,
@@ -53,30 +58,52 @@ log.info(('loaded %s: %.1fM parameters, %s on %s in %.2f s'):format(
   cfg.dir ~= '' and cfg.dir or cfg.gguf, model:num_parameters() / 1e6, cfg.dtype, qatlab.device,
   qatlab.time() - t0))
 
--- chat (ChatML, the format of SmolLM2-Instruct and Qwen) -----------------------------------
-local prompt = ('<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n')
-  :format(cfg.system, cfg.prompt)
-local ids = tk:encode(prompt)
-local stop = {}
-for _, s in ipairs({'<|im_end|>', '<|endoftext|>'}) do
+-- chat in the model's own template --------------------------------------------------------
+local function render(question)
+  local msgs = {}
+  if cfg.system ~= '' then msgs[1] = {role = 'system', content = cfg.system} end
+  msgs[#msgs + 1] = {role = 'user', content = question}
+  local o = {add_generation_prompt = true, enable_thinking = cfg.enable_thinking}
+  if cfg.template ~= '' then
+    o.template = cfg.template
+    if tk.bos_token_id then o.bos_token = tk:id_to_token(tk.bos_token_id) end
+    return tk:encode(tokenizers.chat_format(msgs, o))
+  end
+  return tk:apply_chat_template(msgs, {add_generation_prompt = true, enable_thinking = cfg.enable_thinking,
+                                       tokenize = true})
+end
+log.info(('chat template: %s'):format(cfg.template ~= '' and cfg.template or
+  (tk.chat_template and (tokenizers.chat_family(tk.chat_template) or '?') .. ' from ' .. tk.chat_template_source
+   or 'none shipped (pass --set template=chatml|qwen3|llama3)')))
+local questions = {cfg.prompt}
+for q in cfg.more_prompts:gmatch('[^|]+') do questions[#questions + 1] = q end
+local prompts = {}
+for i, q in ipairs(questions) do prompts[i] = render(q) end
+local stop = {tk.eos_token_id}
+for _, s in ipairs({'<|im_end|>', '<|endoftext|>', '<|eot_id|>'}) do
   local id = tk:token_to_id(s)
   if id and id >= 0 then stop[#stop + 1] = id end
 end
 io.write('\n', cfg.prompt, '\n> ')
-local produced = {}
-local out = model:generate{
-  input_ids = torch.tensor({ids}, {dtype = 'int64'}), max_new_tokens = cfg.max_new_tokens,
+local out = model:generate{   -- one padded batch; row 1 streams
+  input_ids = prompts, pad_token_id = tk.pad_token_id or tk.eos_token_id or 0, max_new_tokens = cfg.max_new_tokens,
   temperature = cfg.temperature, top_p = cfg.top_p, seed = cfg.seed, stop = stop,
-  on_token = function(id)
-    produced[#produced + 1] = id
-    io.write(tk:decode({id}, {skip_special_tokens = true}))
-    io.flush()
+  on_token = function(id, row)
+    if row == 1 then
+      io.write(tk:decode({id}, {skip_special_tokens = true}))
+      io.flush()
+    end
   end,
 }
 io.write('\n\n')
+local answers = {}
+for i, q in ipairs(questions) do
+  answers[i] = tk:decode(out[i], {skip_special_tokens = true})
+  if i > 1 then io.write(q, '\n> ', answers[i], '\n\n') end
+end
 io.flush()
-log.info(('generated %d tokens, %.1f tokens/s (prefill %.3f s)'):format(
-  out.new_tokens, out.tokens_per_second, out.prefill_seconds))
+log.info(('generated %d tokens for %d prompt(s), %.1f tokens/s (prefill %.3f s)'):format(
+  out.new_tokens, #questions, out.tokens_per_second, out.prefill_seconds))
 
 -- perplexity -----------------------------------------------------------------------------------
 local f = assert(io.open(cfg.text, 'rb'))
@@ -94,7 +121,7 @@ log.info(('perplexity %.3f, bits/byte %.4f on %d tokens (%d bytes) of %s, window
   r.ppl, r.bpb, r.tokens, bytes, cfg.text, cfg.max_length, cfg.stride, qatlab.time() - t0))
 if qatlab.out then
   local res = {model = cfg.dir ~= '' and cfg.dir or cfg.gguf, prompt = cfg.prompt,
-               answer = tk:decode(produced, {skip_special_tokens = true}), new_tokens = out.new_tokens,
+               answer = answers[1], prompts = questions, answers = answers, new_tokens = out.new_tokens,
                tokens_per_second = out.tokens_per_second, ppl = r.ppl, bpb = r.bpb, tokens = r.tokens,
                bytes = bytes, text = cfg.text, max_length = cfg.max_length, stride = cfg.stride}
   local path = qatlab.out .. '/results.json'
