@@ -174,6 +174,20 @@ describe('tokenizers.chat_format', function()
     assert.is_truthy(errmsg(tokenizers.chat_format, {{role = 'user'}}):find('messages[1].content', 1, true))
     assert.is_truthy(errmsg(tokenizers.chat_format, {{role = 'narrator', content = 'x'}}):find("found 'narrator'", 1, true))
     assert.is_truthy(errmsg(tokenizers.chat_format, conv, {thinking = true}):find("unknown option 'thinking'", 1, true))
+    assert.is_truthy(errmsg(tokenizers.chat_format, conv, {template = 'mistral'}):find('known families', 1, true))
+  end)
+
+  it('renders other families by name (chat_template_spec checks them against transformers)', function()
+    assert.are.equal('<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n',
+                     tokenizers.chat_format(conv, {template = 'chatml', enable_thinking = true}))
+    assert.is_truthy(tokenizers.chat_format(conv, {template = 'llama3'}):find('^<|begin_of_text|><|start_header_id|>user'))
+  end)
+
+  it('keeps the template a tokenizer ships', function()
+    assert.are.equal('qwen3', tokenizers.chat_family(q().chat_template))
+    assert.are.equal(qwen_dir, q().source)
+    assert.are.equal(tokenizers.chat_format(conv, {enable_thinking = true}),
+                     q():apply_chat_template(conv, {enable_thinking = true}))
   end)
 end)
 
