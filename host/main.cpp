@@ -9,6 +9,7 @@
 #include <luajit.h>
 #include "lib/logging.h"
 #include <torch/version.h>
+#include <dlfcn.h>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -65,6 +66,13 @@ int print_version() {
     std::cout << "qatlab " << QATLAB_VERSION << "\n";
     std::cout << "LibTorch " << TORCH_VERSION << "\n";
     std::cout << LUAJIT_VERSION << "\n";
+    // The allocator that really runs: mimalloc exports mi_version when it is loaded.
+    if (auto mi_version = (int (*)())dlsym(RTLD_DEFAULT, "mi_version")) {
+        int v = mi_version();
+        std::cout << "allocator: mimalloc " << v / 100 << "." << (v / 10) % 10 << "." << v % 10 << "\n";
+    } else {
+        std::cout << "allocator: glibc malloc\n";
+    }
     int n = at::detail::getCUDAHooks().getNumGPUs();
     std::cout << "CUDA devices: " << n << "\n";
 #ifdef QATLAB_WITH_CUDA

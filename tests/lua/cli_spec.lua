@@ -189,8 +189,21 @@ describe('qatlab version', function()
     -- the LibTorch of the build (the test Python's torch may differ, e.g. a CUDA build's check)
     assert.are.equal('LibTorch ' .. (os.getenv('QATLAB_TORCH_VERSION') or p.version), l[2])
     assert.truthy(l[3]:match('^LuaJIT 2%.%d'), l[3])
-    assert.are.equal('CUDA devices: ' .. p.cuda, l[4])
+    assert.truthy(l[4]:match('^allocator: '), l[4])
+    assert.are.equal('CUDA devices: ' .. p.cuda, l[5])
     assert.are.equal('', r.err)
+  end)
+
+  it('runs on mimalloc whenever libmimalloc-dev was there to build with (a dropped link is an error)', function()
+    local rc = h.sh('dpkg-query -W -f=\'${Status}\' libmimalloc-dev 2>/dev/null | grep -q "install ok installed"')
+    local l = lines(B.get('version').out)
+    if rc == 0 then
+      assert.truthy(l[4]:match('^allocator: mimalloc %d'), l[4])
+      local elf = select(2, h.sh('readelf -d ' .. h.q(h.bin)))
+      assert.truthy(elf:find('libmimalloc', 1, true), 'build/qatlab does not list libmimalloc as NEEDED')
+    else
+      assert.are.equal('allocator: glibc malloc', l[4])
+    end
   end)
 
   it('rejects extra arguments with exit 2', function()
