@@ -341,3 +341,29 @@ TEST(KdCache, ErrorsNameTheFile) {
     e = error_of([&] { CacheReader r(d.dir(), ro); });
     EXPECT_NE(e.find("shard_00001.safetensors"), std::string::npos) << e;
 }
+
+TEST(KdCache, MetaRecordsTeacherAndRefusesOtherVocabulary) {
+    TestTempDir t{"qatlab_kdmeta_"};
+    auto teacher = tiny_teacher();
+    CacheBuildOptions o = opts_for(t.path("c"));
+    ASSERT_TRUE(cache_build(*teacher, tiny_ids(6, 5), o).done);
+    CacheMeta m = cache_meta_load(t.path("c"));
+    EXPECT_EQ(m.teacher_model, "qwen3 (2 layers, hidden 32, vocab 97)");
+    EXPECT_EQ(m.teacher_fingerprint, model_fingerprint(*teacher));
+    EXPECT_EQ(m.teacher_fingerprint.rfind("qwen3 L2 H32 V97 fnv1a:", 0), 0u) << m.teacher_fingerprint;
+    EXPECT_NE(model_fingerprint(*tiny_teacher(1)), m.teacher_fingerprint);   // same shape, other weights
+    cache_check_model(m, *teacher);
+    nlohmann::json j = {{"model_type", "qwen3"},   {"vocab_size", 101},       {"hidden_size", 32},
+                        {"intermediate_size", 48}, {"num_hidden_layers", 1},  {"num_attention_heads", 4},
+                        {"num_key_value_heads", 2}, {"head_dim", 16}};
+    DecoderModel other(decoder_config_parse(j.dump(), "test:other"));
+    std::string e = error_of([&] { cache_check_model(m, other, "the student"); });
+    EXPECT_NE(e.find("meta.json: vocab_size: the cache's teacher (qwen3 (2 layers, hidden 32, vocab 97)) has 97 tokens, "
+                     "the student has 101"),
+              std::string::npos) << e;
+    // Resume with another teacher of the same shape: refused by the fingerprint.
+    e = error_of([&] { cache_build(*tiny_teacher(1), tiny_ids(6, 5), o); });
+    EXPECT_NE(e.find("teacher_fingerprint"), std::string::npos) << e;
+    m.vocab_size = 0;   // an older cache that records nothing: every check passes
+    cache_check_model(m, other);
+}

@@ -761,3 +761,45 @@ json.dump(out, open(sys.argv[3], 'w', encoding='utf-8'))
             }
     }
 }
+
+TEST(ChatTemplate, FamiliesFromMarkers) {
+    // ChatML with a default system message (the shape of SmolLM2's template, our own words).
+    const std::string chatml = "{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                               "{{ '<|im_start|>system\\nBe kind.\\tOK<|im_end|>\\n' }}{% endif %}"
+                               "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}";
+    ChatTemplate t = chat_template_parse(chatml, "test");
+    EXPECT_EQ(t.family, "chatml");
+    ASSERT_TRUE(t.has_default_system);
+    EXPECT_EQ(t.default_system, "Be kind.\tOK");
+    std::vector<ChatMessage> m = {{"user", "Hi", {}}, {"assistant", "Yo", {}}};
+    ChatFormatOptions gen;
+    gen.add_generation_prompt = true;
+    EXPECT_EQ(chat_template_render(t, m, gen), "<|im_start|>system\nBe kind.\tOK<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                               "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>assistant\n");
+    std::vector<ChatMessage> sys = {{"system", "S", {}}, {"user", "Hi", {}}};
+    EXPECT_EQ(chat_template_render(t, sys), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    EXPECT_EQ(chat_template_render(t, {}), "");
+    // Llama-3: content trimmed of Python whitespace (U+3000 and U+0085 included), bos once.
+    ChatTemplate l = chat_template_named("llama3");
+    std::vector<ChatMessage> lm = {{"user", "\u3000 a b\n\u0085", {}}, {"assistant", "c", {}}};
+    EXPECT_EQ(chat_template_render(l, lm), "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\na b<|eot_id|>"
+                                           "<|start_header_id|>assistant<|end_header_id|>\n\nc<|eot_id|>");
+    // Qwen3 by name is the seed's renderer.
+    EXPECT_EQ(chat_template_render(chat_template_named("qwen3"), m, gen), chat_format_qwen3(m, gen));
+    std::string cfg = file_read(qwen_dir() + "/tokenizer_config.json");
+    EXPECT_EQ(chat_template_parse(json::parse(cfg)["chat_template"].get<std::string>(), "q").family, "qwen3");
+    // Unknown: the source and the known families are named.
+    try {
+        chat_template_parse("{{ messages }}", "some/dir/tokenizer_config.json: chat_template");
+        FAIL() << "expected an error";
+    } catch (const std::runtime_error & e) {
+        std::string w = e.what();
+        EXPECT_NE(w.find("some/dir/tokenizer_config.json: chat_template: chat template not recognised"), std::string::npos) << w;
+        EXPECT_NE(w.find("qwen3, chatml, llama3"), std::string::npos) << w;
+    }
+    EXPECT_THROW(chat_template_parse("<|start_header_id|><|end_header_id|><|eot_id|> Cutting Knowledge Date", "x"),
+                 std::runtime_error);
+    auto found = chat_template_find(qwen_dir());
+    ASSERT_TRUE(found.has_value());
+    EXPECT_EQ(found->second, qwen_dir() + "/tokenizer_config.json: chat_template");
+}
