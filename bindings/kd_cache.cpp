@@ -241,6 +241,13 @@ const BindFn cache_functions[] = {
 
 } // namespace
 
+// For kd.cpp: when the value at `idx` is a KD cache reader, refuse a model whose vocabulary size
+// differs from the cache's teacher (no-op for other values: arrays of batches, iterators).
+void kd_cache_check_reader(lua_State * L, int idx, const DecoderModel & m) {
+    auto * ud = udata_test<ReaderUd>(L, idx, KD_READER_MT);
+    if (ud && ud->r) cache_check_model(ud->r->meta(), m, "the model");
+}
+
 void kd_open_cache(lua_State * L, int t) {
     t = t < 0 ? lua_gettop(L) + t + 1 : t;
     udata_open_metatable<ReaderUd>(L, KD_READER_MT, "KdCacheReader", reader_methods, reader_tostring);
