@@ -88,16 +88,22 @@ double werr(const at::Tensor & W, const at::Tensor & S, const at::Tensor & lut, 
 
 // Least squares per row: a_o = argmin Σ_i w_oi (a·b_i - t_oi)², given wt = w ⊙ t; w, wt (n, in),
 // B (r, in) → (n, r). Normal equations per row, a tiny ridge keeps empty rows solvable; the
-// Gram matrices are built in row chunks so memory stays near 64 MB whatever the rank.
+// Gram matrices come from one GEMM, or row chunks when r² · in is large (memory near 64 MB).
 at::Tensor ls_rows(const at::Tensor & w, const at::Tensor & wt, const at::Tensor & B) {
     const int64_t n = w.size(0), r = B.size(0), in = B.size(1);
-    at::Tensor G = at::empty({n, r, r}, w.options());
-    const int64_t c = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, r * in));
+    at::Tensor G;
     at::Tensor Bt = B.t().contiguous();   // (in, r)
-    for (int64_t s = 0; s < n; s += c) {
-        int64_t k = std::min(c, n - s);
-        at::Tensor wb = (B.unsqueeze(0) * w.narrow(0, s, k).unsqueeze(1)).reshape({k * r, in});   // (k·r, in)
-        G.narrow(0, s, k).copy_(at::matmul(wb, Bt).view({k, r, r}));
+    if (r * r * in <= (int64_t(1) << 24)) {   // one GEMM: G = w (b_i b_i^T)_i, (n, in) @ (in, r²)
+        at::Tensor BB = (Bt.unsqueeze(2) * Bt.unsqueeze(1)).reshape({in, r * r});
+        G = at::matmul(w, BB).view({n, r, r});
+    } else {
+        G = at::empty({n, r, r}, w.options());
+        const int64_t c = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, r * in));
+        for (int64_t s = 0; s < n; s += c) {
+            int64_t k = std::min(c, n - s);
+            at::Tensor wb = (B.unsqueeze(0) * w.narrow(0, s, k).unsqueeze(1)).reshape({k * r, in});   // (k·r, in)
+            G.narrow(0, s, k).copy_(at::matmul(wb, Bt).view({k, r, r}));
+        }
     }
     at::Tensor rhs = at::matmul(wt, Bt);                                   // (n, r)
     at::Tensor lam = G.diagonal(0, 1, 2).mean(1, true).clamp_min(1e-20) * 1e-6;   // (n, 1)
