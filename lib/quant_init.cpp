@@ -233,8 +233,8 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
         A = ls_rows(w, wt, B);
         B = ls_rows(w.t().contiguous(), wt.t().contiguous(), A.t().contiguous()).t().contiguous();
         S = floor_abs(at::matmul(A, B), 1e-4);
-        idx = nearest_sorted(W / S, lut);                              // Q given the scales
-        if (rc.kmeans) lut_step();
+        if (rc.kmeans) lut_step();                                     // LUT, then Q given both
+        else idx = nearest_sorted(W / S, lut);                         // Q given the scales
         double e = werr(W, S, lut, idx, dd);
         if (!(e < best)) break;                                        // no progress (or NaN): keep the best
         best = e, bA = A, bB = B, bl = lut;
