@@ -13,6 +13,8 @@ namespace qatlab {
 
 void kd_open_cache(lua_State * L, int t);   // bindings/kd_cache.cpp
 
+void kd_cache_check_reader(lua_State * L, int idx, const DecoderModel & m);   // bindings/kd_cache.cpp
+
 namespace {
 
 // batch table at stack index idx: {input_ids=, attention_mask=, topk_idx=, topk_logits=, rand_idx=, rand_logits=}
@@ -158,6 +160,7 @@ int kd_evaluate_l(lua_State * L) {
     if (!reader && lua_type(L, src) != LUA_TTABLE && lua_type(L, src) != LUA_TFUNCTION)
         bind_fail("argument #2: expected an array of batches, an iterator function or a cache reader, got %s",
                   luaL_typename(L, src));
+    if (reader) kd_cache_check_reader(L, src, m);   // a cache of another vocabulary is an error
     Args a(L, 3);
     if (a.npos() > 0) bind_fail("argument #3: expected an options table {n=, T=}");
     int64_t n = a.opt_integer(0, "n", 40);
