@@ -567,6 +567,7 @@ int q_preset(lua_State * L) {
 
 // quant.layers(model) -> array of {name=, kind='v2'|'v1', lut_size=, rank=, baked=, forward=, ste_fp16=,
 //                                  bits_per_weight=, group_size=, include_zero=} (V2; V1: name, kind, lut_size, rank)
+// Lua layers with a quant_info(self) method are listed with what it returns (kind 'lua' by default).
 int q_layers(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     auto v2 = quant_v2_layers(m);
@@ -608,6 +609,28 @@ int q_layers(lua_State * L) {
         lua_pushnumber(L, (lua_Number)(l->scale_A.defined() ? l->scale_A.size(1) : 0));
         lua_setfield(L, -2, "rank");
         lua_rawseti(L, -2, i++);
+    }
+    // Lua layers that say they are quantizers: quant_info(self) -> {lut_size=, rank=, bits_per_weight=, ...}
+    const int out = lua_gettop(L);
+    for (auto & n : m.linear_names()) {
+        if (!lua_linear_push(L, m.get_linear(n))) continue;
+        lua_getfield(L, -1, "quant_info");
+        if (!lua_isfunction(L, -1)) {
+            lua_settop(L, out);
+            continue;
+        }
+        lua_insert(L, -2);
+        bind_callback(L, 1, 1, "quant_info of Lua layer " + n);
+        if (!lua_istable(L, -1)) bind_fail("quant_info of Lua layer %s: expected a table, got %s", n.c_str(), luaL_typename(L, -1));
+        lua_pushstring(L, n.c_str());
+        lua_setfield(L, -2, "name");
+        lua_getfield(L, -1, "kind");
+        if (lua_isnil(L, -1)) {
+            lua_pushliteral(L, "lua");
+            lua_setfield(L, -3, "kind");
+        }
+        lua_pop(L, 1);
+        lua_rawseti(L, out, i++);
     }
     return 1;
 }

@@ -238,15 +238,21 @@ void quant_export_hf(DecoderModel & m, const std::string & dir, std::optional<at
     at::NoGradGuard ng;
     at::ScalarType dt = dtype.value_or(m.dtype());
     std::set<std::string> qnames = quant_layer_names(m), emitted;
+    auto ln = m.linear_names();
+    std::set<std::string> linears(ln.begin(), ln.end());
     NamedTensors out;
     for (auto & [n, t] : m.named_parameters()) {
-        std::string o = owner(n, qnames);
+        std::string o = owner(n, linears);
         if (o.empty()) {
             out.push_back({n, t.detach().to(dt)});
             continue;
         }
         if (!emitted.insert(o).second) continue;
         auto l = m.get_linear(o);
+        if (!qnames.count(o)) {   // dense or Lua layers: what they save (a Lua layer its dense weight)
+            for (auto & [sn, st] : l->save_tensors(o)) out.push_back({sn, st.detach().to(dt)});
+            continue;
+        }
         out.push_back({o + ".weight", l->weight().to(dt)});   // baked W_eff = Q ⊙ S
         for (auto & [sn, p] : l->parameter_slots())
             if (sn == "bias") out.push_back({o + ".bias", p->detach().to(dt)});

@@ -298,6 +298,43 @@ describe('Lua layers', function()
     h.close(resumed:get_submodule(name).weight, full:get_submodule(name).weight, 0, 0)
   end)
 
+  it('a Lua quantizer appears in quant.layers; export_hf and quant.replace{factory=} take Lua layers', function()
+    local quant = require 'quant'
+    local m = tiny('qwen3')
+    -- a 3-bit per-row uniform quantizer written in Lua, with a straight-through rounding
+    local Q3 = nn.Module:extend('Q3')
+    function Q3:__init(w)
+      self.out_features, self.in_features = w:size(1), w:size(2)
+      self:register_parameter('weight', w:clone())
+      self:register_parameter('step', w:abs():amax(2, {keepdim = true}) / 3)
+    end
+    function Q3:dense_weight()
+      local v = (self.weight / self.step):clamp(-4, 3)
+      return (v + (v:round() - v):detach()) * self.step
+    end
+    function Q3:forward(x) return x:matmul(self:dense_weight():t()) end
+    function Q3:quant_info() return {kind = 'int3', bits_per_weight = 3 + 16 / self.in_features} end
+    m:set_linear(name, Q3(m:get_linear(name)))
+    local ql = quant.layers(m)
+    assert.are.equal(1, #ql)
+    assert.are.same({name = name, kind = 'int3', bits_per_weight = 3.5}, ql[1])
+    local dir = h.tmpdir()
+    quant.export_hf(m, dir)
+    local back = nn.from_pretrained(dir)
+    h.close(back:get_linear(name), m:get_submodule(name):dense_weight(), 0, 0)
+    h.close(back:forward(ids), m:forward(ids), 1e-5, 1e-4)
+    -- the factory gets each replaced layer's float weight and its recipe
+    local f = tiny('llama')
+    local seen = {}
+    local names = quant.replace(f, {recipe = {['mlp%.up_proj'] = {lut = 8, rank = 2}}, factory = function(n, w, b, cfg)
+      seen[#seen + 1] = {n, cfg.lut, cfg.rank, b == nil}
+      return Q3(w)
+    end})
+    assert.are.same({'model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj'}, names)
+    assert.are.same({'model.layers.0.mlp.up_proj', 8, 2, true}, seen[1])
+    assert.are.equal('Q3', f:get_submodule('model.layers.1.mlp.up_proj').__name)
+  end)
+
   it('errors name the module and both shapes; a failing layer leaves the model usable', function()
     local m = tiny('qwen3')
     local base = m:forward(ids)
