@@ -216,7 +216,9 @@ end
 -- i is the 0-based decoder layer index (as in the module names).
 function M.train_layer(student, i, o)
   o = defaults(M.check_options('layerwise.train_layer', o, LAYER_OPTS))
-  if type(i) ~= 'number' or i % 1 ~= 0 then error('layerwise.train_layer: argument #2 (i): expected a layer index', 2) end
+  if type(i) ~= 'number' or i % 1 ~= 0 then
+    error('layerwise.train_layer: argument #2 (i): expected a layer index', 2)
+  end
   local nl = student.config.num_hidden_layers
   if i < 0 or i >= nl then
     error(('layerwise.train_layer: layer %d out of range (the model has layers 0..%d)'):format(i, nl - 1), 2)

@@ -179,7 +179,9 @@ function M.allocate(t, o)
   if type(t) ~= 'table' or type(t.layers) ~= 'table' or #t.layers == 0 then
     error('sensitivity.allocate: argument #1: expected the table of sensitivity.measure', 2)
   end
-  if not o.budget or o.budget <= 0 then error('sensitivity.allocate: option budget: expected bits per weight > 0', 2) end
+  if not o.budget or o.budget <= 0 then
+    error('sensitivity.allocate: option budget: expected bits per weight > 0', 2)
+  end
   local total_w, choice, bits = 0, {}, 0
   for li, r in ipairs(t.layers) do
     local best
