@@ -566,7 +566,7 @@ int q_preset(lua_State * L) {
 }
 
 // quant.layers(model) -> array of {name=, kind='v2'|'v1', lut_size=, rank=, baked=, forward=, ste_fp16=,
-//                                  bits_per_weight=, group_size=, include_zero=} (V2; V1: name, kind, lut_size, rank)
+//                                  bits_per_weight=, group_size=, include_zero=, lora_rank=, lora_alpha=} (V2; V1: name, kind, lut_size, rank)
 // Lua layers with a quant_info(self) method are listed with what it returns (kind 'lua' by default).
 int q_layers(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
@@ -596,6 +596,12 @@ int q_layers(lua_State * L) {
         lua_setfield(L, -2, "forward");
         lua_pushboolean(L, l->cfg.use_ste_fp16);
         lua_setfield(L, -2, "ste_fp16");
+        lua_pushnumber(L, (lua_Number)l->lora_rank());   // 0 without recovery LoRA
+        lua_setfield(L, -2, "lora_rank");
+        if (l->lora_A.defined()) {
+            lua_pushnumber(L, l->lora_alpha);
+            lua_setfield(L, -2, "lora_alpha");
+        }
         lua_rawseti(L, -2, i++);
     }
     for (auto & [n, l] : v1) {
@@ -651,6 +657,87 @@ int q_enable_lut_training(lua_State * L) {
     return 1;
 }
 
+// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+
+RecoveryLoraOptions lora_options(Args & a, bool all) {
+    RecoveryLoraOptions o;
+    o.rank = a.opt_integer(0, "rank", 8);
+    if (a.has(0, "alpha")) o.alpha = a.opt_number(0, "alpha", 0.0);
+    o.dropout = a.opt_number(0, "dropout", 0.0);
+    if (all) {
+        o.mlp_only = a.opt_bool(0, "mlp_only", false);
+        o.skip_k_proj = a.opt_bool(0, "skip_k_proj", true);
+    }
+    a.finish();
+    if (o.rank < 1) bind_fail("option 'rank': expected >= 1, got %lld", (long long)o.rank);
+    if (!(o.dropout >= 0 && o.dropout < 1)) bind_fail("option 'dropout': expected [0, 1), got %g", o.dropout);
+    return o;
+}
+
+// quant.enable_recovery_lora(model, name, {rank=8, alpha=rank, dropout=0}): lora_A ~ N(0, 0.02), lora_B = 0
+int q_enable_recovery_lora(lua_State * L) {
+    DecoderModel & m = nn_model_check(L, 1);
+    Args a(L, 2);
+    int idx = a.find(1, "name");
+    if (!idx || lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #2 (name): expected a layer name");
+    std::string name = lua_tostring(L, idx);
+    RecoveryLoraOptions o = lora_options(a, false);
+    quant_enable_recovery_lora(m, name, o);
+    return 0;
+}
+
+// quant.enable_recovery_lora_all(model, {rank=8, alpha=rank, dropout=0, mlp_only=false, skip_k_proj=true})
+//   -> {names}, {layers=, params=}
+int q_enable_recovery_lora_all(lua_State * L) {
+    DecoderModel & m = nn_model_check(L, 1);
+    Args a(L, 2);
+    RecoveryLoraOptions o = lora_options(a, true);
+    auto names = quant_enable_recovery_lora_all(m, o);
+    int64_t params = 0;
+    for (auto & [n, l] : quant_v2_layers(m))
+        if (l->lora_A.defined()) params += l->lora_A.numel() + l->lora_B.numel();
+    push_strings(L, names);
+    lua_createtable(L, 0, 2);
+    lua_pushnumber(L, (lua_Number)names.size());
+    lua_setfield(L, -2, "layers");
+    lua_pushnumber(L, (lua_Number)params);
+    lua_setfield(L, -2, "params");
+    return 2;
+}
+
+// quant.disable_recovery_lora(model) -> count: drops every adapter (no merge)
+int q_disable_recovery_lora(lua_State * L) {
+    lua_pushnumber(L, (lua_Number)quant_disable_recovery_lora(nn_model_check(L, 1)));
+    return 1;
+}
+
+// quant.freeze_for_recovery_training(model, {train_norms=false, train_embeddings=false, train_lm_head=false})
+//   -> count of trainable tensors (lora_A, lora_B of every LoRA'd layer, and what the options add)
+int q_freeze_for_recovery(lua_State * L) {
+    DecoderModel & m = nn_model_check(L, 1);
+    Args a(L, 2);
+    bool norms = a.opt_bool(0, "train_norms", false), emb = a.opt_bool(0, "train_embeddings", false),
+         head = a.opt_bool(0, "train_lm_head", false);
+    a.finish();
+    lua_pushnumber(L, (lua_Number)quant_freeze_for_recovery(m, norms, emb, head));
+    return 1;
+}
+
+// quant.resnap_with_lora(model) -> {layers=, changed=, weights=, rel_error=}: Q = nearest(W_eff + ΔW) / S
+int q_resnap_with_lora(lua_State * L) {
+    ResnapStats st = quant_resnap_with_lora(nn_model_check(L, 1));
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, (lua_Number)st.layers);
+    lua_setfield(L, -2, "layers");
+    lua_pushnumber(L, (lua_Number)st.changed);
+    lua_setfield(L, -2, "changed");
+    lua_pushnumber(L, (lua_Number)st.weights);
+    lua_setfield(L, -2, "weights");
+    lua_pushnumber(L, st.rel_error);
+    lua_setfield(L, -2, "rel_error");
+    return 1;
+}
+
 const BindFn quant_functions[] = {
     {"replace", q_replace},
     {"calibrate", q_calibrate},
@@ -676,6 +763,11 @@ const BindFn quant_functions[] = {
     {"preset", q_preset},
     {"layers", q_layers},
     {"enable_lut_training", q_enable_lut_training},
+    {"enable_recovery_lora", q_enable_recovery_lora},
+    {"enable_recovery_lora_all", q_enable_recovery_lora_all},
+    {"disable_recovery_lora", q_disable_recovery_lora},
+    {"freeze_for_recovery_training", q_freeze_for_recovery},
+    {"resnap_with_lora", q_resnap_with_lora},
     {nullptr, nullptr},
 };
 

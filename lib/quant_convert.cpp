@@ -182,6 +182,78 @@ int64_t quant_v1_to_v2(DecoderModel & m, LutForm form, bool ste) {
     return n;
 }
 
+// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+
+void quant_enable_recovery_lora(DecoderModel & m, const std::string & name, const RecoveryLoraOptions & o) {
+    auto l = std::dynamic_pointer_cast<LutLinearV2>(m.get_linear(name));
+    if (!l) throw std::runtime_error("enable_recovery_lora: layer '" + name + "' is not a V2 (LUT) layer");
+    v2_enable_lora(*l, o.rank, o.alpha, o.dropout);
+    l->train(m.is_training());
+}
+
+std::vector<std::string> quant_enable_recovery_lora_all(DecoderModel & m, const RecoveryLoraOptions & o) {
+    static const std::regex k_proj(R"(\.k_proj$)");
+    std::vector<std::string> done;
+    for (auto & [n, l] : quant_v2_layers(m)) {
+        if (o.skip_k_proj && std::regex_search(n, k_proj)) continue;
+        if (o.mlp_only && !quant_is_mlp(n)) continue;
+        quant_enable_recovery_lora(m, n, o);
+        done.push_back(n);
+    }
+    return done;
+}
+
+int64_t quant_disable_recovery_lora(DecoderModel & m) {
+    int64_t n = 0;
+    for (auto & [name, l] : quant_v2_layers(m))
+        if (l->lora_A.defined()) {
+            v2_disable_lora(*l);
+            n++;
+        }
+    return n;
+}
+
+int64_t quant_freeze_for_recovery(DecoderModel & m, bool norms, bool embed, bool lm_head) {
+    m.requires_grad(false);
+    int64_t n = 0;
+    for (auto & [name, l] : quant_v2_layers(m))
+        if (l->lora_A.defined()) {
+            l->lora_A.requires_grad_(true);
+            l->lora_B.requires_grad_(true);
+            n += 2;
+        }
+    std::set<std::string> quantized;
+    for (auto & [name, l] : quant_v2_layers(m)) quantized.insert(name);
+    for (auto & [name, t] : m.named_parameters()) {
+        auto dot = name.rfind('.');
+        if (dot != std::string::npos && quantized.count(name.substr(0, dot))) continue;
+        bool on = (norms && name.find("norm") != std::string::npos) || (embed && name.find("embed_tokens") != std::string::npos) ||
+                  (lm_head && name.rfind("lm_head.", 0) == 0);
+        if (on && t.is_floating_point()) {
+            at::Tensor p = t;   // shares the parameter's TensorImpl
+            p.requires_grad_(true);
+            n++;
+        }
+    }
+    return n;
+}
+
+ResnapStats quant_resnap_with_lora(DecoderModel & m) {
+    at::NoGradGuard ng;
+    ResnapStats st;
+    for (auto & [name, l] : quant_v2_layers(m)) {
+        if (!l->lora_A.defined()) continue;
+        at::Tensor target = l->weight().to(at::kFloat);   // W_eff + scaling·B A
+        st.changed += v2_resnap_with_lora(*l);
+        at::Tensor now = l->weight().to(at::kFloat);
+        st.rel_error += ((target - now).abs().mean() / target.abs().mean().clamp_min(1e-30)).item<double>();
+        st.weights += target.numel();
+        st.layers++;
+    }
+    if (st.layers) st.rel_error /= (double)st.layers;
+    return st;
+}
+
 int64_t quant_q4_to_q2(DecoderModel & m, int64_t mlp_rank, int64_t attn_rank, int64_t mlp_lut, int64_t attn_lut,
                        uint64_t seed) {
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -359,6 +431,12 @@ std::string quant_config_json(DecoderModel & m) {
         j["magnitude_activation"] = first->cfg.magnitude_activation;
     }
     j["quantize_attn"] = (bool)attn;
+    for (auto & [n, l] : quant_v2_layers(m))   // the seed's recovery config keys, when LoRA is on
+        if (l->lora_A.defined()) {
+            j["recovery_lora_r"] = l->lora_rank();
+            j["recovery_lora_alpha"] = l->lora_alpha;
+            break;
+        }
     if (attn) {
         j["attn_lut_bits"] = bits(attn);
         j["attn_scale_rank"] = attn->rank();
@@ -444,6 +522,15 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
     std::map<std::string, at::Tensor> sd;
     for (auto & [n, t] : all) sd[n] = t;
     std::set<std::string> used;
+    std::optional<double> lora_alpha;   // recovery_lora_alpha of a config.json beside the file
+    if (fs::path cj = fs::path(src).parent_path() / "config.json"; fs::exists(cj)) {
+        std::ifstream f(cj);
+        std::stringstream ss;
+        ss << f.rdbuf();
+        json j = json::parse(ss.str(), nullptr, false);
+        if (!j.is_discarded() && j.is_object() && j.contains("recovery_lora_alpha") && j["recovery_lora_alpha"].is_number())
+            lora_alpha = j["recovery_lora_alpha"].get<double>();
+    }
     auto take = [&](const std::string & k) -> at::Tensor {
         auto it = sd.find(k);
         if (it == sd.end()) return {};
@@ -462,7 +549,7 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
         at::Tensor A = need("scale_A"), B = need("scale_B"), g = need("rank_magnitude"), lut = need("lut");
         at::Tensor W = take(name + ".weight"), bias = take(name + ".bias"), idx = take(name + "._indices"),
                    Q = take(name + "._Q"), flag = take(name + "._scales_baked_flag"),
-                   raw = take(name + "._lut_raw_deltas");
+                   raw = take(name + "._lut_raw_deltas"), lA = take(name + ".lora_A"), lB = take(name + ".lora_B");
         take(name + "._cached_weight_q");
         const int64_t r = A.dim() == 2 ? A.size(1) : -1;
         auto expect = [&](const char * k, const at::Tensor & t, std::vector<int64_t> shape) {
@@ -508,6 +595,22 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
             if (raw.numel() != 8 || lut.numel() != 16)
                 ck_fail(src, name + "._lut_raw_deltas", "expected 8 deltas for a 16-entry LUT, found " + shape_str(raw.sizes()));
             l->lut_raw = raw.to(so).reshape({8}).contiguous();
+        }
+        if (lA.defined() || lB.defined()) {   // recovery LoRA (§1.11): both or neither
+            if (!lA.defined() || !lB.defined())
+                ck_fail(src, name + (lA.defined() ? ".lora_B" : ".lora_A"), "missing (recovery LoRA needs lora_A and lora_B)");
+            const int64_t rl = lA.dim() == 2 ? lA.size(0) : -1;
+            if (rl < 1) ck_fail(src, name + ".lora_A", "expected shape [r, " + std::to_string(in) + "], found " + shape_str(lA.sizes()));
+            expect("lora_A", lA, {rl, in});
+            expect("lora_B", lB, {out, rl});
+            // alpha: the previous layer's, else the file's config.json (recovery_lora_alpha), else r_l
+            std::optional<double> alpha;
+            if (prev && prev->lora_A.defined() && prev->lora_rank() == rl) alpha = prev->lora_alpha;
+            else if (lora_alpha) alpha = *lora_alpha;
+            v2_enable_lora(*l, rl, alpha, prev ? prev->lora_dropout : 0.0);
+            l->lora_A = lA.to(l->lora_A.options()).contiguous().requires_grad_(true);
+            l->lora_B = lB.to(l->lora_B.options()).contiguous().requires_grad_(true);
+            l->train(m.is_training());
         }
         l->scale_A.requires_grad_(true);
         l->scale_B.requires_grad_(true);

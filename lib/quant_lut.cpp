@@ -191,6 +191,10 @@ std::vector<std::pair<std::string, at::Tensor *>> LutLinearV2::parameter_slots()
     if (indices.defined()) s.push_back({"_indices", &indices});
     s.push_back({"_scales_baked_flag", &baked_flag});
     if (lut_raw.defined()) s.push_back({"_lut_raw_deltas", &lut_raw});
+    if (lora_A.defined()) {   // the seed's names: registered after the base parameters
+        s.push_back({"lora_A", &lora_A});
+        s.push_back({"lora_B", &lora_B});
+    }
     return s;
 }
 
@@ -299,7 +303,8 @@ struct MaterializedLinear : torch::autograd::Function<MaterializedLinear> {
 };
 } // namespace
 
-at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
+namespace {
+at::Tensor v2_forward_base(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
     const bool ste = l.cfg.use_ste_fp16;
     auto st = [&](const at::Tensor & t) { return ste ? ste_fp16(t) : t; };
     const at::ScalarType dt = x.scalar_type();
@@ -348,12 +353,77 @@ at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
     return y;
 }
 
+} // namespace
+
+at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form) {
+    at::Tensor y = v2_forward_base(l, x, form);
+    // The base keeps its own autograd: frozen scales cost no gradient work (the materialized
+    // backward computes only dx), so no separate no-grad base path is needed as in the seed.
+    return l.lora_A.defined() ? y + v2_lora_forward(l, x) : y;
+}
+
 at::Tensor LutLinearV2::forward(const at::Tensor & x) { return v2_forward(*this, x, form); }
 
 at::Tensor LutLinearV2::weight() {
     at::NoGradGuard ng;
     at::Tensor S = v2_full_scales(*this);
-    return (v2_q(*this, S.scalar_type()) * S).to(w.scalar_type());
+    at::Tensor W = v2_q(*this, S.scalar_type()) * S;
+    if (lora_A.defined()) W = W + v2_lora_delta(*this).to(W.scalar_type());   // what forward computes
+    return W.to(w.scalar_type());
+}
+
+// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+
+void v2_enable_lora(LutLinearV2 & l, int64_t rank, std::optional<double> alpha, double dropout) {
+    const std::string who = l.module_name.empty() ? std::string("V2 layer") : l.module_name;
+    if (rank < 1 || rank > std::min(l.in_features(), l.out_features()))
+        throw std::runtime_error(who + ": recovery LoRA option 'rank': expected 1.." +
+                                 std::to_string(std::min(l.in_features(), l.out_features())) + ", got " + std::to_string(rank));
+    if (!(dropout >= 0 && dropout < 1))
+        throw std::runtime_error(who + ": recovery LoRA option 'dropout': expected [0, 1), got " + std::to_string(dropout));
+    if (alpha && !std::isfinite(*alpha))
+        throw std::runtime_error(who + ": recovery LoRA option 'alpha': expected a finite number");
+    if (l.lora_A.defined()) return;   // already enabled: left as it is (the seed's rule)
+    at::NoGradGuard ng;
+    auto o = l.w.options().dtype(at::kFloat);   // fp32 even for a half model (optimizer stability)
+    l.lora_A = at::empty({rank, l.in_features()}, o).normal_(0.0, 0.02).requires_grad_(true);
+    l.lora_B = at::zeros({l.out_features(), rank}, o).requires_grad_(true);
+    l.lora_alpha = alpha.value_or((double)rank);
+    l.lora_dropout = dropout;
+}
+
+void v2_disable_lora(LutLinearV2 & l) {
+    l.lora_A = at::Tensor();
+    l.lora_B = at::Tensor();
+    l.lora_alpha = l.lora_dropout = 0.0;
+}
+
+at::Tensor v2_lora_forward(LutLinearV2 & l, const at::Tensor & x) {
+    const bool ste = l.cfg.use_ste_fp16;
+    auto st = [&](const at::Tensor & t) { return ste ? ste_fp16(t) : t; };
+    const at::ScalarType dt = x.scalar_type();
+    at::Tensor xd = l.lora_dropout > 0 ? at::dropout(x, l.lora_dropout, l.training()) : x;
+    at::Tensor h = st(at::linear(xd, st(l.lora_A.to(dt))));          // [..., r_l]
+    return st(at::linear(h, st(l.lora_B.to(dt))) * l.lora_scaling());  // [..., out]
+}
+
+at::Tensor v2_lora_delta(LutLinearV2 & l) {
+    at::ScalarType dt = at::promote_types(l.lora_A.scalar_type(), at::kFloat);
+    return at::matmul(l.lora_B.to(dt), l.lora_A.to(dt)) * l.lora_scaling();   // [out,in]
+}
+
+int64_t v2_resnap_with_lora(LutLinearV2 & l) {
+    if (!l.lora_A.defined()) return 0;
+    at::NoGradGuard ng;
+    at::Tensor S = v2_full_scales(l);                                   // [out,in], unchanged
+    at::Tensor Wt = v2_q(l, S.scalar_type()) * S + v2_lora_delta(l).to(S.scalar_type());   // W_eff + ΔW
+    at::Tensor lv = (l.lut_raw.defined() ? lut16_from_raw(l.lut_raw, l.lut_max_abs, true) : l.lut).detach();
+    at::Tensor old = l.indices.defined() ? l.indices : lut_nearest_indices(l.w.to(S.scalar_type()) / S, lv);
+    at::Tensor idx = lut_nearest_indices(Wt / S, lv);                   // no epsilon, as freeze_Q
+    int64_t changed = (idx != old.to(idx.device())).sum().item<int64_t>();
+    l.indices = idx;
+    v2_disable_lora(l);
+    return changed;
 }
 
 namespace {
@@ -465,6 +535,10 @@ void v2_snap_for_ane(LutLinearV2 & l, bool recompute_indices) {
     slot_set(l.w, half_cpu(l.w));
     if (l.b.defined()) slot_set(l.b, half_cpu(l.b));
     slot_set(l.lut, lut16);
+    if (l.lora_A.defined()) {   // kept as a separate fp16 adapter (resnap_with_lora merges it)
+        slot_set(l.lora_A, half_cpu(l.lora_A));
+        slot_set(l.lora_B, half_cpu(l.lora_B));
+    }
 }
 
 void v2_convert_to_fp16(LutLinearV2 & l) {
@@ -477,6 +551,10 @@ void v2_convert_to_fp16(LutLinearV2 & l) {
     // As the seed: the LUT is re-created by make_lut in fp16 (a custom or k-means LUT is lost).
     l.lut = lut_make(l.lut.numel(), l.cfg.lut_include_zero).to(l.lut.device(), at::kHalf);
     l.lut_raw = at::Tensor();
+    if (l.lora_A.defined()) {
+        slot_set(l.lora_A, half_cpu(l.lora_A));
+        slot_set(l.lora_B, half_cpu(l.lora_B));
+    }
 }
 
 // -- Q4 → Q2 (§3) ----------------------------------------------------------------------------

@@ -77,6 +77,10 @@ struct LutLinearV2 : Linear {
     at::Tensor baked_flag;       // "_scales_baked_flag" int8 scalar: 1 = use raw A, B, g
     at::Tensor lut_raw;          // "_lut_raw_deltas" [8] when the LUT16 is trainable, else undefined
     double lut_max_abs = 1.0;
+    // Recovery LoRA (§1.11), undefined when off: y = V2(x) + (alpha/r_l)·(dropout(x) A^T) B^T.
+    at::Tensor lora_A;           // "lora_A" [r_l,in] fp32, N(0, 0.02) at start
+    at::Tensor lora_B;           // "lora_B" [out,r_l] fp32, zero at start (the output is unchanged)
+    double lora_alpha = 0.0, lora_dropout = 0.0;
 
     LutLinearV2(int64_t out, int64_t in, LutConfig c, const at::TensorOptions & opts, bool has_bias = false);
 
@@ -86,10 +90,15 @@ struct LutLinearV2 : Linear {
     int64_t in_features() const override { return w.size(1); }
     int64_t out_features() const override { return w.size(0); }
     int64_t rank() const { return scale_A.size(1); }
+    int64_t lora_rank() const { return lora_A.defined() ? lora_A.size(0) : 0; }
+    double lora_scaling() const { return lora_rank() ? lora_alpha / (double)lora_rank() : 0.0; }
     bool baked();                                        // reads _scales_baked_flag (cached)
     void set_baked(bool on);
+    void train(bool on) override { training_ = on; }   // LoRA dropout only
+    bool training() const { return training_; }
 
 private:
+    bool training_ = true;
     const void * flag_impl_ = nullptr;
     int64_t flag_version_ = -1;
     bool flag_value_ = false;
@@ -103,7 +112,8 @@ struct V2Scales {
 V2Scales v2_scales(LutLinearV2 & l);
 at::Tensor v2_full_scales(LutLinearV2 & l);              // S = (A_dir ⊙ g) @ B_dir [out,in], fp32+
 at::Tensor v2_q(LutLinearV2 & l, at::ScalarType dt);     // Q = lut[idx] (or LUT16(raw)[idx]) [out,in]
-// The three forms on explicit inputs (no form dispatch): x (..., in) → (..., out).
+// The three forms on explicit inputs (no form dispatch): x (..., in) → (..., out), plus the
+// recovery LoRA's term when it is enabled.
 at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form);
 
 // Init from a float weight W [out,in] (§1.4): group max-abs (group_size), rank-r SVD, floor on g;
@@ -118,6 +128,17 @@ std::shared_ptr<LutLinearV2> v2_from_dense(const at::Tensor & W, const at::Tenso
                                            bool freeze = true);
 // Trainable LUT16 (§1.10): requires Lq = 16 and indices.
 void v2_enable_lut_training(LutLinearV2 & l, double max_abs = 1.0);
+
+// Recovery LoRA (§1.11). enable: lora_A ~ N(0, 0.02) (the global generator), lora_B = 0, fp32,
+// both trainable; alpha defaults to rank; a layer that has LoRA already is left as it is (as the
+// seed does). The term: scaling·(dropout(x) A^T) B^T, STE-FP16 on A, B, the hidden and the term
+// when the layer's STE is on. lora_delta: scaling·B A [out,in] (fp32+). resnap: Q = nearest LUT
+// entry of (W_eff + ΔW) / S with S unchanged, LoRA dropped; returns the number of changed indices.
+void v2_enable_lora(LutLinearV2 & l, int64_t rank, std::optional<double> alpha = std::nullopt, double dropout = 0.0);
+void v2_disable_lora(LutLinearV2 & l);
+at::Tensor v2_lora_forward(LutLinearV2 & l, const at::Tensor & x);   // (..., in) → (..., out)
+at::Tensor v2_lora_delta(LutLinearV2 & l);
+int64_t v2_resnap_with_lora(LutLinearV2 & l);
 
 // Snapping (§1.9). snap_for_export: bake (A_dir·g, B_dir, g=1). snap_for_ane: fp16 everything;
 // with recompute_indices, indices from fp16(W) / S16 and baked scales. convert_to_fp16: fp16
@@ -182,6 +203,28 @@ int64_t quant_set_trainable(DecoderModel & m, const std::string & mode);
 void quant_snap_for_ane(DecoderModel & m, bool recompute_indices = true);
 void quant_snap_for_export(DecoderModel & m);
 void quant_convert_to_fp16(DecoderModel & m);
+// Recovery LoRA on a model (§1.11). enable_all: every V2 layer but k_proj (skip_k_proj) and,
+// with mlp_only, the attention ones; returns the names enabled. One layer: an error unless `name`
+// is a V2 layer. freeze_for_recovery: only lora_A/lora_B train (norms, embeddings, lm_head on
+// request); returns the number of trainable tensors. resnap: every LoRA'd layer (see
+// v2_resnap_with_lora).
+struct RecoveryLoraOptions {
+    int64_t rank = 8;
+    std::optional<double> alpha;    // default: rank (scaling 1)
+    double dropout = 0.0;
+    bool mlp_only = false, skip_k_proj = true;
+};
+void quant_enable_recovery_lora(DecoderModel & m, const std::string & name, const RecoveryLoraOptions & o);
+std::vector<std::string> quant_enable_recovery_lora_all(DecoderModel & m, const RecoveryLoraOptions & o);
+int64_t quant_disable_recovery_lora(DecoderModel & m);
+int64_t quant_freeze_for_recovery(DecoderModel & m, bool train_norms = false, bool train_embeddings = false,
+                                  bool train_lm_head = false);
+struct ResnapStats {
+    int64_t layers = 0, changed = 0, weights = 0;
+    double rel_error = 0;   // mean over layers of mean|W_target - W_new| / mean|W_target|
+};
+ResnapStats quant_resnap_with_lora(DecoderModel & m);
+
 // Swaps the matching projections for V1 layers (preset's LUT size and rank, group_size 128).
 std::vector<std::string> quant_replace_v1(DecoderModel & m, const QuantReplaceOptions & o);
 // Replaces every V1 layer by its V2 conversion (same rank and LUT; form and STE from o).
@@ -191,7 +234,8 @@ int64_t quant_q4_to_q2(DecoderModel & m, int64_t mlp_rank = 32, int64_t attn_ran
                        int64_t attn_lut = 16, uint64_t seed = 0);
 
 // -- files -----------------------------------------------------------------------------------
-// A Hugging Face directory with plain weights (W_eff for V2/V1 layers), loadable by
+// A Hugging Face directory with plain weights (W_eff for V2/V1 layers, plus scaling·B A for a
+// V2 layer with recovery LoRA: the dense model computes what the LoRA'd one does), loadable by
 // DecoderModel::from_pretrained and transformers.
 void quant_export_hf(DecoderModel & m, const std::string & dir, std::optional<at::ScalarType> dtype = std::nullopt);
 // Compact form: one safetensors file with, per quantized layer, indices packed at ceil(log2 L)
