@@ -52,7 +52,7 @@ describe('recovery LoRA', function()
     local out = m(ids)
     h.close(y, x:matmul(W:t()) + x:matmul(A:t()):matmul(B:t()) * 2, 1e-5, 1e-4)
     -- gradients of a loss through the model equal those of the plain formula for the same upstream gradient
-    local R = torch.randn(table.unpack(y:size()))
+    local R = torch.randn(y:size())
     local gy = torch.no_grad(function() return R end)
     hd:remove()
     local Ap, Bp = A:detach():clone():requires_grad_(), B:detach():clone():requires_grad_()
@@ -100,7 +100,7 @@ describe('recovery LoRA', function()
     quant.enable_recovery_lora_all(m, {rank = 4, alpha = 2})
     torch.no_grad(function()
       for _, p in ipairs(m:named_parameters()) do
-        if p[1]:find('lora_B', 1, true) then p[2]:copy_(torch.randn(table.unpack(p[2]:size())) * 0.1) end
+        if p[1]:find('lora_B', 1, true) then p[2]:copy_(torch.randn(p[2]:size()) * 0.1) end
       end
     end)
     local y = torch.no_grad(function() return m(ids) end)

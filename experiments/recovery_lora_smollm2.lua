@@ -1,0 +1,175 @@
+-- recovery_lora_smollm2: the seed's recovery LoRA on SmolLM2-135M-Instruct quantized to Q2-MLP/Q4-attn
+-- (weighted init), trained by KD from the float teacher, then merged by resnap_with_lora: perplexity per stage.
+--
+--   qatlab run --threads 1 experiments/recovery_lora_smollm2.lua [--set steps=40] [--set rank=8]
+--          [--set lr=1e-3] [--set batch=4] [--set held=16] [--set refine=2] [--set dir=HF_DIR]
+local torch = require 'torch'
+local nn = require 'nn'
+local gguf = require 'gguf'
+local data = require 'data'
+local optim = require 'optim'
+local quant = require 'quant'
+local tokenizers = require 'tokenizers'
+local log = require 'log'
+local json = require 'json'
+local config = require 'config'
+local qatlab = require 'qatlab'
+local qo = require 'qat_options'
+local args = ...
+
+local cfg = config.merge({
+  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  dir = '',              -- a Hugging Face directory instead of the GGUF
+  text_bytes = 400000,   -- the KJV prefix cut into blocks
+  L = 128,               -- tokens per block
+  held = 16,             -- held-out blocks (perplexity)
+  calib = 16,            -- calibration blocks
+  preset = 'q2a4',
+  refine = 2,
+  rank = 8,              -- LoRA rank (alpha = rank: scaling 1, the seed's default)
+  mlp_only = false,
+  steps = 40,            -- KD steps on the LoRA
+  batch = 4,
+  lr = 1e-3,
+  T = 1,                 -- KD temperature
+  seed = 0,
+}, args)
+
+-- model ----------------------------------------------------------------------------------------
+local tensors, hf_config, tk
+if cfg.dir ~= '' then
+  tk = tokenizers.from_file(cfg.dir)
+else
+  local f = io.open(cfg.gguf, 'rb')
+  if not f then
+    error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
+  end
+  f:close()
+  tensors, hf_config = gguf.load(cfg.gguf)
+  tk = tokenizers.from_gguf(cfg.gguf)
+end
+local function fresh()
+  local m
+  if cfg.dir ~= '' then
+    m = nn.from_pretrained(cfg.dir, {dtype = 'float32'})
+  else
+    m = nn.from_config(hf_config, {dtype = 'float32'})
+    m:load_state_dict(tensors)
+  end
+  m:eval()
+  return m
+end
+
+-- data: held-out blocks, calibration blocks, training blocks (disjoint) --------------------------
+local text = data.kjv_text():sub(1, cfg.text_bytes)
+local lines = {}
+for line in text:gmatch('[^\n]+') do lines[#lines + 1] = line end
+local blocks = data.shuffle(data.pack(tk, lines, {L = cfg.L}), {seed = cfg.seed})
+local n_train = blocks:size(1) - cfg.held - cfg.calib
+assert(n_train >= cfg.batch, ('%d blocks of %d tokens: raise text_bytes'):format(blocks:size(1), cfg.L))
+local held = blocks:narrow(1, 1, cfg.held)
+local calib = {}
+for s = 1, cfg.calib, cfg.batch do
+  calib[#calib + 1] = blocks:narrow(1, cfg.held + s, math.min(cfg.batch, cfg.calib - s + 1))
+end
+local train = blocks:narrow(1, cfg.held + cfg.calib + 1, n_train)
+log.info(('%d blocks of %d tokens: %d held out, %d calibration, %d training'):format(
+  blocks:size(1), cfg.L, cfg.held, cfg.calib, n_train))
+
+local function perplexity(m)   -- exp(mean next-token CE) over the held-out blocks
+  local nll, n = 0, 0
+  torch.no_grad(function()
+    for s = 1, cfg.held, cfg.batch do
+      local b = held:narrow(1, s, math.min(cfg.batch, cfg.held - s + 1))
+      nll = nll + m:loss(b, {reduction = 'sum'}):item()
+      n = n + b:size(1) * (cfg.L - 1)
+    end
+  end)
+  return math.exp(nll / n)
+end
+
+-- stages ---------------------------------------------------------------------------------------
+local rows = {}
+local function row(stage, m, extra)
+  local t0 = qatlab.time()
+  local ppl = perplexity(m)
+  local r = {stage = stage, ppl = ppl, ratio = rows[1] and ppl / rows[1].ppl or 1, bpw = 16, bpw_model = 16}
+  if stage ~= 'teacher (float)' then
+    local b = quant.bits_per_weight(m)
+    r.bpw, r.bpw_model = b.quantized, b.model
+  end
+  for k, v in pairs(extra or {}) do r[k] = v end
+  if r.lora_params then   -- the adapters at 16 bits (bits_per_weight counts V2 layers' LUT, indices, scales)
+    local b = quant.bits_per_weight(m)
+    r.bpw = r.bpw + 16 * r.lora_params / b.quantized_weights
+    r.bpw_model = (b.bits + 16 * r.lora_params) / b.model_weights
+  end
+  rows[#rows + 1] = r
+  log.info(('%-34s ppl %10.2f  x teacher %.3f  bpw %.3f (model %.3f)  eval %.1f s'):format(
+    stage, ppl, r.ratio, r.bpw, r.bpw_model, qatlab.time() - t0))
+end
+
+local teacher = fresh()
+row('teacher (float)', teacher)
+
+local t0 = qatlab.time()
+local stats = quant.calibrate(teacher, calib)
+local student = fresh()
+quant.replace(student, {preset = cfg.preset, init = 'weighted', imatrix = stats, refine = cfg.refine})
+log.info(('calibration + weighted init: %.1f s'):format(qatlab.time() - t0))
+row(('%s, weighted init'):format(cfg.preset), student)
+
+-- recovery LoRA: adapters on every V2 layer but k_proj, only they train, KD from the online teacher
+torch.manual_seed(cfg.seed)
+local _, info = quant.enable_recovery_lora_all(student, {rank = cfg.rank, mlp_only = cfg.mlp_only})
+quant.freeze_for_recovery_training(student)
+log.info(('recovery LoRA rank %d on %d layers: %d parameters'):format(cfg.rank, info.layers, info.params))
+local params = {}
+for _, p in ipairs(student:named_parameters()) do if p[2].requires_grad then params[#params + 1] = p[2] end end
+local opt = optim.AdamW(params, {lr = cfg.lr, weight_decay = 0})
+student:train()
+t0 = qatlab.time()
+local first, last
+for s = 1, cfg.steps do
+  local start = ((s - 1) * cfg.batch) % (n_train - cfg.batch + 1)
+  local ids = train:narrow(1, start + 1, cfg.batch)
+  local tl = torch.no_grad(function() return teacher(ids) end)
+  opt:zero_grad()
+  local loss = qo.kl(tl, student(ids), cfg.T)
+  loss:backward()
+  opt:step()
+  last = loss:item()
+  first = first or last
+  if s == 1 or s % 10 == 0 or s == cfg.steps then
+    log.info(('step %3d/%d  KL %.4f  %.1f s/step'):format(s, cfg.steps, last, (qatlab.time() - t0) / s))
+  end
+end
+local train_s = qatlab.time() - t0
+student:eval()
+row(('+ recovery LoRA r%d, %d KD steps'):format(cfg.rank, cfg.steps), student,
+    {kl_first = first, kl_last = last, train_seconds = train_s, lora_params = info.params})
+
+local st = quant.resnap_with_lora(student)
+log.info(('resnap: %d layers, %d of %d indices changed (%.2f%%), mean relative error %.4f'):format(
+  st.layers, st.changed, st.weights, 100 * st.changed / st.weights, st.rel_error))
+row('after resnap_with_lora (no LoRA)', student, {changed = st.changed, weights = st.weights})
+
+-- table ----------------------------------------------------------------------------------------
+print(('\nSmolLM2-135M-Instruct, %s weighted init (refine %d), %d held-out KJV blocks of %d tokens;' ..
+  ' LoRA rank %d, %d KD steps of %d blocks, lr %g\n'):format(cfg.preset, cfg.refine, cfg.held, cfg.L, cfg.rank,
+  cfg.steps, cfg.batch, cfg.lr))
+print('| stage | perplexity | x teacher | bits/weight (quantized layers) | bits/weight (model) |')
+print('|---|---:|---:|---:|---:|')
+for _, r in ipairs(rows) do
+  print(('| %s | %.2f | %.3f | %.3f | %.3f |'):format(r.stage, r.ppl, r.ratio, r.bpw, r.bpw_model))
+end
+print(('\nKD KL %.4f -> %.4f over %d steps (%.1f s); resnap changed %.2f%% of the indices'):format(
+  first or 0, last or 0, cfg.steps, train_s, 100 * st.changed / math.max(st.weights, 1)))
+if qatlab.out then
+  local path = qatlab.out .. '/results.json'
+  local f = assert(io.open(path .. '.tmp', 'w'))
+  f:write(json.encode({config = cfg, results = rows}), '\n')
+  f:close()
+  assert(os.rename(path .. '.tmp', path))
+  log.info('wrote ' .. path)
+end
