@@ -172,7 +172,7 @@ print()
 print('| model | bits/weight (projections) | perplexity | × teacher | KD loss first → last | train s |')
 print('|---|---:|---:|---:|---|---:|')
 print(('| teacher (float32) | 32 | %.2f | 1.00 | | |'):format(t_ppl))
-print(('| LSQ init (2·mean|W|/√Qp steps) | %.2f | %.2f | %.2f | | |'):format(bpw, a.ppl0, a.ppl0 / t_ppl))
+print(('| LSQ init (steps 2·mean(abs W)/√Qp) | %.2f | %.2f | %.2f | | |'):format(bpw, a.ppl0, a.ppl0 / t_ppl))
 print(('| LSQ + KD | %.2f | %.2f | %.2f | %.4f → %.4f | %.0f |'):format(
   bpw, a.ppl, a.ppl / t_ppl, a.kd0, a.kd, a.seconds))
 print(('| LSQ + KD + local MLP loss (w=%g, hooks) | %.2f | %.2f | %.2f | %.4f → %.4f | %.0f |'):format(
