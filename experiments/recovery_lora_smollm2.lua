@@ -1,8 +1,8 @@
 -- recovery_lora_smollm2: the seed's recovery LoRA on SmolLM2-135M-Instruct quantized to Q2-MLP/Q4-attn
 -- (weighted init), trained by KD from the float teacher, then merged by resnap_with_lora: perplexity per stage.
 --
---   qatlab run --threads 1 experiments/recovery_lora_smollm2.lua [--set steps=40] [--set rank=8]
---          [--set lr=1e-3] [--set batch=4] [--set held=16] [--set refine=2] [--set dir=HF_DIR]
+--   qatlab run --threads 1 experiments/recovery_lora_smollm2.lua [--set steps=30] [--set rank=8]
+--          [--set lr=1e-3] [--set batch=2] [--set held=16] [--set refine=2] [--set dir=HF_DIR]
 local torch = require 'torch'
 local nn = require 'nn'
 local gguf = require 'gguf'
@@ -28,8 +28,8 @@ local cfg = config.merge({
   refine = 2,
   rank = 8,              -- LoRA rank (alpha = rank: scaling 1, the seed's default)
   mlp_only = false,
-  steps = 40,            -- KD steps on the LoRA
-  batch = 4,
+  steps = 30,            -- KD steps on the LoRA
+  batch = 2,
   lr = 1e-3,
   T = 1,                 -- KD temperature
   seed = 0,
