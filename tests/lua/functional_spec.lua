@@ -359,43 +359,10 @@ local cases = {
 
 local ref
 local function pyref()
-  if ref then return ref end
-  local lines = {PRELUDE}
-  for _, c in ipairs(cases) do lines[#lines + 1] = ('R[%q] = (%s)'):format(c[1], c[3]) end
-  lines[#lines + 1] = "print('return ' + lua(R))"
-  ref = assert(loadstring(h.py(table.concat(lines, '\n'))))()
+  ref = ref or h.pycases(PRELUDE, cases)
   return ref
 end
-
--- Compares a Lua value (number, boolean, nested table) against a reference from Python.
-local function agree(got, want, path, tol)
-  if type(want) == 'table' then
-    assert(type(got) == 'table', path .. ': expected a table, got ' .. type(got))
-    assert(#got == #want, ('%s: %d entries, expected %d'):format(path, #got, #want))
-    for i = 1, #want do agree(got[i], want[i], path .. '[' .. i .. ']', tol) end
-  elseif type(want) == 'number' then
-    assert(type(got) == 'number', path .. ': expected a number, got ' .. type(got))
-    if want ~= want then
-      assert(got ~= got, path .. ': expected nan, got ' .. got)
-    elseif want == math.huge or want == -math.huge then
-      assert(got == want, ('%s: %s, expected %s'):format(path, got, want))
-    else
-      assert(math.abs(got - want) <= tol * (1 + math.abs(want)), ('%s: %.17g, expected %.17g'):format(path, got, want))
-    end
-  else
-    assert(got == want, ('%s: %s, expected %s'):format(path, tostring(got), tostring(want)))
-  end
-end
-
-local function to_lua(v)
-  if torch.is_tensor(v) then return v:totable() end
-  if type(v) == 'table' then
-    local r = {}
-    for i, x in ipairs(v) do r[i] = to_lua(x) end
-    return r
-  end
-  return v
-end
+local agree, to_lua = h.agree, h.to_lua
 
 describe('torch.nn.functional and the new tensor ops agree with Python torch (float64)', function()
   local r

@@ -52,4 +52,46 @@ function M.tmpdir()
   return d
 end
 
+-- Case tables checked against Python torch: cases = {{name, fn, python_expr}, ...}; prelude is the
+-- Python that defines the inputs, R = {} and lua(v) (a Python value as Lua source). Returns the
+-- results by name, computed in one Python run.
+function M.pycases(prelude, cases)
+  local lines = {prelude}
+  for _, c in ipairs(cases) do lines[#lines + 1] = ('R[%q] = (%s)'):format(c[1], c[3]) end
+  lines[#lines + 1] = "print('return ' + lua(R))"
+  return assert(loadstring(M.py(table.concat(lines, '\n'))))()
+end
+
+-- Asserts that a Lua value (number, boolean, nested table) agrees with a Python reference: numbers
+-- within tol * (1 + |want|), NaN and infinities exactly.
+function M.agree(got, want, path, tol)
+  if type(want) == 'table' then
+    assert(type(got) == 'table', path .. ': expected a table, got ' .. type(got))
+    assert(#got == #want, ('%s: %d entries, expected %d'):format(path, #got, #want))
+    for i = 1, #want do M.agree(got[i], want[i], path .. '[' .. i .. ']', tol) end
+  elseif type(want) == 'number' then
+    assert(type(got) == 'number', path .. ': expected a number, got ' .. type(got))
+    if want ~= want then
+      assert(got ~= got, path .. ': expected nan, got ' .. got)
+    elseif want == math.huge or want == -math.huge then
+      assert(got == want, ('%s: %s, expected %s'):format(path, got, want))
+    else
+      assert(math.abs(got - want) <= tol * (1 + math.abs(want)), ('%s: %.17g, expected %.17g'):format(path, got, want))
+    end
+  else
+    assert(got == want, ('%s: %s, expected %s'):format(path, tostring(got), tostring(want)))
+  end
+end
+
+-- Tensors (also inside arrays) as nested Lua tables.
+function M.to_lua(v)
+  if torch.is_tensor(v) then return v:totable() end
+  if type(v) == 'table' then
+    local r = {}
+    for i, x in ipairs(v) do r[i] = M.to_lua(x) end
+    return r
+  end
+  return v
+end
+
 return M
