@@ -3,12 +3,8 @@
 --
 --   qatlab run --threads 1 experiments/bit_budget_smollm2.lua [--set layers='layers%.[0-9]%.mlp']
 --          [--set uniform=2] [--set metric=ppl] [--set sens_blocks=4]
-local torch = require 'torch'
-local nn = require 'nn'
-local gguf = require 'gguf'
-local data = require 'data'
 local quant = require 'quant'
-local tokenizers = require 'tokenizers'
+local pretrained = require 'pretrained'
 local log = require 'log'
 local config = require 'config'
 local qatlab = require 'qatlab'
@@ -16,7 +12,7 @@ local sensitivity = require 'sensitivity'
 local args = ...
 
 local cfg = config.merge({
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   text_bytes = 400000, L = 128,
   held = 16,                      -- held-out blocks (perplexity of the recipes)
   calib = 8,                      -- calibration blocks (imatrix)
@@ -28,41 +24,22 @@ local cfg = config.merge({
   metric = 'kl', seed = 0,
 }, args)
 
-local f = io.open(cfg.gguf, 'rb')
-if not f then error(('no model at %s: run scripts/fetch_smollm2.sh'):format(cfg.gguf), 0) end
-f:close()
-local tensors, hf = gguf.load(cfg.gguf)
-local tk = tokenizers.from_gguf(cfg.gguf)
+local src = pretrained.load{gguf = cfg.gguf}
 local function fresh()
-  local m = nn.from_config(hf, {dtype = 'float32'})
-  m:load_state_dict(tensors)
-  m:eval()
+  local m = src.fresh()
   m:requires_grad_(false)
   return m
 end
 
-local lines = {}
-for line in data.kjv_text():sub(1, cfg.text_bytes):gmatch('[^\n]+') do lines[#lines + 1] = line end
-local blocks = data.shuffle(data.pack(tk, lines, {L = cfg.L}), {seed = cfg.seed})          -- (N, L)
-assert(blocks:size(1) >= cfg.held + cfg.calib + cfg.sens_blocks, 'not enough text: raise text_bytes')
-local held = blocks:narrow(1, 1, cfg.held)
-local function batches(first, n)
-  local r = {}
-  for s = 0, n - 1, cfg.batch do r[#r + 1] = blocks:narrow(1, first + s, math.min(cfg.batch, n - s)) end
-  return r
+-- blocks: held-out, calibration, sensitivity (disjoint)
+local cut = pretrained.blocks(src.tokenizer, {bytes = cfg.text_bytes, L = cfg.L, seed = cfg.seed, held = cfg.held,
+                                              calib = cfg.calib, train = cfg.sens_blocks, batch = cfg.batch})
+local held, calib = cut.held, cut.calib
+local sens = {}
+for s = 1, cfg.sens_blocks, cfg.batch do
+  sens[#sens + 1] = cut.train:narrow(1, s, math.min(cfg.batch, cfg.sens_blocks - s + 1))
 end
-local calib = batches(cfg.held + 1, cfg.calib)
-local sens = batches(cfg.held + cfg.calib + 1, cfg.sens_blocks)
-
-local function perplexity(m)
-  local nll = 0
-  torch.no_grad(function()
-    for s = 1, cfg.held, cfg.batch do
-      nll = nll + m:loss(held:narrow(1, s, math.min(cfg.batch, cfg.held - s + 1)), {reduction = 'sum'}):item()
-    end
-  end)
-  return math.exp(nll / (cfg.held * (cfg.L - 1)))
-end
+local function perplexity(m) return pretrained.perplexity(m, held, cfg.batch) end
 
 local teacher = fresh()
 local t_ppl = perplexity(teacher)

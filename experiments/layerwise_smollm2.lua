@@ -3,12 +3,8 @@
 --
 --   qatlab run --threads 1 experiments/layerwise_smollm2.lua [--set layers=0,1,2,3] [--set steps=8]
 --          [--set preset=q2a4] [--set local_w=0.5] [--set schedule=grow] [--set passes=2]
-local torch = require 'torch'
-local nn = require 'nn'
-local gguf = require 'gguf'
-local data = require 'data'
 local quant = require 'quant'
-local tokenizers = require 'tokenizers'
+local pretrained = require 'pretrained'
 local log = require 'log'
 local config = require 'config'
 local qatlab = require 'qatlab'
@@ -16,7 +12,7 @@ local layerwise = require 'layerwise'
 local args = ...
 
 local cfg = config.merge({
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   text_bytes = 400000, L = 128,
   held = 16,            -- held-out blocks (final perplexity)
   metric_blocks = 4,    -- held-out blocks of the per-layer perplexity column
@@ -29,42 +25,19 @@ local cfg = config.merge({
   seed = 0,
 }, args)
 
-local f = io.open(cfg.gguf, 'rb')
-if not f then error(('no model at %s: run scripts/fetch_smollm2.sh'):format(cfg.gguf), 0) end
-f:close()
-local tensors, hf = gguf.load(cfg.gguf)
-local tk = tokenizers.from_gguf(cfg.gguf)
-local function fresh()
-  local m = nn.from_config(hf, {dtype = 'float32'})
-  m:load_state_dict(tensors)
-  m:eval()
-  return m
-end
+local src = pretrained.load{gguf = cfg.gguf}
+local fresh, tk = src.fresh, src.tokenizer
 
 -- blocks: held-out first, then calibration, then training (disjoint)
-local lines = {}
-for line in data.kjv_text():sub(1, cfg.text_bytes):gmatch('[^\n]+') do lines[#lines + 1] = line end
-local blocks = data.shuffle(data.pack(tk, lines, {L = cfg.L}), {seed = cfg.seed})          -- (N, L)
-assert(blocks:size(1) >= cfg.held + cfg.calib + cfg.train, 'not enough text: raise text_bytes')
-local held = blocks:narrow(1, 1, cfg.held)
-local function batches(first, n)
-  local r = {}
-  for s = 0, n - 1, cfg.batch do r[#r + 1] = blocks:narrow(1, first + s, math.min(cfg.batch, n - s)) end
-  return r
+local cut = pretrained.blocks(tk, {bytes = cfg.text_bytes, L = cfg.L, seed = cfg.seed, held = cfg.held,
+                                   calib = cfg.calib, train = cfg.train, batch = cfg.batch})
+local held, calib = cut.held, cut.calib
+local train = {}
+for s = 1, cfg.train, cfg.batch do
+  train[#train + 1] = cut.train:narrow(1, s, math.min(cfg.batch, cfg.train - s + 1))
 end
-local calib = batches(cfg.held + 1, cfg.calib)
-local train = batches(cfg.held + cfg.calib + 1, cfg.train)
 
-local function perplexity(m, n)
-  n = n or cfg.held
-  local nll = 0
-  torch.no_grad(function()
-    for s = 1, n, cfg.batch do
-      nll = nll + m:loss(held:narrow(1, s, math.min(cfg.batch, n - s + 1)), {reduction = 'sum'}):item()
-    end
-  end)
-  return math.exp(nll / (n * (cfg.L - 1)))
-end
+local function perplexity(m, n) return pretrained.perplexity(m, held, cfg.batch, n) end
 
 local teacher = fresh()
 teacher:requires_grad_(false)
@@ -81,7 +54,7 @@ log.info(('%s weighted init in %.1f s: perplexity %.2f (%.2fx), %.3f bits/weight
 
 local layers = {}
 if cfg.layers == 'all' then
-  for i = 0, hf.num_hidden_layers - 1 do layers[#layers + 1] = i end
+  for i = 0, teacher.config.num_hidden_layers - 1 do layers[#layers + 1] = i end
 else
   for i in cfg.layers:gmatch('[^,]+') do layers[#layers + 1] = tonumber(i) end
 end

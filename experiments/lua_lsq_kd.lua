@@ -7,17 +7,16 @@
 --   (defaults: 30 steps of 2x128 KJV tokens per arm, both arms: KD only, then KD + local loss)
 local torch = require 'torch'
 local nn = require 'nn'
-local gguf = require 'gguf'
-local tokenizers = require 'tokenizers'
 local data = require 'data'
 local optim = require 'optim'
 local qatlab = require 'qatlab'
+local pretrained = require 'pretrained'
 local config = require 'config'
 local log = require 'log'
 local args = ...
 
 local cfg = config.merge({
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   bits = 4,             -- signed integer grid [-2^(b-1), 2^(b-1) - 1] per output channel
   steps = 30, batch = 2, L = 128, lr = 1e-4, lr_step = 1e-3,
   eval_blocks = 24,     -- held-out KJV blocks (never trained on)
@@ -52,16 +51,8 @@ end
 function LSQ:forward(x) return x:matmul(self:dense_weight():to(x.dtype):t()) end
 
 -- the model -------------------------------------------------------------------------------------
-local f = io.open(cfg.gguf, 'rb')
-if not f then error(('no model at %s: run scripts/fetch_smollm2.sh'):format(cfg.gguf), 0) end
-f:close()
-local tensors, hf = gguf.load(cfg.gguf)
-local function load()
-  local m = nn.from_config(hf)
-  m:load_state_dict(tensors)
-  return m
-end
-local tk = tokenizers.from_gguf(cfg.gguf)
+local src = pretrained.load{gguf = cfg.gguf}
+local load, tk, hf = src.fresh, src.tokenizer, src.config
 local teacher = load()
 teacher:eval()
 teacher:requires_grad_(false)
@@ -78,18 +69,7 @@ assert(blocks:size(1) >= cfg.eval_blocks + n_train, 'not enough KJV text for the
 local eval_ids = blocks:narrow(1, 1, cfg.eval_blocks)
 local train_ids = blocks:narrow(1, cfg.eval_blocks + 1, n_train)
 
-local function perplexity(m)
-  return torch.no_grad(function()
-    local nll, n = 0, 0
-    for i = 1, cfg.eval_blocks, 4 do
-      local b = eval_ids:narrow(1, i, math.min(4, cfg.eval_blocks - i + 1))
-      local tok = b:size(1) * (cfg.L - 1)
-      nll = nll + m:loss(b):item() * tok
-      n = n + tok
-    end
-    return math.exp(nll / n)
-  end)
-end
+local function perplexity(m) return pretrained.perplexity(m, eval_ids, 4) end
 
 -- KL(teacher ‖ student) over the full vocabulary, mean over positions.
 local function kd_loss(student, ids)

@@ -8,7 +8,7 @@
 local torch = require 'torch'
 local nn = require 'nn'
 local quant = require 'quant'
-local gguf = require 'gguf'
+local pretrained = require 'pretrained'
 local qatlab = require 'qatlab'
 local config = require 'config'
 local bench = require 'bench'
@@ -17,7 +17,7 @@ local args = ...
 local cfg = config.merge({
   preset = 'q2a4', ste_fp16 = false,
   real = true,          -- also check on SmolLM2-135M (the GGUF set-up fetches) when present
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   check_tokens = 32,    -- tokens of the equality check
   tokens = 256, batch = 1, iters = 5, warmup = 1, threads = 2, vocab = 1024,
   hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128,   -- Qwen3-0.6B's decoder layer
@@ -104,12 +104,8 @@ local results = {}
 -- 1. equality on the real model -------------------------------------------------------------
 local function exists(p) local f = io.open(p, 'rb'); if f then f:close() end return f ~= nil end
 if cfg.real and exists(cfg.gguf) then
-  local tensors, hf = gguf.load(cfg.gguf)
-  local function load()
-    local m = nn.from_config(hf)
-    m:load_state_dict(tensors)
-    return m
-  end
+  local src = pretrained.load{gguf = cfg.gguf}
+  local load, hf = src.fresh, src.config
   local t0 = qatlab.time()
   local cpp, lua = load(), load()
   quant.replace(cpp, {preset = cfg.preset, ste_fp16 = cfg.ste_fp16})

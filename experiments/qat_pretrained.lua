@@ -13,13 +13,9 @@
 -- stages/<name>/record.json and a checkpoint: a rerun skips finished stages (a stage interrupted
 -- mid-training resumes from its trainer checkpoint). results.md and loss plots at the end.
 local torch = require 'torch'
-local nn = require 'nn'
-local gguf = require 'gguf'
-local data = require 'data'
 local quant = require 'quant'
 local kd = require 'kd'
 local optim = require 'optim'
-local tokenizers = require 'tokenizers'
 local trainer = require 'trainer'
 local schedule = require 'schedule'
 local plot = require 'plot'
@@ -28,10 +24,11 @@ local json = require 'json'
 local log = require 'log'
 local config = require 'config'
 local qatlab = require 'qatlab'
+local pretrained = require 'pretrained'
 local args = ...
 
 local cfg = config.merge({
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   dir = '',                -- a Hugging Face directory instead of the GGUF
   text = '',               -- a UTF-8 text file instead of the King James Bible
   text_bytes = 800000,     -- training/calibration part of the corpus (its head)
@@ -50,51 +47,20 @@ local cfg = config.merge({
 local out = qatlab.out or 'runs/qat_pretrained'
 files.mkdir(out .. '/stages', 'qat_pretrained')
 
--- teacher, tokenizer ------------------------------------------------------------------------------
-local tensors, hf_config, tk
-if cfg.dir ~= '' then
-  tk = tokenizers.from_file(cfg.dir)
-else
-  local f = io.open(cfg.gguf, 'rb')
-  if not f then
-    error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
-  end
-  f:close()
-  tensors, hf_config = gguf.load(cfg.gguf)
-  tk = tokenizers.from_gguf(cfg.gguf)
-end
-local function float_model()
-  local m
-  if cfg.dir ~= '' then
-    m = nn.from_pretrained(cfg.dir, {dtype = 'float32', device = qatlab.device})
-  else
-    m = nn.from_config(hf_config, {dtype = 'float32', device = qatlab.device})
-    m:load_state_dict(tensors)
-  end
-  m:eval()
-  return m
-end
+-- teacher, tokenizer, data ---------------------------------------------------------------------
+local src = pretrained.load{gguf = cfg.gguf, dir = cfg.dir}
+local float_model, tk = src.fresh, src.tokenizer
 local teacher = float_model()
 teacher:requires_grad_(false)
 
--- data ------------------------------------------------------------------------------------------
-local corpus = cfg.text ~= '' and table.concat(data.read_text(cfg.text), '\n') or data.kjv_text()
+-- blocks of the corpus head: held-out, calibration, training (disjoint); the held-out text is the
+-- tail right after that head, never cut into training blocks
+local corpus = pretrained.text(cfg.text)
 assert(#corpus >= cfg.text_bytes + cfg.held_bytes, ('the corpus has %d bytes, %d needed'):format(
   #corpus, cfg.text_bytes + cfg.held_bytes))
-local lines = {}
-for line in corpus:sub(1, cfg.text_bytes):gmatch('[^\n]+') do lines[#lines + 1] = line end
-local blocks = data.shuffle(data.pack(tk, lines, {L = cfg.L}), {seed = 0})
-local need = cfg.train_blocks + cfg.calib + cfg.held_blocks
-if blocks:size(1) < need then
-  error(('%d blocks of %d tokens in text_bytes=%d, %d needed (train_blocks + calib + held_blocks)'):format(
-    blocks:size(1), cfg.L, cfg.text_bytes, need), 0)
-end
-local held_blocks = blocks:narrow(1, 1, cfg.held_blocks)
-local calib = {}
-for s = 1, cfg.calib, cfg.batch do
-  calib[#calib + 1] = blocks:narrow(1, cfg.held_blocks + s, math.min(cfg.batch, cfg.calib - s + 1))
-end
-local train_ids = blocks:narrow(1, cfg.held_blocks + cfg.calib + 1, cfg.train_blocks)
+local cut = pretrained.blocks(tk, {text = cfg.text, bytes = cfg.text_bytes, L = cfg.L, held = cfg.held_blocks,
+                                   calib = cfg.calib, train = cfg.train_blocks, batch = cfg.batch})
+local held_blocks, calib, train_ids = cut.held, cut.calib, cut.train
 local held_text = corpus:sub(cfg.text_bytes + 1, cfg.text_bytes + cfg.held_bytes)
 local held_ids = torch.tensor(tk:encode(held_text), {dtype = 'int64'})
 

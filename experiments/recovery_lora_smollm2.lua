@@ -4,21 +4,18 @@
 --   qatlab run --threads 1 experiments/recovery_lora_smollm2.lua [--set steps=30] [--set rank=8]
 --          [--set lr=1e-3] [--set batch=2] [--set held=16] [--set refine=2] [--set dir=HF_DIR]
 local torch = require 'torch'
-local nn = require 'nn'
-local gguf = require 'gguf'
-local data = require 'data'
 local optim = require 'optim'
 local quant = require 'quant'
-local tokenizers = require 'tokenizers'
 local log = require 'log'
 local json = require 'json'
 local config = require 'config'
 local qatlab = require 'qatlab'
 local qo = require 'qat_options'
+local pretrained = require 'pretrained'
 local args = ...
 
 local cfg = config.merge({
-  gguf = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf',
+  gguf = pretrained.SMOLLM2,
   dir = '',              -- a Hugging Face directory instead of the GGUF
   text_bytes = 400000,   -- the KJV prefix cut into blocks
   L = 128,               -- tokens per block
@@ -35,58 +32,18 @@ local cfg = config.merge({
   seed = 0,
 }, args)
 
--- model ----------------------------------------------------------------------------------------
-local tensors, hf_config, tk
-if cfg.dir ~= '' then
-  tk = tokenizers.from_file(cfg.dir)
-else
-  local f = io.open(cfg.gguf, 'rb')
-  if not f then
-    error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
-  end
-  f:close()
-  tensors, hf_config = gguf.load(cfg.gguf)
-  tk = tokenizers.from_gguf(cfg.gguf)
-end
-local function fresh()
-  local m
-  if cfg.dir ~= '' then
-    m = nn.from_pretrained(cfg.dir, {dtype = 'float32'})
-  else
-    m = nn.from_config(hf_config, {dtype = 'float32'})
-    m:load_state_dict(tensors)
-  end
-  m:eval()
-  return m
-end
-
--- data: held-out blocks, calibration blocks, training blocks (disjoint) --------------------------
-local text = data.kjv_text():sub(1, cfg.text_bytes)
-local lines = {}
-for line in text:gmatch('[^\n]+') do lines[#lines + 1] = line end
-local blocks = data.shuffle(data.pack(tk, lines, {L = cfg.L}), {seed = cfg.seed})
-local n_train = blocks:size(1) - cfg.held - cfg.calib
-assert(n_train >= cfg.batch, ('%d blocks of %d tokens: raise text_bytes'):format(blocks:size(1), cfg.L))
-local held = blocks:narrow(1, 1, cfg.held)
-local calib = {}
-for s = 1, cfg.calib, cfg.batch do
-  calib[#calib + 1] = blocks:narrow(1, cfg.held + s, math.min(cfg.batch, cfg.calib - s + 1))
-end
-local train = blocks:narrow(1, cfg.held + cfg.calib + 1, n_train)
+-- model and blocks: held-out, calibration, training (disjoint) ------------------------------------
+local src = pretrained.load{gguf = cfg.gguf, dir = cfg.dir}
+local fresh = src.fresh
+local cut = pretrained.blocks(src.tokenizer, {bytes = cfg.text_bytes, L = cfg.L, seed = cfg.seed, held = cfg.held,
+                                              calib = cfg.calib, batch = cfg.batch})
+local held, calib, train = cut.held, cut.calib, cut.train
+local n_train = train:size(1)
+assert(n_train >= cfg.batch, ('%d blocks of %d tokens: raise text_bytes'):format(cut.all:size(1), cfg.L))
 log.info(('%d blocks of %d tokens: %d held out, %d calibration, %d training'):format(
-  blocks:size(1), cfg.L, cfg.held, cfg.calib, n_train))
+  cut.all:size(1), cfg.L, cfg.held, cfg.calib, n_train))
 
-local function perplexity(m)   -- exp(mean next-token CE) over the held-out blocks
-  local nll, n = 0, 0
-  torch.no_grad(function()
-    for s = 1, cfg.held, cfg.batch do
-      local b = held:narrow(1, s, math.min(cfg.batch, cfg.held - s + 1))
-      nll = nll + m:loss(b, {reduction = 'sum'}):item()
-      n = n + b:size(1) * (cfg.L - 1)
-    end
-  end)
-  return math.exp(nll / n)
-end
+local function perplexity(m) return pretrained.perplexity(m, held, cfg.batch) end
 
 -- stages ---------------------------------------------------------------------------------------
 local rows = {}
