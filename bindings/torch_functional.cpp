@@ -383,33 +383,22 @@ int f_softmax_like(lua_State * L, bool log) {
 int f_softmax(lua_State * L) { return f_softmax_like(L, false); }
 int f_log_softmax(lua_State * L) { return f_softmax_like(L, true); }
 
-int f_relu(lua_State * L) {
+// relu/silu(input, {inplace=false}): in place returns the input itself.
+int f_activation(lua_State * L, at::Tensor (*fn)(const at::Tensor &), at::Tensor & (*fn_)(at::Tensor &)) {
     Args a(L);
     at::Tensor & x = a.tensor(1, "input");
     bool inplace = a.opt_bool(2, "inplace", false);
     a.finish();
     if (inplace) {
-        at::relu_(x);
+        fn_(x);
         lua_settop(L, 1);
         return 1;
     }
-    tensor_push(L, at::relu(x));
+    tensor_push(L, fn(x));
     return 1;
 }
-
-int f_silu(lua_State * L) {
-    Args a(L);
-    at::Tensor & x = a.tensor(1, "input");
-    bool inplace = a.opt_bool(2, "inplace", false);
-    a.finish();
-    if (inplace) {
-        at::silu_(x);
-        lua_settop(L, 1);
-        return 1;
-    }
-    tensor_push(L, at::silu(x));
-    return 1;
-}
+int f_relu(lua_State * L) { return f_activation(L, at::relu, at::relu_); }
+int f_silu(lua_State * L) { return f_activation(L, at::silu, at::silu_); }
 
 int f_gelu(lua_State * L) {
     Args a(L);

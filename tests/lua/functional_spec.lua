@@ -61,14 +61,6 @@ local FD = f64{-7, -3.5, 0, 3, 7.5}
 local PRELUDE = [==[
 import math, torch
 import torch.nn.functional as F
-def lua(v):
-    if isinstance(v, dict): return '{' + ','.join('[%r]=%s' % (k, lua(x)) for k, x in v.items()) + '}'
-    if isinstance(v, (list, tuple)): return '{' + ','.join(lua(x) for x in v) + '}'
-    if isinstance(v, bool): return 'true' if v else 'false'
-    if isinstance(v, torch.Tensor): return lua(v.tolist())
-    if isinstance(v, float) and v != v: return '(0/0)'
-    if isinstance(v, float) and v in (float('inf'), float('-inf')): return ('-' if v < 0 else '') + 'math.huge'
-    return repr(v)
 d = torch.float64
 def S(shape, a, b): return torch.arange(math.prod(shape), dtype=d).mul(a).add(b).sin().view(shape)
 def i64(v): return torch.tensor(v, dtype=torch.int64)
@@ -121,7 +113,6 @@ FD = f64([-7, -3.5, 0, 3, 7.5])
 def emb_max_norm():
     w = EW.clone()
     return [F.embedding(IDS, w, max_norm=1.5, norm_type=1), w]
-R = {}
 ]==]
 
 -- Lua twin of the prelude's G: forward value, then the gradient of sum(y * w) for each input.

@@ -52,11 +52,23 @@ function M.tmpdir()
   return d
 end
 
+-- lua(v): a Python value (dicts, lists, tensors, bools, NaN, infinities) as Lua source.
+local PY_LUA = [==[
+import torch
+def lua(v):
+    if isinstance(v, dict): return '{' + ','.join('[%r]=%s' % (k, lua(x)) for k, x in v.items()) + '}'
+    if isinstance(v, (list, tuple)): return '{' + ','.join(lua(x) for x in v) + '}'
+    if isinstance(v, bool): return 'true' if v else 'false'
+    if isinstance(v, torch.Tensor): return lua(v.tolist())
+    if isinstance(v, float) and v != v: return '(0/0)'
+    if isinstance(v, float) and v in (float('inf'), float('-inf')): return ('-' if v < 0 else '') + 'math.huge'
+    return repr(v)
+R = {}]==]
+
 -- Case tables checked against Python torch: cases = {{name, fn, python_expr}, ...}; prelude is the
--- Python that defines the inputs, R = {} and lua(v) (a Python value as Lua source). Returns the
--- results by name, computed in one Python run.
+-- Python that defines the inputs. Returns the results by name, computed in one Python run.
 function M.pycases(prelude, cases)
-  local lines = {prelude}
+  local lines = {PY_LUA, prelude}
   for _, c in ipairs(cases) do lines[#lines + 1] = ('R[%q] = (%s)'):format(c[1], c[3]) end
   lines[#lines + 1] = "print('return ' + lua(R))"
   return assert(loadstring(M.py(table.concat(lines, '\n'))))()

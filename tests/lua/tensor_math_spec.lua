@@ -23,14 +23,6 @@ local SRC = f64{{10, 20}, {30, 40}, {50, 60}}
 
 local PRELUDE = [==[
 import torch
-def lua(v):
-    if isinstance(v, dict): return '{' + ','.join('[%r]=%s' % (k, lua(x)) for k, x in v.items()) + '}'
-    if isinstance(v, (list, tuple)): return '{' + ','.join(lua(x) for x in v) + '}'
-    if isinstance(v, bool): return 'true' if v else 'false'
-    if isinstance(v, torch.Tensor): return lua(v.tolist())
-    if isinstance(v, float) and v != v: return '(0/0)'
-    if isinstance(v, float) and v in (float('inf'), float('-inf')): return ('-' if v < 0 else '') + 'math.huge'
-    return repr(v)
 d = torch.float64
 X = torch.tensor([[0.5, -1.25, 2.0, 0.0], [3.5, -0.75, 0.1, -2.5], [1.5, 2.25, -3.0, 0.7]], dtype=d)
 P = X.abs() + 0.1
@@ -39,7 +31,6 @@ GI = torch.tensor([[0, 2], [1, 0], [3, 1]])
 GD = torch.tensor([[0, 0], [1, 1], [3, 3]])
 SRC = torch.tensor([[10, 20], [30, 40], [50, 60]], dtype=d)
 inf = float('inf')
-R = {}
 ]==]
 
 -- {name, Lua function (may return several results), Python expression}
