@@ -1,7 +1,7 @@
 -- qat_pretrained: the whole recipe on a real pretrained model, stage by stage with resume: data-aware
 -- Q4 init, Q4 trained by KD, Q2 (MLP) / Q4 (attention) init, Q2 trained, fp16-snapped, recovery LoRA.
 --
---   qatlab run experiments/qat_pretrained.lua [--out runs/qat_smollm2] [--set q4_steps=150 --set q2_steps=250]
+--   qatlab run experiments/qat_pretrained.lua [--out runs/qat_smollm2] [--set q4_steps=300 --set q2_steps=600]
 --   qatlab run experiments/qat_pretrained.lua --device cuda --set dir=Qwen3-0.6B --set batch=16 \
 --          --set q4_steps=2000 --set q2_steps=4000 --set train_blocks=20000      (a GPU)
 --
@@ -37,8 +37,8 @@ local cfg = config.merge({
   K = 32,                  -- teacher top-K in the KD cache
   batch = 4, T = 2.0,
   q4 = 'q4a4', q2 = 'q2a4', refine = 2, lut = 'uniform',
-  q4_steps = 150, q2_steps = 250, lr_q4 = 2e-4, lr_q2 = 5e-4, warmup = 10,
-  lora_rank = 8, lora_steps = 100, lr_lora = 1e-3,
+  q4_steps = 100, q2_steps = 180, lr_q4 = 2e-4, lr_q2 = 5e-4, warmup = 10,
+  lora_rank = 8, lora_steps = 50, lr_lora = 1e-3,
   window = 512, stride = 256,
   prompt = 'What is the capital of France? Answer in one sentence.', sample_tokens = 24,
   stages = 'init,q4,q2init,q2,snap,lora',
