@@ -120,6 +120,20 @@ int m_forward(lua_State * L) {
     return 1;
 }
 
+// model:forward_from(layer, hidden, {output = 'logits'}): decoder layers `layer` (0-based, as in
+// the HF names model.layers.<i>) to the end on the hidden states that layer receives (B, T, H).
+int m_forward_from(lua_State * L) {
+    Args a(L);
+    DecoderModel & m = model_check(L, 1);
+    int64_t first = a.integer(2, "layer");
+    at::Tensor & h = a.tensor(3, "hidden");
+    std::string out = a.opt_string(0, "output", "logits");
+    a.finish();
+    if (out != "logits" && out != "hidden") bind_fail("option 'output': expected 'logits' or 'hidden', got '%s'", out.c_str());
+    tensor_push(L, m.forward_from(first, h, out == "hidden" ? ForwardOutput::hidden : ForwardOutput::logits));
+    return 1;
+}
+
 int m_named_parameters(lua_State * L) {
     DecoderModel & m = model_check(L, 1);
     auto np = m.named_parameters();
@@ -467,6 +481,7 @@ int m_tostring(lua_State * L) {
 
 const BindFn model_methods[] = {
     {"forward", m_forward},
+    {"forward_from", m_forward_from},
     {"named_parameters", m_named_parameters},
     {"parameters", m_parameters},
     {"state_dict", m_state_dict},

@@ -725,9 +725,14 @@ at::Tensor DecoderModel::forward_impl(const at::Tensor & ids, const at::Tensor &
         if (km.defined()) m = (m & km.to(at::kBool).view({B, 1, 1, S})) | (ks == qs).view({1, 1, T, S});
         aux.mask = m.expand({B, 1, T, S});
     }
+    return layers_from(0, x, aux, cache, out);
+}
+
+at::Tensor DecoderModel::layers_from(int64_t first, at::Tensor x, const Aux & aux, KVCache * cache, ForwardOutput out) {
+    const int64_t T = x.size(1);
     const bool ckpt = ckpt_layers_ != 0 && training_ && !cache && at::GradMode::is_enabled();
     const int64_t n_ckpt = gradient_checkpointing_layers();
-    for (int64_t i = 0; i < (int64_t)layers_.size(); i++) {
+    for (int64_t i = first; i < (int64_t)layers_.size(); i++) {
         // The layer's own hooks run here, once per forward; hooks inside a checkpointed layer
         // run in forward and again when backward recomputes it.
         x = call(module_id(i, kLayer), x, [&](const at::Tensor & xi) {
@@ -794,6 +799,22 @@ at::Tensor DecoderModel::forward(const at::Tensor & input_ids, const at::Tensor 
         pos = at::arange(ids.size(1), ids.options()).unsqueeze(0).expand_as(ids);
     }
     return forward_impl(ids, mask, pos, nullptr, out);
+}
+
+at::Tensor DecoderModel::forward_from(int64_t first, const at::Tensor & hidden, ForwardOutput out) {
+    const int64_t n = (int64_t)layers_.size();
+    if (first < 0 || first > n)
+        throw std::runtime_error("forward_from: layer " + std::to_string(first) + " out of range (the model has " +
+                                 std::to_string(n) + " layers)");
+    if (!hidden.defined() || hidden.dim() != 3 || hidden.size(2) != cfg_.hidden_size)
+        throw std::runtime_error("forward_from: expected hidden states (B, T, " + std::to_string(cfg_.hidden_size) +
+                                 "), found " + (hidden.defined() ? c10::str(hidden.sizes()) : std::string("nothing")));
+    at::Tensor x = hidden.to(device(), dtype());
+    at::Tensor pos = at::arange(x.size(1), at::TensorOptions().dtype(at::kLong).device(x.device())).unsqueeze(0)
+                         .expand({x.size(0), x.size(1)});
+    Aux aux;
+    std::tie(aux.cos, aux.sin) = rope(pos, x.scalar_type());
+    return layers_from(first, x, aux, nullptr, out);
 }
 
 at::Tensor DecoderModel::forward_cached(const at::Tensor & input_ids, KVCache & cache, const at::Tensor & key_mask_new,

@@ -169,6 +169,10 @@ public:
                               const at::Tensor & key_mask_new = {}, ForwardOutput out = ForwardOutput::logits);
     // The LM head (with softcap) over final hidden states (..., H) -> (..., V).
     at::Tensor lm_head(const at::Tensor & hidden);
+    // Decoder layers first..end on hidden (B, T, H), the states layer `first` receives in a plain
+    // forward (positions 0..T-1, causal, no padding), then the final norm (and head): measures that
+    // change only layers >= first skip recomputing the ones before (per-layer sensitivity).
+    at::Tensor forward_from(int64_t first, const at::Tensor & hidden, ForwardOutput out = ForwardOutput::logits);
 
     // Parameters, HF order: embed, per layer (attn q,k,v,o, q_norm, k_norm, mlp, norms), norm, lm_head.
     NamedTensors named_parameters();
@@ -279,6 +283,7 @@ private:
 
     at::Tensor forward_impl(const at::Tensor & ids, const at::Tensor & key_mask, const at::Tensor & pos,
                             KVCache * cache, ForwardOutput out);
+    at::Tensor layers_from(int64_t first, at::Tensor x, const Aux & aux, KVCache * cache, ForwardOutput out);
     at::Tensor rms_norm(const at::Tensor & x, const at::Tensor & w);
     at::Tensor attention(int64_t i, const at::Tensor & x, const Aux & aux);
     std::pair<at::Tensor, at::Tensor> rope(const at::Tensor & pos, at::ScalarType dtype);
