@@ -2,11 +2,8 @@
 -- process, the device in words, and the path of the running qatlab binary (for timing child runs).
 local M = {}
 
--- The median of a list of numbers (sorts it in place).
-function M.median(xs)
-  table.sort(xs)
-  return xs[math.floor((#xs + 1) / 2)]
-end
+-- The median of a list of numbers (sorts it in place; util.median).
+M.median = require('util').median
 
 -- stdout of a shell command.
 function M.sh(cmd)

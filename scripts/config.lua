@@ -10,7 +10,9 @@ local function merge(into, over, prefix)
       local known = {}
       for name in pairs(into) do known[#known + 1] = prefix .. tostring(name) end
       table.sort(known)
-      error(('unknown setting %q (known: %s)'):format(key, table.concat(known, ', ')), 0)
+      local near = require('opts').closest(key, known)
+      error(('unknown setting %q (%sknown: %s)'):format(key, near and ('did you mean %q? '):format(near) or '',
+        table.concat(known, ', ')), 0)
     elseif type(cur) == 'table' and type(v) == 'table' then
       merge(cur, v, key .. '.')
     elseif type(cur) ~= type(v) then

@@ -3,6 +3,8 @@
 -- parameters' device (a per-step CPU copy cost parameter-golf 32%); half/bf16 params get fp32 shadows.
 local torch = require 'torch'
 
+local opts = require 'opts'
+
 local M = {}
 
 local function shadow_of(p, dtype)
@@ -31,7 +33,8 @@ Ema.__index = Ema
 -- ema.new(params, {decay=0.997, warmup=false, dtype=}): shadows start as copies of params.
 -- warmup=true uses min(decay, (1+n)/(10+n)) after n updates (timm's ModelEmaV2 style).
 function M.new(params, o)
-  o = o or {}
+  opts.check_value(params, 'table', 'ema.new', 'argument #1 (the parameter list)', 3)
+  o = opts.check(o, {decay = 'number', warmup = 'boolean', dtype = 'string'}, 'ema.new')
   local self = setmetatable({ decay = o.decay or 0.997, warmup = o.warmup or false, num_updates = 0,
                               shadow = {} }, Ema)
   assert(self.decay >= 0 and self.decay <= 1, 'ema: decay must be in [0, 1]')
@@ -84,7 +87,8 @@ Swa.__index = Swa
 -- update(params, step, ctx) at steps >= start with (step - start) % every == 0; with start_frac the
 -- start is instead the first update where ctx.elapsed / ctx.budget >= start_frac.
 function M.swa(params, o)
-  o = o or {}
+  opts.check_value(params, 'table', 'ema.swa', 'argument #1 (the parameter list)', 3)
+  o = opts.check(o, {start = 'number', every = 'number', start_frac = 'number', dtype = 'string'}, 'ema.swa')
   local self = setmetatable({ start = o.start or 0, every = o.every or 1, start_frac = o.start_frac,
                               count = 0, shadow = {} }, Swa)
   for i, p in ipairs(params) do self.shadow[i] = shadow_of(p, o.dtype) end

@@ -11,7 +11,7 @@ function M.read(path)
   return s
 end
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = require('util').q
 
 -- mkdir -p; `who` prefixes the error ("sweep: cannot create the folder ...").
 function M.mkdir(dir, who)

@@ -10,45 +10,11 @@ local M = {}
 
 -- options ---------------------------------------------------------------------------------------
 
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = {[0] = i}
-    for j = 1, #b do
-      local c = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + c)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
--- Checks o against spec {key = 'type' | {'type', ...}}; unknown keys name the closest known one.
+-- Checks o against spec {key = 'type' | {'type', ...}} (opts.check, the toolkit's one options rule); unknown
+-- keys name the closest known one.
 function M.check_options(what, o, spec)
   if o == nil then return {} end
-  if type(o) ~= 'table' then error(('%s: expected an options table, got %s'):format(what, type(o)), 3) end
-  for k, v in pairs(o) do
-    local want = spec[k]
-    if want == nil then
-      local best, bd = nil, math.huge
-      for name in pairs(spec) do
-        local d = distance(tostring(k), name)
-        if d < bd or (d == bd and name < best) then best, bd = name, d end
-      end
-      error(('%s: unknown option %q (did you mean %q?)'):format(what, tostring(k), best), 3)
-    end
-    local ok = false
-    for t in (type(want) == 'table' and table.concat(want, ' ') or want):gmatch('%S+') do
-      if t == 'any' or t == type(v) or (t == 'tensor' and torch.is_tensor(v))
-         or (t == 'integer' and type(v) == 'number' and v % 1 == 0) then ok = true end
-    end
-    if not ok then
-      error(('%s: option %q: expected %s, got %s'):format(what, k,
-        type(want) == 'table' and table.concat(want, ' or ') or want, type(v)), 3)
-    end
-  end
-  return o
+  return require('opts').check(o, spec, what, 4)
 end
 
 local LAYER_OPTS = {

@@ -3,6 +3,8 @@
 -- out='f.svg', logy=false}; plot.loss_curves{csv='training_log.csv', out=, title=};
 -- plot.sweep{runs={{name=, csv=}, ...}, out=, column='train_loss'}. Points that are missing,
 -- NaN or infinite (or <= 0 with logy) are skipped. Files are written atomically (temp + rename).
+local opts = require 'opts'
+
 local M = {}
 
 -- The plot area inside a W x H picture (pixels).
@@ -78,8 +80,13 @@ local function points_of(s, logy)
 end
 
 -- Builds the SVG text; returns it and the layout ({px = fn, py = fn, xticks, yticks}).
+local LINES = {
+  series = 'table!', out = 'string', title = 'string', xlabel = 'string', ylabel = 'string', logy = 'boolean',
+  width = 'number', height = 'number', xticks = 'number', yticks = 'number',
+}
+
 function M.render(o)
-  assert(type(o) == 'table' and type(o.series) == 'table', 'plot.lines: expected {series = {...}}')
+  opts.check(o, LINES, 'plot.render')
   local W, H = o.width or M.W, o.height or M.H
   local x0, x1, y0, y1 = M.LEFT, W - M.RIGHT, M.TOP, H - M.BOTTOM
   local logy = o.logy and true or false
@@ -198,7 +205,8 @@ end
 
 -- Renders and writes o.out; returns the path, the SVG text and the layout.
 function M.lines(o)
-  assert(type(o) == 'table' and type(o.out) == 'string', 'plot.lines: expected {out = "file.svg", ...}')
+  opts.check(o, LINES, 'plot.lines')
+  if o.out == nil then error('plot.lines: option "out" is required (a string: the .svg file)', 2) end
   local svg, layout = M.render(o)
   M.write_atomic(o.out, svg)
   return o.out, svg, layout
@@ -245,7 +253,8 @@ end
 
 -- Train and eval loss of one training_log.csv (columns step,train_loss,eval_loss,...).
 function M.loss_curves(o)
-  assert(type(o) == 'table' and o.csv, 'plot.loss_curves: expected {csv = "training_log.csv", out = ...}')
+  opts.check(o, {csv = 'string!', out = 'string', x = 'string', title = 'string', xlabel = 'string',
+                 ylabel = 'string', logy = 'boolean'}, 'plot.loss_curves')
   local cols = M.read_csv(o.csv)
   local step = column(cols, o.x or 'step', o.csv)
   local series = { { name = 'train_loss', x = step, y = column(cols, 'train_loss', o.csv) } }
@@ -258,7 +267,8 @@ end
 
 -- Overlays one column (train_loss by default) of several runs' CSVs.
 function M.sweep(o)
-  assert(type(o) == 'table' and type(o.runs) == 'table', 'plot.sweep: expected {runs = {{name=, csv=}, ...}}')
+  opts.check(o, {runs = 'table!', column = 'string', out = 'string', x = 'string', title = 'string',
+                 xlabel = 'string', ylabel = 'string', logy = 'boolean'}, 'plot.sweep')
   local col = o.column or 'train_loss'
   local series = {}
   for i, r in ipairs(o.runs) do

@@ -12,16 +12,8 @@ local M = {}
 -- The GGUF scripts/fetch_smollm2.sh puts in the checkout.
 M.SMOLLM2 = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf'
 
-local function check(o, known, who)
-  for k in pairs(o) do
-    if not known[k] then
-      local names = {}
-      for n in pairs(known) do names[#names + 1] = n end
-      table.sort(names)
-      error(('%s: unknown option %q (known: %s)'):format(who, tostring(k), table.concat(names, ', ')), 3)
-    end
-  end
-end
+-- The options rule of the toolkit (opts.check): a typo names the closest known option.
+local function check(o, known, who) return require('opts').check(o, known, who, 4) end
 
 -- load{gguf = M.SMOLLM2, dir = '', dtype = 'float32', device = qatlab.device} ->
 -- {fresh = function() -> a new float copy of the model in eval mode, tokenizer =, config =, source =}.

@@ -2,16 +2,14 @@
 -- second; otherwise complete timestamped lines (first, every `interval` s or 10%, last), never \r.
 -- `is_tty` defaults to the host's isatty(2) with TERM set and not 'dumb', so a redirected stderr
 -- gets plain lines. Metrics belong in metrics.jsonl.
+local opts = require 'opts'
+
 local M = {}
 
 local Progress = {}
 Progress.__index = Progress
 
-local function default_clock()
-  local ok, q = pcall(require, 'qatlab')
-  if ok and type(q) == 'table' and q.time then return q.time end
-  return os.clock
-end
+local function default_clock() return require('util').host().time or os.clock end
 
 -- 1h02m03s / 4m05s / 12s / 0.4s
 function M.duration(s)
@@ -50,8 +48,17 @@ end
 -- mode: 'auto' (bar if is_tty else lines), 'bar', 'lines', 'off'; QATLAB_PROGRESS overrides it and
 -- QATLAB_PROGRESS_INTERVAL overrides interval. writer(s) defaults to io.stderr:write + flush;
 -- clock() to qatlab.time; stamp() to the UTC time as 2026-11-21T18:01:02Z.
+local KNOWN = {
+  total = 'number', desc = 'string', prefix = 'string', interval = 'number', mode = 'string', is_tty = 'boolean',
+  isatty = 'callable', width = 'number', writer = 'callable', clock = 'callable', stamp = 'callable',
+  getenv = 'callable', min_redraw = 'number', color = 'boolean',
+}
+
 function M.new(o)
-  o = o or {}
+  o = opts.check(o, KNOWN, 'progress.new')
+  if o.total ~= nil and (o.total ~= o.total or o.total < 0) then
+    error(('progress.new: option "total" must be >= 0, got %s'):format(tostring(o.total)), 2)
+  end
   local getenv = o.getenv or os.getenv
   local mode = getenv('QATLAB_PROGRESS') or o.mode or 'auto'
   if mode == '' then mode = 'auto' end
@@ -64,8 +71,7 @@ function M.new(o)
       local term = getenv('TERM')
       local isatty = o.isatty
       if not isatty then
-        local ok, host = pcall(require, 'qatlab')
-        isatty = ok and host.isatty or function() return true end
+        isatty = require('util').host().isatty or function() return true end
       end
       local stderr_tty = isatty(2)
       tty = stderr_tty and term ~= nil and term ~= '' and term ~= 'dumb'
@@ -155,12 +161,21 @@ end
 -- Advances by k (default 1) and sets the postfix metrics if given.
 function Progress:update(k, postfix)
   if type(k) == 'table' then k, postfix = 1, k end
-  return self:set(self.n + (k or 1), postfix)
+  k = k or 1
+  if type(k) ~= 'number' or k < 0 then
+    error(('progress:update: the step must be a number >= 0, got %s'):format(tostring(k)), 2)
+  end
+  return self:set(self.n + k, postfix)
 end
 
--- Sets the count to n (and the postfix if given).
+-- Sets the count to n (and the postfix if given). A count past the total is held at the total (100%, then
+-- closed): the bar never shows more than 100% or a negative time left.
 function Progress:set(n, postfix)
   if self.closed then return end
+  if type(n) ~= 'number' or n < 0 then
+    error(('progress:set: the count must be a number >= 0, got %s'):format(tostring(n)), 2)
+  end
+  if self.total and n > self.total then n = self.total end
   self.n = n
   if postfix ~= nil then self.post = postfix end
   if self.total and n >= self.total then return self:close() end
@@ -177,7 +192,7 @@ end
 
 -- for i in progress.range(n, opts) do ... end: counts 1..n and closes at the end.
 function M.range(n, o)
-  o = o or {}
+  o = opts.check(o, KNOWN, 'progress.range')
   o.total = o.total or n
   local p, i = M.new(o), 0
   return function()

@@ -14,11 +14,7 @@ local M = {}
 local MLP = { gate_proj = true, up_proj = true, down_proj = true }
 local ATTN = { q_proj = true, k_proj = true, v_proj = true, o_proj = true }
 
-local function check_opts(o, known, who)
-  for k in pairs(o) do
-    if not known[k] then error(('%s: unknown option %q'):format(who, tostring(k)), 3) end
-  end
-end
+local function check_opts(o, known, who) return require('opts').check(o, known, who, 4) end
 
 -- The projection kind of "<...>.<proj>.rank_magnitude": 'mlp', 'attn' or nil.
 local function kind_of(name)

@@ -9,9 +9,18 @@ local files = require 'files'
 
 local M = {}
 
-function M.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+M.q = require('util').q
 
 M.read = files.read
+
+-- The time now in UTC, as records show it: 2026-11-21T18:01:02Z.
+function M.utc() return os.date('!%Y-%m-%dT%H:%M:%SZ') end
+
+-- A trial's record with `status` (running, completed, pruned, failed or pending) started now.
+function M.new_record(t, status)
+  return { run_id = t.id, index = t.index, name = t.name, dir = t.dir, seed = t.seed, config = t.config,
+           overrides = t.overrides, status = status, started_at = M.utc() }
+end
 function M.mkdir(d) files.mkdir(d, 'sweep') end
 -- a reader sees the old text or the new, never half of it (files.write_atomic)
 function M.write_atomic(path, text) files.write_atomic(path, text, 'sweep') end

@@ -9,10 +9,7 @@ local M = {}
 
 M.ENV = 'QATLAB_SWEEP_WORKER'
 
-local function host_module()
-  local ok, qt = pcall(require, 'qatlab')
-  return ok and type(qt) == 'table' and qt or {}
-end
+local host_module = require('util').host
 
 -- The trial this process was started for, {index=, id=, slot=, name=} (slot: which of the sweep's devices,
 -- from 1; no two running workers share one), or nil in an ordinary run.

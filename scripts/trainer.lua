@@ -7,6 +7,8 @@ local progress = require 'progress'
 local ema_mod = require 'ema'
 local log = require 'log'
 local files = require 'files'
+local opts = require 'opts'
+local util = require 'util'
 
 local M = {}
 
@@ -15,19 +17,19 @@ Trainer.__index = Trainer
 
 M.CSV_HEADER = 'step,train_loss,eval_loss,lr,elapsed_sec'
 
-local KNOWN = {}
-for k in ([[model optimizer schedule loss data shard_data eval steps time_budget grad_accum clip
-  eval_every eval_at_start log_every
-  save_every keep_last save_final out config hooks ema seed resume progress precision sync_every]]):gmatch('%S+') do
-  KNOWN[k] = true
-end
+-- The options of trainer.new and their types (opts.check: a typo names the closest key).
+local KNOWN = {
+  model = 'any!', optimizer = 'any!', schedule = 'table|number', loss = 'callable!',
+  data = 'function|table|userdata!', shard_data = 'boolean', eval = 'callable', steps = 'number',
+  time_budget = 'number', grad_accum = 'integer', clip = 'number', eval_every = 'number', eval_at_start = 'boolean',
+  log_every = 'number', save_every = 'number', keep_last = 'number', save_final = 'boolean', out = 'string',
+  config = 'table', hooks = 'table', ema = 'number', seed = 'number', resume = 'boolean', progress = 'table|boolean',
+  precision = 'string', sync_every = 'string|number',
+}
 
-local function host()
-  local ok, q = pcall(require, 'qatlab')
-  return ok and type(q) == 'table' and q or {}
-end
+local host = util.host
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = util.q
 local function sh(cmd, what) if os.execute(cmd) ~= 0 then error('trainer: cannot ' .. what, 0) end end
 local function mkdir(d) sh('mkdir -p ' .. q(d), 'create ' .. d) end
 local function rm_rf(d) sh('rm -rf ' .. q(d), 'remove ' .. d) end
@@ -117,12 +119,8 @@ end
 -- train_loss is the mean over ranks; the saved data position counts global batches, so a run resumes with any
 -- number of ranks. With time_budget, rank 0's clock decides for all.
 function M.new(o)
-  assert(type(o) == 'table', 'trainer.new: expected an options table')
-  for k in pairs(o) do
-    if not KNOWN[k] then error(('trainer.new: unknown option %q'):format(tostring(k)), 2) end
-  end
-  assert(o.model and o.optimizer, 'trainer.new: model and optimizer are required')
-  assert(type(o.loss) == 'function', 'trainer.new: loss must be a function(model, batch) -> loss, parts')
+  if type(o) ~= 'table' then error('trainer.new: expected an options table, got ' .. type(o), 2) end
+  opts.check(o, KNOWN, 'trainer.new')
   assert(type(o.data) == 'function' or (o.data and o.data.next),
          'trainer.new: data must be a function or an object with :next()')
   assert(o.steps or o.time_budget, 'trainer.new: give steps, time_budget or both')
@@ -276,6 +274,10 @@ function Trainer:step()
     local sync = self.ddp ~= nil and micro == accum   -- earlier micro-batches only accumulate (no_sync)
     if sync then self.ddp:prepare_forward() end
     local loss, parts = self:with_precision(self.loss_fn, self.model, batch)
+    if not torch.is_tensor(loss) then
+      error(('trainer: at step %d the loss function returned %s (expected a scalar tensor)'):format(s + 1,
+        loss == nil and 'nil' or type(loss)), 0)
+    end
     local v = read and num(loss) or (torch.is_tensor(loss) and loss:detach():double() or loss)   -- sums as numbers do
     if read and (type(v) ~= 'number' or not finite(v)) then
       local detail = parts and (' (' .. progress.postfix(parts) .. ')') or ''

@@ -8,12 +8,7 @@ local Embedding = Module:extend('nn.Embedding')
 
 -- Embedding(num_embeddings, embedding_dim, {padding_idx = nil, dtype =, device =})
 function Embedding:__init(num, dim, opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if k ~= 'padding_idx' and k ~= 'dtype' and k ~= 'device' then
-      error(('nn.Embedding: unknown option %q (known: device, dtype, padding_idx)'):format(tostring(k)), 3)
-    end
-  end
+  opts = require('opts').check(opts, {padding_idx = 'integer', dtype = 'string', device = 'string'}, 'nn.Embedding', 4)
   for i, v in ipairs({num, dim}) do
     if type(v) ~= 'number' or v < 1 or v % 1 ~= 0 then
       error(('nn.Embedding: argument #%d: expected a positive integer, got %s'):format(i, tostring(v)), 3)

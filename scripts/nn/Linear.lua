@@ -8,12 +8,7 @@ local Linear = Module:extend('nn.Linear')
 
 -- Linear(in_features, out_features, {bias = true, dtype = default, device = default})
 function Linear:__init(in_features, out_features, opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if k ~= 'bias' and k ~= 'dtype' and k ~= 'device' then
-      error(('nn.Linear: unknown option %q (known: bias, device, dtype)'):format(tostring(k)), 3)
-    end
-  end
+  opts = require('opts').check(opts, {bias = 'boolean', dtype = 'string', device = 'string'}, 'nn.Linear', 4)
   for i, v in ipairs({in_features, out_features}) do
     if type(v) ~= 'number' or v < 1 or v % 1 ~= 0 then
       error(('nn.Linear: argument #%d (%s): expected a positive integer, got %s'):format(i,

@@ -134,10 +134,7 @@ end
 
 -- load_state_dict(sd, {strict = true}): copies values into the existing tensors.
 function Module:load_state_dict(sd, opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if k ~= 'strict' then error(('%s:load_state_dict: unknown option %q (known: strict)'):format(self.__name, k), 2) end
-  end
+  opts = require('opts').check(opts, {strict = 'boolean'}, self.__name .. ':load_state_dict')
   local strict = opts.strict ~= false
   local own, missing, unexpected = {}, {}, {}
   for _, p in ipairs(self:named_tensors()) do

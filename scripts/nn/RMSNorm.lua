@@ -7,12 +7,7 @@ local RMSNorm = Module:extend('nn.RMSNorm')
 
 -- RMSNorm(dim, {eps = 1e-6, elementwise_affine = true, dtype =, device =})
 function RMSNorm:__init(dim, opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if k ~= 'eps' and k ~= 'elementwise_affine' and k ~= 'dtype' and k ~= 'device' then
-      error(('nn.RMSNorm: unknown option %q (known: device, dtype, elementwise_affine, eps)'):format(tostring(k)), 3)
-    end
-  end
+  opts = require('opts').check(opts, {eps = 'number', elementwise_affine = 'boolean', dtype = 'string', device = 'string'}, 'nn.RMSNorm', 4)
   if type(dim) ~= 'number' or dim < 1 or dim % 1 ~= 0 then
     error(('nn.RMSNorm: argument #1 (dim): expected a positive integer, got %s'):format(tostring(dim)), 3)
   end

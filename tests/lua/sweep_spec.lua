@@ -190,9 +190,65 @@ describe('sweep.run', function()
 
   it('leaves CSV cells empty for keys a run does not have', function()
     local r = sweep.run{ name = 'c', out = h.tmpdir(), space = sweep.list{ { a = 1 }, { b = 'x,y' } }, print = quiet,
-                         fn = function(_, cfg) return { metric = cfg.a } end }
+                         fn = function(_, cfg) return { metric = cfg.a or 0 } end }
     assert.equal('index,run_id,name,seed,status,duration_s,a,b,metric', r.csv:match('^[^\n]+'))
-    assert.matches('\n1,%x+,a=1,1,completed,[%d.]+,1,,1\n2,%x+,"b=x,y",1,completed,[%d.]+,,"x,y",\n$', r.csv)
+    assert.matches('\n1,%x+,a=1,1,completed,[%d.]+,1,,1\n2,%x+,"b=x,y",1,completed,[%d.]+,,"x,y",0\n$', r.csv)
+  end)
+
+  it('accepts exactly minimize or maximize as the goal and checks its options by name', function()
+    local base = { name = 'g', out = h.tmpdir(), space = sweep.grid{ a = { 1 } }, print = quiet,
+                   fn = function() return { loss = 1 } end }
+    local function err_of(extra)
+      local o = {}
+      for k, v in pairs(base) do o[k] = v end
+      for k, v in pairs(extra) do o[k] = v end
+      local ok, e = pcall(sweep.run, o)
+      assert.is_false(ok)
+      return tostring(e)
+    end
+    assert.truthy(err_of{ metric = { name = 'loss', goal = 'minimise' } }
+      :find('metric.goal must be exactly "minimize" or "maximize", got "minimise"', 1, true))
+    assert.truthy(err_of{ metric = { name = 'loss', gaol = 'minimize' } }
+      :find('sweep.run: metric: unknown option "gaol" (did you mean "goal"?)', 1, true))
+    assert.truthy(err_of{ seed = { 1 } }:find('sweep.run: unknown option "seed" (did you mean "seeds"?)', 1, true))
+    assert.truthy(err_of{ fail_fast = 'yes' }
+      :find('sweep.run: option "fail_fast" must be a boolean, got string', 1, true))
+    assert.truthy(err_of{ prune = { rule = 'hyperband' } }:find('prune.rule must be "median"', 1, true))
+  end)
+
+  it('records a trial whose result lacks the metric as failed, naming the keys it returned', function()
+    local r = sweep.run{ name = 'm', out = h.tmpdir(), space = sweep.grid{ a = { 1, 2 } }, print = quiet,
+                         metric = { name = 'loss' },
+                         fn = function(_, cfg) if cfg.a == 1 then return { loss = 0.5 } end; return { los = 0.25 } end }
+    assert.equal('completed', r.results[1].status)
+    assert.equal('failed', r.results[2].status)
+    assert.equal(1, r.failed)
+    assert.truthy(r.results[2].error:find('without the metric "loss" (keys: los)', 1, true), r.results[2].error)
+    assert.equal(0.25, r.results[2].summary.los)
+    -- a failed trial runs again next time; a fixed function then completes it
+    local calls = 0
+    local r2 = sweep.run{ name = 'm', out = r.dir:match('^(.*)/m$'), space = sweep.grid{ a = { 1, 2 } }, print = quiet,
+                          metric = { name = 'loss' }, fn = function() calls = calls + 1; return { loss = 0.125 } end }
+    assert.equal(1, calls)
+    assert.equal('completed', r2.results[2].status)
+  end)
+
+  it('keys a trial by its whole configuration: a changed base setting runs it again', function()
+    local out, calls = h.tmpdir(), 0
+    local function go(steps)
+      return sweep.run{ name = 'k', out = out, space = sweep.grid{ lr = { 1, 2 } }, print = quiet,
+                        base = { lr = 0, steps = steps }, metric = { name = 'loss' },
+                        fn = function(_, cfg) calls = calls + 1; return { loss = cfg.lr * cfg.steps } end }
+    end
+    local a = go(10)
+    assert.equal(2, calls)
+    go(10)
+    assert.equal(2, calls)                           -- same configuration: resumed, nothing runs
+    local b = go(20)
+    assert.equal(4, calls)                           -- steps changed outside the grid: both trials run again
+    assert.are_not.equal(a.results[1].run_id, b.results[1].run_id)
+    assert.equal(40, b.results[2].summary.loss)
+    assert.same({ lr = 2, steps = 20 }, b.results[2].config)
   end)
 
   it('prunes with the median rule after startup trials and warm-up steps', function()
