@@ -1,5 +1,5 @@
 // kd_loss: anemll §6 KD loss (V2 §6.1, legacy §6.3, evaluate §6.2) as a fused, chunked autograd
-// Function that recomputes each chunk's logits in backward, plus an unfused reference.
+// Function that forms each chunk's logits once (gradients taken in forward), plus an unfused reference.
 #include "lib/kd_loss.h"
 
 #include <ATen/ATen.h>
@@ -19,7 +19,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 [[noreturn]] void fail(const std::string & what, const std::string & msg) {
-    throw std::invalid_argument("kd_loss: " + what + ": " + msg);
+    throw std::invalid_argument(what + ": " + msg);
 }
 
 std::string shape_str(const at::Tensor & t) {
@@ -42,6 +42,7 @@ struct KDPrep {
     int64_t chunk = 128;
     at::ScalarType acc = at::kFloat, cd = at::kFloat;   // softmax accumulation, matmul dtype
     int64_t B = 0, S = 0;
+    bool grad_h = false, grad_W = false;   // which gradients the forward pass computes
 };
 
 at::Tensor check_index(const at::Tensor & t, const char * name, int64_t B, int64_t S, int64_t V, at::Device dev) {
@@ -183,14 +184,16 @@ struct Sums {
 };
 
 // Full-vocab CE rows: adds Σ wf·CE to `full`; with grad, turns Z (R, V) into dL/dZ in place.
+// One in-place log_softmax (no (R, V) temporary), then exp·w and the one-hot: three passes over Z.
 void full_ce_rows(at::Tensor & Z, const at::Tensor & y, const at::Tensor & wf, double coef, bool want_grad,
                   at::Tensor & full) {
-    at::Tensor lse = at::logsumexp(Z, 1, true);                                  // (R, 1)
-    at::Tensor ce = lse.squeeze(1) - Z.gather(1, y.unsqueeze(1)).squeeze(1);     // (R)
+    if (Z.is_contiguous()) at::_log_softmax_out(Z, Z, 1, false);                 // Z ← Z − lse (in place)
+    else Z = at::log_softmax(Z, 1);
+    at::Tensor ce = -Z.gather(1, y.unsqueeze(1)).squeeze(1);                     // (R)
     full = full + (wf * ce).sum();
     if (want_grad) {
         at::Tensor w = wf * coef;                                                // (R)
-        Z.sub_(lse).exp_().mul_(w.unsqueeze(1));                                 // w·softmax
+        Z.exp_().mul_(w.unsqueeze(1));                                           // w·softmax
         Z.scatter_add_(1, y.unsqueeze(1), -w.unsqueeze(1));                      // − w·onehot(y)
     }
 }
@@ -268,49 +271,42 @@ Sums sums_zero(const KDPrep & p) {
     return {z, z, z};
 }
 
-// The prepared problem rides in saved_data (an IValue) as a capsule.
-struct PrepHolder : torch::CustomClassHolder {
-    std::shared_ptr<KDPrep> p;
-    explicit PrepHolder(std::shared_ptr<KDPrep> q) : p(std::move(q)) {}
-};
-
+// Gradients are computed in the forward pass when autograd will need them (the loss is a scalar, so
+// dL/dh and dL/dW for an upstream gradient g are g times the ones for g = 1): each chunk's logits are
+// formed once, never recomputed, and backward only scales. Kept: dh (N, H) and dW (V, H) when W trains.
 struct KDFunction : public torch::autograd::Function<KDFunction> {
     // h (N, H), W (V, H); returns {loss (0-dim), parts (3) = [T²·KL, CE_cand, CE_full]}.
     static variable_list forward(AutogradContext * ctx, at::Tensor h, at::Tensor W, std::shared_ptr<KDPrep> p) {
         at::Tensor Wc = W.to(p->cd);
         Sums s = sums_zero(*p);
         const int64_t N = p->h.size(0);
-        for (int64_t r0 = 0; r0 < N; r0 += p->chunk)
-            chunk_run(*p, Wc, r0, std::min(p->chunk, N - r0), s, false, 0.0, nullptr);
+        const bool need_h = p->grad_h, need_W = p->grad_W, want = need_h || need_W;
+        at::Tensor dh_all, dW;
+        if (need_h) dh_all = at::empty_like(p->h);
+        if (need_W) dW = at::zeros(W.sizes(), W.options().dtype(p->acc));
+        for (int64_t r0 = 0; r0 < N; r0 += p->chunk) {
+            const int64_t C = std::min(p->chunk, N - r0);
+            at::Tensor dh = chunk_run(*p, Wc, r0, C, s, want, 1.0, need_W ? &dW : nullptr);
+            if (need_h) dh_all.narrow(0, r0, C).copy_(dh);
+        }
         at::Tensor kl = s.kl * (p->T * p->T);
         at::Tensor loss = s.kl * p->ak + s.cand * p->ac + s.full * p->af;
         at::Tensor parts = at::stack({kl, s.cand, s.full});
-        ctx->save_for_backward({h, W});   // h for the in-place check; the chunks read p->h (same storage)
-        ctx->saved_data["prep"] = c10::IValue::make_capsule(c10::make_intrusive<PrepHolder>(p));
+        ctx->saved_data["dh"] = dh_all;
+        ctx->saved_data["dW"] = need_W ? dW.to(W.scalar_type()) : at::Tensor();
         ctx->mark_non_differentiable({parts});
         return {loss, parts};
     }
 
     static variable_list backward(AutogradContext * ctx, variable_list grads) {
-        at::Tensor W = ctx->get_saved_variables()[1];
-        auto p = c10::static_intrusive_pointer_cast<PrepHolder>(ctx->saved_data["prep"].toCapsule())->p;
-        const bool need_h = ctx->needs_input_grad(0), need_W = ctx->needs_input_grad(1);
-        at::Tensor dh_all, dW;
-        if (!grads[0].defined() || (!need_h && !need_W)) return {at::Tensor(), at::Tensor(), at::Tensor()};
-        const double g = grads[0].item<double>();
-        at::Tensor Wc = W.to(p->cd);
-        const int64_t N = p->h.size(0);
-        if (need_h) dh_all = at::empty_like(p->h);
-        if (need_W) dW = at::zeros(W.sizes(), W.options().dtype(p->acc));
-        Sums s = sums_zero(*p);
-        for (int64_t r0 = 0; r0 < N; r0 += p->chunk) {
-            const int64_t C = std::min(p->chunk, N - r0);
-            at::Tensor dh = chunk_run(*p, Wc, r0, C, s, true, g, need_W ? &dW : nullptr);
-            if (need_h) dh_all.narrow(0, r0, C).copy_(dh);
-        }
-        return {dh_all, need_W ? dW.to(W.scalar_type()) : at::Tensor(), at::Tensor()};
+        at::Tensor dh = ctx->saved_data["dh"].toTensor(), dW = ctx->saved_data["dW"].toTensor();
+        ctx->saved_data.clear();   // one backward: free them now
+        if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+        const at::Tensor & g = grads[0];
+        return {ctx->needs_input_grad(0) && dh.defined() ? dh * g.to(dh.scalar_type()) : at::Tensor(),
+                ctx->needs_input_grad(1) && dW.defined() ? dW * g.to(dW.scalar_type()) : at::Tensor(),
+                at::Tensor()};
     }
-
 };
 
 KDResult result_from(at::Tensor loss, const at::Tensor & parts, const KDPrep & p) {
@@ -331,6 +327,9 @@ KDResult kd_loss_fused(const at::Tensor & h, const at::Tensor & W, const KDBatch
     // The flattened h keeps h's autograd history: apply on the view (N, H), not on h itself.
     at::Tensor hf = p->h;
     p->h = hf.detach();
+    const bool grad = at::GradMode::is_enabled();
+    p->grad_h = grad && hf.requires_grad();
+    p->grad_W = grad && W.requires_grad();
     variable_list out = KDFunction::apply(hf, W, p);
     return result_from(out[0], out[1], *p);
 }

@@ -278,6 +278,24 @@ TEST(KdLoss, FusedEqualsReferenceGradients) {
     }
 }
 
+// The fused loss takes its gradients in the forward pass: an upstream gradient other than 1 scales
+// them, a frozen W gets none, and no_grad forward computes none (the loss value is unchanged).
+TEST(KdLoss, FusedUpstreamGradientScales) {
+    Case c = case_make(2, 5, 3, 7, 3, 4, 4);
+    KDOptions o = opts(0.2, 0.00005);
+    o.chunk = 3;
+    Grads ref = grads_of(c, [&](auto & h, auto & W) { return kd_loss_reference(h, W, c.b, o); });
+    at::Tensor h = c.h.clone().requires_grad_(true), W = c.W.clone().requires_grad_(true);
+    (kd_loss_fused(h, W, c.b, o).loss * -2.5).backward();
+    expect_close(h.grad(), ref.dh * -2.5, 1e-12, "dh x -2.5");
+    expect_close(W.grad(), ref.dW * -2.5, 1e-12, "dW x -2.5");
+    at::Tensor h2 = c.h.clone().requires_grad_(true);
+    kd_loss_fused(h2, c.W, c.b, o).loss.backward();   // W frozen
+    expect_close(h2.grad(), ref.dh, 1e-12, "dh, W frozen");
+    at::NoGradGuard ng;
+    EXPECT_NEAR(kd_loss_fused(c.h, c.W, c.b, o).loss.item<double>(), ref.loss, 1e-12);
+}
+
 TEST(KdLoss, GradientsMatchFiniteDifferences) {
     Case c = case_make(2, 3, 3, 6, 2, 3, 5);
     c.b.attention_mask = at::ones({2, 4}, at::kLong);
@@ -422,7 +440,7 @@ TEST(KdLoss, ErrorsNameTheTensor) {
     b.topk_logits = b.topk_logits.to(at::kInt);
     EXPECT_TRUE(has(msg(b, c.h, c.W), "topk_logits: expected floating")) << msg(b, c.h, c.W);
     EXPECT_TRUE(has(msg(c.b, c.h, c.W.narrow(1, 0, 2)), "lm_head_weight")) << msg(c.b, c.h, c.W.narrow(1, 0, 2));
-    EXPECT_TRUE(has(msg(c.b, c.h.narrow(1, 0, 2), c.W), "kd_loss: h:")) << msg(c.b, c.h.narrow(1, 0, 2), c.W);
+    EXPECT_TRUE(has(msg(c.b, c.h.narrow(1, 0, 2), c.W), "h: ")) << msg(c.b, c.h.narrow(1, 0, 2), c.W);
     b = c.b;
     b.attention_mask = at::ones({2, 3}, at::kLong);
     EXPECT_TRUE(has(msg(b, c.h, c.W), "attention_mask")) << msg(b, c.h, c.W);
