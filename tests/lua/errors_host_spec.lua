@@ -126,7 +126,7 @@ print('model=' .. tostring(ok) .. ' ' .. tostring(e) .. ' | ' .. tostring(m))
 objs, m = nil, nil
 collectgarbage(); collectgarbage()
 print('done')
-]==]):gsub('QWEN_TOKENIZER', ('%q'):format(h.source_dir .. '/../shared/data/qwen3-tokenizer')),
+]==]):gsub('QWEN_TOKENIZER', ('%q'):format(h.test_data .. '/qwen3-tokenizer')),
   ['hostile.lua'] = [[
 -- Every function of every module, and every Tensor method and metamethod, called with garbage.
 local torch = require 'torch'

@@ -113,7 +113,7 @@ describe('kd cache', function()
   it('records the teacher and tokenizer, and refuses a model or tokenizer that differs', function()
     local tokenizers = require 'tokenizers'
     local json = require 'json'
-    local qwen = h.source_dir .. '/../shared/data/qwen3-tokenizer'
+    local qwen = h.test_data .. '/qwen3-tokenizer'
     local present = io.open(qwen .. '/tokenizer.json')
     local tk = present and tokenizers.from_file(qwen)
     if present then present:close() end
@@ -127,7 +127,7 @@ describe('kd cache', function()
       assert.are.equal(151669, meta.tokenizer_vocab_size)
       assert.is_truthy(meta.tokenizer_fingerprint:find('^V151669 fnv1a:%x+$'))
       kd.open_cache(dir, {tokenizer = tk, device = 'cpu'}):close()
-      local gpt2 = h.source_dir .. '/../shared/data/gpt2-bpe'
+      local gpt2 = h.test_data .. '/gpt2-bpe'
       local other = tokenizers.gpt2(gpt2 .. '/encoder.json', gpt2 .. '/vocab.bpe')
       local ok, err = pcall(kd.open_cache, dir, {tokenizer = other})
       assert.is_false(ok)
