@@ -13,11 +13,11 @@ local sh = bench.sh
 
 local cfg = config.merge({
   mb = 4, repeats = 3, corpus = '',
-  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer'   -- scripts/fetch_test_data.sh,
+  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer',   -- scripts/fetch_test_data.sh
   python = os.getenv('QATLAB_PYTHON') or 'python3',
 }, args)
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = require('util').q
 
 -- Corpus ------------------------------------------------------------------------------------
 local want = math.floor(cfg.mb * 1e6)
