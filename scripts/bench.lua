@@ -164,8 +164,14 @@ end
 -- binary: bisection of [min, max] for the largest batch that works (best = it).
 -- nanochat: min, 2 min, 4 min, ... until a failure (or max), bisection between the last success
 -- and the first failure, then best = floor(max_ok * safety) (rounded down to `multiple`).
+local FIND_OPTS = {
+  make_step = 'callable!', seq = 'number', min = 'integer', max = 'integer!', mode = 'string', safety = 'number',
+  memory_budget = 'number', device = 'string', warmup = 'integer', steps = 'integer', multiple = 'integer',
+  print = 'boolean|callable', title = 'string', on_row = 'callable', clock = 'callable', memory = 'callable',
+}
+
 function M.find_max_batch(o)
-  assert(type(o) == 'table' and type(o.make_step) == 'function', 'bench.find_max_batch: expected {make_step = fn}')
+  require('opts').check(o, FIND_OPTS, 'bench.find_max_batch')
   local mult = o.multiple or 1
   local min = o.min or mult
   local max = assert(o.max, 'bench.find_max_batch: max is required')
