@@ -23,19 +23,19 @@ args = args or {}
 if type(args.batches) == 'number' then args.batches = tostring(args.batches) end
 
 local cfg = config.merge({
-  role = '',   -- internal: 'worker' runs the steps and prints RESULT from rank 0
+  child = '',   -- internal: child='worker' runs the steps and prints RESULT from rank 0
   nproc = 2, threads = 0, batches = '8,32', full = false, tiny = false, layers = 0, hidden = 0, inter = 0,
   heads = 0, kv_heads = 0, head_dim = 0, vocab = 0, L = 64, K = 32, preset = 'q2a4', lr = 5e-5,
   warmup = 1, steps = 3, bucket_mb = 25, seed = 0, batch = 0,
 }, args)
 
 local source = qatlab.scripts_dir .. '/..'
-local lib = assert(loadfile(source .. '/experiments/bench_train.lua'))({role = 'lib'})
+local lib = require 'bench_step'
 local device = tostring(qatlab.device or 'cpu')
 local cuda = device:match('^cuda') ~= nil
 
 -- worker: one rank (or the single process) -------------------------------------------------------
-if cfg.role == 'worker' then
+if cfg.child == 'worker' then
   local dist = require 'dist'
   dist.init()
   local world, rank = dist.world_size(), dist.rank()
@@ -112,7 +112,7 @@ for _, k in ipairs({'full', 'tiny', 'layers', 'hidden', 'inter', 'heads', 'kv_he
 end
 
 local function run(nproc, nthreads, batch)
-  local cmd = ('%s run %s--device %s --threads %d %s --set role=worker --set batch=%d %s 2>&1; echo "__rc=$?"')
+  local cmd = ('%s run %s--device %s --threads %d %s --set child=worker --set batch=%d %s 2>&1; echo "__rc=$?"')
     :format(q(qbin), nproc > 1 and ('--nproc %d '):format(nproc) or '', device, nthreads, q(qatlab.script), batch,
             table.concat(passthrough, ' '))
   io.stderr:write(('[bench_dist] %d process(es) x %d thread(s), global batch %d ...\n'):format(nproc, nthreads, batch))

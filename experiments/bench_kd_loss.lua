@@ -4,7 +4,8 @@
 --
 --   qatlab run experiments/bench_kd_loss.lua [--set n=384 (default: 256 and 512)] [--set chunk=128] [--set iters=2]
 --
--- Each (variant, N) runs in two child processes: one timed with the normal allocator, one measuring
+-- Each (variant, N) runs in child processes (--set child=fused|unfused): `reps` timed with the normal allocator,
+-- alternating with the other variant's, and one measuring
 -- memory with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the OS, so the RSS follows the
 -- live bytes): memory = peak RSS during a step (VmHWM after clear_refs) minus the RSS before it,
 -- i.e. logits, autograd buffers and temporaries (W and h exist before). Prints a Markdown table.
@@ -17,14 +18,15 @@ local bench = require 'bench'
 local median, sh, status_kb, reset_hwm = bench.median, bench.sh, bench.status_kb, bench.reset_peak_rss
 
 local cfg = config.merge({
-  variant = '',         -- '' = driver; else the child's 'fused' or 'unfused'
+  child = '',           -- '' = driver; else the child's variant, 'fused' or 'unfused'
   measure = 'time',     -- child: 'time' or 'mem'
   n = 0,                -- N = B·S positions; 0 = the driver runs 256 and 512
   vocab = 151936, hidden = 1024, k = 32, seq = 64, chunk = 128,
-  iters = 2, warmup = 1, threads = 2, dtype = 'float32',
+  iters = 2, warmup = 1, threads = 1, dtype = 'float32',
+  reps = 3,             -- timed children per variant, alternating unfused / fused (the median is shown)
 }, args)
 
-if cfg.variant ~= '' then
+if cfg.child ~= '' then
   -- child: one variant at one N -------------------------------------------------------------
   torch.set_num_threads(cfg.threads)
   torch.manual_seed(0)
@@ -34,7 +36,7 @@ if cfg.variant ~= '' then
   local h0 = torch.randn(B, S, cfg.hidden, {dtype = cfg.dtype})
   local tl, ti = (torch.randn(B, S, cfg.vocab) * 3):topk(cfg.k)   -- a teacher's sorted top-k
   local batch = {topk_idx = ti:int(), topk_logits = tl:half()}
-  local f = cfg.variant == 'fused' and kd.loss or kd.loss_reference
+  local f = cfg.child == 'fused' and kd.loss or kd.loss_reference
   local last
   local function step()
     local h = h0:clone():requires_grad_()
@@ -54,7 +56,7 @@ if cfg.variant ~= '' then
     times[i] = qatlab.time() - t0
     peaks[i] = (status_kb('VmHWM') - rss0) * 1024
   end
-  print(('RESULT %s %.6f %.0f %.9g'):format(cfg.variant, median(times), median(peaks), last))
+  print(('RESULT %s %.6f %.0f %.9g'):format(cfg.child, median(times), median(peaks), last))
   return
 end
 
@@ -62,7 +64,7 @@ end
 local qbin = bench.qatlab_bin()
 if not qbin:match('qatlab$') then qbin = qatlab.scripts_dir .. '/../build/qatlab' end
 local function child(variant, measure, n)
-  local cmd = ('%s%s run --device cpu %s --set variant=%s --set measure=%s --set n=%d --set vocab=%d '
+  local cmd = ('%s%s run --device cpu %s --set child=%s --set measure=%s --set n=%d --set vocab=%d '
                .. '--set hidden=%d --set k=%d --set seq=%d --set chunk=%d --set iters=%d --set warmup=%d '
                .. '--set threads=%d --set dtype=%s'):format(
     measure == 'mem' and 'MALLOC_MMAP_THRESHOLD_=65536 ' or '', qbin, qatlab.script, variant, measure, n,
@@ -74,19 +76,36 @@ local function child(variant, measure, n)
   return tonumber(t), tonumber(mem), tonumber(loss)
 end
 
-print(('\nKD loss forward + backward (dL/dh), V %d, H %d, K %d, chunk %d, %s, CPU, %d threads\n'):format(
-  cfg.vocab, cfg.hidden, cfg.k, cfg.chunk, cfg.dtype, cfg.threads))
+local function loadavg()
+  local f = io.open('/proc/loadavg')
+  local s = f and f:read('*l') or ''
+  if f then f:close() end
+  return s:match('^(%S+ %S+ %S+)') or 'n/a'
+end
+print(('\nKD loss forward + backward (dL/dh), V %d, H %d, K %d, chunk %d, %s, CPU, %d threads, load average %s; '
+  .. 'time = median of %d alternating children\n'):format(cfg.vocab, cfg.hidden, cfg.k, cfg.chunk, cfg.dtype,
+  cfg.threads, loadavg(), cfg.reps))
 print('| N = B·S | unfused time (s) | fused time (s) | unfused peak (MB) | fused peak (MB) | memory ratio '
-      .. '| loss rel. diff |')
-print('|---|---|---|---|---|---|---|')
+      .. '| loss rel. diff | fused / unfused time | fused / unfused memory |')
+print('|---|---|---|---|---|---|---|---|---|')
 for _, n in ipairs(cfg.n > 0 and {cfg.n} or {256, 512}) do
-  local r = {}
+  -- timed children alternate (unfused, fused, unfused, ...): on a shared machine the load drifts, and
+  -- back-to-back pairs see the same conditions
+  local r = {unfused = {times = {}}, fused = {times = {}}}
+  for _ = 1, cfg.reps do
+    for _, v in ipairs({'unfused', 'fused'}) do
+      local t, _, loss = child(v, 'time', n)
+      r[v].times[#r[v].times + 1], r[v].loss = t, loss
+    end
+  end
   for _, v in ipairs({'unfused', 'fused'}) do
-    local t, _, loss = child(v, 'time', n)
-    local _, mem = child(v, 'mem', n)
-    r[v] = {time = t, mem = mem, loss = loss}
+    r[v].time = median(r[v].times)
+    r[v].mem = select(2, child(v, 'mem', n))
   end
   local u, f = r.unfused, r.fused
-  print(('| %d | %.2f | %.2f | %.0f | %.0f | %.1fx | %.1e |'):format(n, u.time, f.time, u.mem / 2 ^ 20,
-        f.mem / 2 ^ 20, u.mem / math.max(f.mem, 1), math.abs(u.loss - f.loss) / math.abs(u.loss)))
+  print(('| %d | %.2f | %.2f | %.0f | %.0f | %.1fx | %.1e | %.2f | %.3f |'):format(n, u.time, f.time, u.mem / 2 ^ 20,
+        f.mem / 2 ^ 20, u.mem / math.max(f.mem, 1), math.abs(u.loss - f.loss) / math.abs(u.loss), f.time / u.time,
+        f.mem / math.max(u.mem, 1)))
+  print(('times (s): unfused %s; fused %s; load average %s'):format(table.concat(u.times, ' '),
+        table.concat(f.times, ' '), loadavg()))
 end

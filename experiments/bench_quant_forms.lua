@@ -20,14 +20,14 @@ local bench = require 'bench'
 local median, sh, status_kb, reset_hwm = bench.median, bench.sh, bench.status_kb, bench.reset_peak_rss
 
 local cfg = config.merge({
-  form = '',            -- '' = driver (runs every form in children); else the child's form
+  child = '',           -- '' = driver (runs every form in children); else the child's form
   measure = 'time',     -- child: 'time' or 'mem' (the driver sets the allocator for 'mem')
   layers = 1, batch = 1, tokens = 128, iters = 3, warmup = 1, threads = 2,
   preset = 'q2a4', ste_fp16 = false, vocab = 1024,
   hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128,   -- Qwen3-0.6B's decoder layer
 }, args)
 
-if cfg.form ~= '' then
+if cfg.child ~= '' then
   -- child: one form ------------------------------------------------------------------------
   torch.set_num_threads(cfg.threads)
   torch.manual_seed(0)
@@ -37,7 +37,7 @@ if cfg.form ~= '' then
     head_dim = cfg.head_dim,
     max_position_embeddings = 4096, tie_word_embeddings = true, initializer_range = 0.02,
   })
-  quant.replace(m, {preset = cfg.preset, forward = cfg.form, ste_fp16 = cfg.ste_fp16})
+  quant.replace(m, {preset = cfg.preset, forward = cfg.child, ste_fp16 = cfg.ste_fp16})
   quant.set_trainable(m, 'all')
   m:train()
   local ids = torch.randint(0, cfg.vocab, {cfg.batch, cfg.tokens})
@@ -61,7 +61,7 @@ if cfg.form ~= '' then
     times[i] = qatlab.time() - t0
     peaks[i] = (status_kb('VmHWM') - rss0) * 1024
   end
-  print(('RESULT %s %.6f %.0f'):format(cfg.form, median(times), median(peaks)))
+  print(('RESULT %s %.6f %.0f'):format(cfg.child, median(times), median(peaks)))
   return
 end
 
@@ -72,7 +72,7 @@ local script = qatlab.script
 local forms = {'materialized', 'loop', 'batched'}
 local res = {}
 local function child(f, measure)
-  local cmd = ('%s%s run --device cpu %s --set form=%s --set measure=%s --set layers=%d --set batch=%d '
+  local cmd = ('%s%s run --device cpu %s --set child=%s --set measure=%s --set layers=%d --set batch=%d '
                .. '--set tokens=%d --set iters=%d --set warmup=%d --set threads=%d --set preset=%s '
                .. '--set ste_fp16=%s --set vocab=%d --set hidden=%d --set inter=%d --set heads=%d '
                .. '--set kv_heads=%d --set head_dim=%d'):format(

@@ -1,23 +1,32 @@
--- bench_train: the seed's V2-KD training step (Q2A4 student, KD on teacher top-k, AdamW, clip 1.0)
--- timed side by side in qatlab and in the Python reference of the seed (experiments/seed_ref).
+-- bench_train: the seed's V2-KD training step (Q2A4 student, KD on teacher top-k, AdamW, clip 1.0) timed
+-- side by side in qatlab and three PyTorch programs (experiments/seed_ref): "strong", the same step as a
+-- strong PyTorch engineer writes it (W_eff materialized in an autograd.Function, fused chunked KD loss,
+-- fused AdamW), eager and "strong-compiled" (torch.compile per decoder layer), and "seed-ref", the
+-- seed's own step (rank-by-rank V2 forward, unfused KD loss). The step itself lives in scripts/bench_step.lua.
 --
---   build/qatlab run experiments/bench_train.lua [--out runs/bench_train]              (CPU, tiny, ~1 min)
---   build/qatlab run experiments/bench_train.lua --device cuda --set full=true [--out DIR]
+--   build/qatlab run experiments/bench_train.lua [--out runs/bench_train]              (CPU, tiny, ~2 min)
+--   build/qatlab run experiments/bench_train.lua --set shape=smollm2 --set impls=qatlab,strong   (SmolLM2-135M)
+--   build/qatlab run experiments/bench_train.lua --device cuda --set shape=qwen3 [--out DIR]
 --       [--set L=64,128] [--set batches=8,64,256,504] [--set peak_tflops=989]
 --
 -- Options (--set key=value):
---   full=false     Qwen3-0.6B shape (hidden 1024, 28 layers, 16/8 heads, head_dim 128, inter 3072,
---                  vocab 151936, tied) instead of the tiny one (2 layers, hidden 128, vocab 4096)
---   tiny=false     a smoke-test size (1 layer, hidden 64, vocab 512, L 16, 1 step)
+--   shape='tiny'   tiny (2 layers, hidden 128, vocab 4096), smoke (1 layer, hidden 64, vocab 512, L 16,
+--                  1 step), smollm2 (SmolLM2-135M: 30 layers, hidden 576, inter 1536, 9/3 heads x 64,
+--                  vocab 49152) or qwen3 (Qwen3-0.6B: 28 layers, hidden 1024, inter 3072, 16/8 heads x 128,
+--                  vocab 151936); full=true is qwen3, tiny=true is smoke
 --   layers hidden inter heads kv_heads head_dim vocab   override single dims
---   L='64'  batches='2,8'  K=32  preset='q2a4'  T=2  hard_top1=0.2  hard_full=0.00005  lr=5e-5
+--   L=''  batches=''  (per shape: tiny 64 / 2,8; smoke 16 / 2,8; smollm2 128 / 4; qwen3 64,128 / 8,64,256)
+--   K=32  preset='q2a4'  T=2  hard_top1=0.2  hard_full=0.00005  lr=5e-5  chunk=128 (KD loss rows per chunk)
 --   warmup=1  steps=2       untimed + timed steps per row (step time = median of the timed ones)
---   ckpt=true      per-decoder-layer activation checkpointing in both (the seed's benchmark has it on)
+--   ckpt=true      per-decoder-layer activation checkpointing in all impls (the seed's benchmark has it on)
 --   ckpt_layers=-1 with ckpt on, qatlab checkpoints only the first N layers (less recomputation, more
---                  memory; -1 = all); the seed reference has only all or none: all of them when N > 0
---   ste=false      STE-FP16 in the V2 forward (both)
---   impls='qatlab,seed-ref'   dtype='auto' (qatlab: bfloat16 on CUDA, float32 on the CPU;
---                  'autocast' = fp32 params + bf16 autocast)   amp='auto' (seed-ref: autocast on CUDA)
+--                  memory; -1 = all); the references have only all or none: all of them when N > 0
+--   ste=false      STE-FP16 in the V2 forward (qatlab and seed-ref; the strong rows are skipped)
+--   impls='qatlab,strong,strong-compiled,seed-ref'
+--   init='auto'    file: every impl loads one init and batch file the driver writes, so the step-1 losses
+--                  agree (printed); random: each impl its own random weights; auto: file at tiny/smoke
+--   dtype='auto'   qatlab: bfloat16 on CUDA, float32 on the CPU; 'autocast' = fp32 params + bf16 autocast
+--   amp='auto'     references: autocast on CUDA, none on the CPU ('autocast' forces it)
 --   peak_tflops=0  MFU denominator; 0 = 989 (H100/H200 dense bf16) on CUDA, measured fp32 GEMM on the CPU
 --   help=true      print this usage
 --   threads=0      threads of each row's process (0 = 1 on the CPU, this process's count on CUDA)
@@ -34,7 +43,8 @@
 --   Prints | impl | L | budget | max batch | tokens/s at max | peak at max | and the ratio qatlab/seed-ref of
 --   the max batches (a bound when one side hit the cap); results.json has every try, results.csv the table.
 --
--- Every row runs in its own process (qatlab child or Python), so peak memory is that row's alone:
+-- Every row runs in its own process (a qatlab child: --set child=qatlab, or Python), so peak memory is that
+-- row's alone:
 -- CUDA max allocated over the process, or on the CPU the peak RSS (VmHWM after clear_refs) during
 -- the timed steps; "+step" is that peak minus the RSS / allocated bytes before them.
 -- Model FLOPs per step (both impls, recomputation not counted), B batch, L length, S = L-1:
@@ -45,7 +55,7 @@
 --   N_mm = n_layer·(H·q + 2·H·kv + q·H + 3·H·I), q = n_head·head_dim, kv = n_kv·head_dim.
 --   MFU = F / step time / peak. Results: results.json and results.csv in the out dir.
 local args = ...
-local torch, nn, quant, kd, optim = require 'torch', require 'nn', require 'quant', require 'kd', require 'optim'
+local torch = require 'torch'
 local config, bench, json, qatlab = require 'config', require 'bench', require 'json', require 'qatlab'
 
 args = args or {}
@@ -53,132 +63,19 @@ for _, k in ipairs({'L', 'batches', 'impls'}) do   -- a single number arrives as
   if type(args[k]) == 'number' then args[k] = tostring(args[k]) end
 end
 
-local TINY = {layers = 2, hidden = 128, inter = 384, heads = 4, kv_heads = 2, head_dim = 32, vocab = 4096}
-local SMOKE = {layers = 1, hidden = 64, inter = 192, heads = 4, kv_heads = 2, head_dim = 16, vocab = 512}
-local FULL = {layers = 28, hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128, vocab = 151936}
-
 local cfg = config.merge({
-  role = '', job = '',   -- internal: 'qatlab' child with its job file; 'lib' returns the functions
+  child = '', job = '',  -- internal: child='qatlab' runs one row from its job file (the driver/child switch)
   help = false,          -- print this header and exit
-  full = false, tiny = false, layers = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0,
+  shape = '', full = false, tiny = false,
+  layers = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0,
   L = '', batches = '', K = 32, preset = 'q2a4', T = 2, hard_top1 = 0.2, hard_full = 0.00005, lr = 5e-5,
-  clip = 1.0, warmup = 1, steps = 2, ckpt = true, ckpt_layers = -1, ste = false, impls = 'qatlab,seed-ref',
+  clip = 1.0, warmup = 1, steps = 2, ckpt = true, ckpt_layers = -1, ste = false,
+  impls = 'qatlab,strong,strong-compiled,seed-ref', init = 'auto', chunk = 128,
   dtype = 'auto', amp = 'auto', peak_tflops = 0, threads = 0, seed = 0,
   max_batch_mb = 0, max_batch_oom = false, max_batch_start = 1, max_batch_cap = 4096,
 }, args)
 
-local M = {}
-
--- The model dims: the tiny or full shape, then single overrides.
-function M.dims(c)
-  local d = {}
-  for k, v in pairs(c.full and FULL or (c.tiny and SMOKE or TINY)) do d[k] = (c[k] or 0) > 0 and c[k] or v end
-  return d
-end
-
-function M.qwen3_config(d, L)
-  return {model_type = 'qwen3', vocab_size = d.vocab, hidden_size = d.hidden, intermediate_size = d.inter,
-          num_hidden_layers = d.layers, num_attention_heads = d.heads, num_key_value_heads = d.kv_heads,
-          head_dim = d.head_dim, max_position_embeddings = math.max(L, 64), tie_word_embeddings = true,
-          rope_theta = 1e6, rms_norm_eps = 1e-6, initializer_range = 0.02}
-end
-
--- A V2 student: random Qwen3 init, the preset's LUT layers (SVD init, frozen Q), all scales trainable.
--- o: {preset=, form='materialized'|'loop'|'batched'|'seed', ste=, dtype=, device=, ckpt=}
--- ('seed' = the seed's choice per layer: batched for rank >= 16, else loop).
-function M.build_model(d, L, o)
-  local mc = M.qwen3_config(d, L)
-  local m = o.device and nn.from_config(mc, {device = o.device}) or nn.from_config(mc)
-  local form, preset, ste = o.form or 'materialized', o.preset or 'q2a4', o.ste or false
-  if form == 'seed' then   -- the seed's per-layer default: batched for rank >= 16, else the loop
-    local p = quant.preset(preset)
-    local function f(r) return r >= 16 and 'batched' or 'loop' end
-    quant.replace(m, {preset = preset, ste_fp16 = ste, attn = false, forward = f(p.mlp_rank)})
-    quant.replace(m, {preset = preset, ste_fp16 = ste, mlp = false, forward = f(p.attn_rank)})
-  else
-    quant.replace(m, {preset = preset, ste_fp16 = ste, forward = form})
-  end
-  quant.set_trainable(m, 'all')
-  if o.dtype and o.dtype ~= 'float32' and o.dtype ~= 'autocast' then m:to{dtype = o.dtype} end
-  if type(o.ckpt) == 'number' then m:gradient_checkpointing(o.ckpt) else m:gradient_checkpointing(o.ckpt ~= false) end
-  m:train()
-  return m
-end
-
--- Teacher top-k generated on the fly: (B, L) ids, (B, S, K) random ids, logits sorted descending (fp16).
-function M.synthetic_batch(d, B, L, K, device)
-  local S = L - 1
-  local logits = (torch.randn(B, S, K) * 3):sort(3, {descending = true})
-  return {input_ids = torch.randint(0, d.vocab, {B, L}, {dtype = 'int64'}):to{device = device},
-          topk_idx = torch.randint(0, d.vocab, {B, S, K}, {dtype = 'int64'}):to{device = device},
-          topk_logits = logits:half():to{device = device}}
-end
-
--- The lm_head weight (V, H): the tied embedding.
-function M.head_weight(m)
-  for _, kv in ipairs(m:named_parameters()) do
-    if kv[1] == 'model.embed_tokens.weight' then return kv[2] end
-  end
-  error('bench_train: the model has no model.embed_tokens.weight', 0)
-end
-
--- One training step as a function () -> loss: KD loss (fused chunked kd.loss_model, or the unfused
--- kd.loss_reference on the hidden states when o.fused == false), backward, clip, AdamW, zero_grad.
-function M.make_step(m, batch, o)
-  local opt = optim.AdamW(m, {lr = o.lr or 5e-5, weight_decay = 0})
-  local kopts = {T = o.T or 2, hard_top1 = o.hard_top1 or 0.2, hard_full = o.hard_full or 0.00005}
-  local W = M.head_weight(m)
-  local function loss_of()
-    if o.fused == false then
-      local h = m:forward(batch.input_ids, {output = 'hidden'})   -- (B, L, H)
-      return (kd.loss_reference(h, W, batch, kopts))
-    end
-    return (kd.loss_model(m, batch, kopts))
-  end
-  return function()
-    local loss = o.autocast and torch.autocast('cuda', {dtype = 'bfloat16'}, loss_of) or loss_of()
-    loss:backward()
-    if (o.clip or 1) > 0 then optim.clip_grad_norm(m:parameters(), o.clip or 1) end
-    opt:step()
-    opt:zero_grad()
-    local v = loss:item()
-    loss:free()
-    return v
-  end
-end
-
--- Model FLOPs of one step (see the header) and their parts.
-function M.train_flops(d, B, L, K, preset)
-  local p = quant.preset(preset)
-  local H, q, kv, I = d.hidden, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.inter
-  local n_mm = d.layers * (H * q + 2 * H * kv + q * H + 3 * H * I)
-  local dense = B * L * (6 * n_mm + 12 * d.layers * L * q)
-  local head = B * (L - 1) * 4 * H * (d.vocab + K)
-  local scales = 6 * d.layers * (p.attn_rank * (H * q + 2 * H * kv + q * H) + p.mlp_rank * 3 * H * I)
-  return dense + head + scales, {dense = dense, head = head, scales = scales, n_mm = n_mm}
-end
-
-M.FLOP_FORMULA = 'F = B*L*(6*N_mm + 12*n_layer*L*n_head*head_dim) + B*(L-1)*4*H*(V+K) + 6*sum_proj(out*in*r)'
-
--- The largest batch in [start, cap] for which fits(batch) holds: doubling from start until a miss or
--- the cap, then bisection between the last fit and the first miss (fits is assumed monotone; each batch
--- is tried once). Returns the max batch (nil when start misses) and the first miss (nil when cap fits).
-function M.search_max_batch(fits, start, cap)
-  assert(start >= 1 and cap >= start, 'bench_train: need 1 <= max_batch_start <= max_batch_cap')
-  local lo, hi, b = nil, nil, start
-  while true do
-    if fits(b) then lo = b else hi = b; break end
-    if b >= cap then break end
-    b = math.min(2 * b, cap)
-  end
-  while lo and hi and hi - lo > 1 do
-    local mid = math.floor((lo + hi) / 2)
-    if fits(mid) then lo = mid else hi = mid end
-  end
-  return lo, hi
-end
-
-if cfg.role == 'lib' then return M end
+local M = require 'bench_step'
 
 if cfg.help then   -- the header comment is the usage
   local f = assert(io.open(require('qatlab').script or arg[0]))
@@ -194,7 +91,7 @@ local device = tostring(qatlab.device or 'cpu')
 local cuda = device:match('^cuda') ~= nil
 
 -- qatlab child: one row, printed as "RESULT {json}" ---------------------------------------------
-if cfg.role == 'qatlab' then
+if cfg.child == 'qatlab' then
   local f = assert(io.open(cfg.job, 'rb'), 'bench_train: cannot read job ' .. cfg.job)
   local job = json.decode(f:read('*a'))
   f:close()
@@ -203,9 +100,16 @@ if cfg.role == 'qatlab' then
   local dtype = job.dtype
   local m = M.build_model(d, job.L, {preset = job.preset, ste = job.ste, dtype = dtype, device = device,
                                      ckpt = job.ckpt})
-  local batch = M.synthetic_batch(d, job.batch, job.L, job.K, device)
-  local step = M.make_step(m, batch, {lr = job.lr, T = job.T, hard_top1 = job.hard_top1,
-                                      hard_full = job.hard_full, clip = job.clip, autocast = dtype == 'autocast'})
+  if job.init then m:load_state_dict((torch.load(job.init))) end   -- the driver's weights, shared by every impl
+  local batch
+  if job.batch_file then
+    batch = {}
+    for k, v in pairs((torch.load(job.batch_file))) do batch[k] = v:to{device = device} end
+  else
+    batch = M.synthetic_batch(d, job.batch, job.L, job.K, device)
+  end
+  local step = M.make_step(m, batch, {lr = job.lr, T = job.T, hard_top1 = job.hard_top1, hard_full = job.hard_full,
+    clip = job.clip, chunk = job.chunk, autocast = dtype == 'autocast' and device:match('^%a+')})
   local losses, times = {}, {}
   for _ = 1, job.warmup do losses[#losses + 1] = step() end
   collectgarbage(); collectgarbage()
@@ -252,7 +156,8 @@ local ckpt_any = cfg.ckpt and cfg.ckpt_layers ~= 0
 local qckpt = cfg.ckpt and (cfg.ckpt_layers >= 0 and cfg.ckpt_layers or true)   -- what qatlab's rows get
 local ckpt_text = (cfg.ckpt and cfg.ckpt_layers >= 0) and ('first %d of %d layers (seed-ref: %s)'):format(
   math.min(cfg.ckpt_layers, d.layers), d.layers, ckpt_any and 'all' or 'none') or (cfg.ckpt and 'on' or 'off')
-if cfg.tiny then cfg.warmup, cfg.steps, cfg.K = 0, 1, 8 end
+local shape = M.shape_name(cfg)
+if shape == 'smoke' then cfg.warmup, cfg.steps, cfg.K = 0, 1, 8 end
 local max_mode = cfg.max_batch_mb ~= 0 or cfg.max_batch_oom
 if max_mode then
   local function int(k) return cfg[k] >= 1 and cfg[k] == math.floor(cfg[k]) end
@@ -274,15 +179,26 @@ if max_mode then
   end
   cfg.warmup, cfg.steps = 1, 1   -- one timed step per try: the peak, not the timing, decides
 end
-local Ls = list(cfg.L ~= '' and cfg.L or (cfg.full and '64,128' or (cfg.tiny and '16' or '64')), 'L')
-local batches = list(cfg.batches ~= '' and cfg.batches or (cfg.full and '8,64,256' or '2,8'), 'batches')
-local impls = {}
+local DEF_L = {smoke = '16', tiny = '64', smollm2 = '128', qwen3 = '64,128'}
+local DEF_B = {smoke = '2,8', tiny = '2,8', smollm2 = '4', qwen3 = '8,64,256'}
+local Ls = list(cfg.L ~= '' and cfg.L or DEF_L[shape], 'L')
+local batches = list(cfg.batches ~= '' and cfg.batches or DEF_B[shape], 'batches')
+local IMPLS = {'qatlab', 'strong', 'strong-compiled', 'seed-ref'}   -- the table's order
+local impls, py_impls = {}, {}
 for _, x in ipairs(list(cfg.impls, 'string')) do
-  if x ~= 'qatlab' and x ~= 'seed-ref' then
-    error('bench_train: impls: expected qatlab and/or seed-ref, got ' .. x, 0)
+  if x ~= 'qatlab' and x ~= 'strong' and x ~= 'strong-compiled' and x ~= 'seed-ref' then
+    error('bench_train: impls: expected some of qatlab, strong, strong-compiled, seed-ref; got ' .. x, 0)
   end
   impls[x] = true
+  if x ~= 'qatlab' then py_impls[#py_impls + 1] = x end
 end
+if cfg.init ~= 'auto' and cfg.init ~= 'file' and cfg.init ~= 'random' then
+  error(('bench_train: init: expected auto, file or random, got %q'):format(cfg.init), 0)
+end
+-- 'file': every impl starts from the same weights and batch (files the driver writes), so the step-1
+-- losses must agree; 'random' (auto at the real shapes: a Qwen3-0.6B state dict is 2.4 GB) times each
+-- impl from its own random weights.
+local init_mode = cfg.init == 'auto' and ((shape == 'smoke' or shape == 'tiny') and 'file' or 'random') or cfg.init
 -- 1 thread on the CPU by default: on a shared machine OpenMP threads that lose their core make
 -- timings swing by 5x; each row still gets the same count
 local threads = cfg.threads > 0 and cfg.threads or (cuda and torch.get_num_threads() or 1)
@@ -300,14 +216,45 @@ if not py or py == '' then
   local venv = source .. '/.venv/bin/python'
   py = io.open(venv) and venv or 'python3'
 end
-local ref_script = source .. '/experiments/seed_ref/anemll_step.py'
-if impls['seed-ref'] then
+local strong_py = source .. '/experiments/seed_ref/strong_step.py'
+local ref_script = {['seed-ref'] = source .. '/experiments/seed_ref/anemll_step.py', strong = strong_py,
+  ['strong-compiled'] = strong_py}
+local torch_version
+if #py_impls > 0 then
   local probe = bench.sh(q(py) .. ' -c "import torch, safetensors; print(\'TORCH\', torch.__version__)" 2>&1')
-  if not probe:match('TORCH') then
+  torch_version = probe:match('TORCH (%S+)')
+  if not torch_version then
     py_why = ('%s cannot import torch (%s); set QATLAB_PYTHON to a Python with torch. Showing qatlab rows only.')
       :format(py, (probe:gsub('%s+$', ''):match('[^\n]*$')))
-    impls['seed-ref'] = nil
+    for _, x in ipairs(py_impls) do impls[x] = nil end
   end
+end
+if cfg.ste and (impls.strong or impls['strong-compiled']) then
+  py_why = (py_why and py_why .. ' ' or '') .. 'strong: STE-FP16 is not implemented there; its rows are skipped.'
+  impls.strong, impls['strong-compiled'] = nil, nil
+end
+
+-- The shared weights and batches (init = 'file').
+local init_file, batch_files = nil, {}
+if init_mode == 'file' then
+  init_file = out .. '/jobs/init.safetensors'
+  torch.manual_seed(cfg.seed)
+  local maxL = 0
+  for _, L in ipairs(Ls) do maxL = math.max(maxL, L) end
+  local m = M.build_model(d, maxL, {preset = cfg.preset, ste = cfg.ste, ckpt = false})
+  torch.save(init_file, m:state_dict())
+  m = nil   -- luacheck: ignore 311
+  collectgarbage()
+end
+local function batch_file(L, B)
+  if init_mode ~= 'file' then return nil end
+  local key = L .. 'x' .. B
+  if not batch_files[key] then
+    torch.manual_seed(cfg.seed + 1)
+    batch_files[key] = ('%s/jobs/batch_%s.safetensors'):format(out, key)
+    torch.save(batch_files[key], M.synthetic_batch(d, B, L, cfg.K))
+  end
+  return batch_files[key]
 end
 
 -- MFU denominator.
@@ -336,35 +283,45 @@ local function run_qatlab(L, B, id)
   local f = assert(io.open(job, 'wb'))
   f:write(json.encode({dims = d, L = L, batch = B, K = cfg.K, preset = cfg.preset, ste = cfg.ste, ckpt = qckpt,
     dtype = qdtype, lr = cfg.lr, T = cfg.T, hard_top1 = cfg.hard_top1, hard_full = cfg.hard_full, clip = cfg.clip,
-    warmup = cfg.warmup, steps = cfg.steps, seed = cfg.seed}))
+    warmup = cfg.warmup, steps = cfg.steps, seed = cfg.seed, chunk = cfg.chunk, init = init_file,
+    batch_file = batch_file(L, B)}))
   f:close()
-  return ('%s run --device %s --threads %d --seed %d %s --set role=qatlab --set job=%s'):format(
+  return ('%s run --device %s --threads %d --seed %d %s --set child=qatlab --set job=%s'):format(
     q(qbin), device, threads, cfg.seed, q(qatlab.script), q(job))
 end
 
-local function run_ref(L, B)
+local function run_ref(impl, L, B)
+  local extra = ''
+  if impl ~= 'seed-ref' then
+    extra = (' --chunk %d --compile %d'):format(cfg.chunk, impl == 'strong-compiled' and 1 or 0)
+  end
+  if init_file then extra = extra .. (' --init %s --batch-file %s'):format(q(init_file), q(batch_file(L, B))) end
+  -- the strong reference has only autocast (bf16 parameters are the seed's benchmark, not a strong choice)
+  local amp = (impl ~= 'seed-ref' and cfg.amp == 'bf16') and 'autocast' or cfg.amp
   return ('%s %s --layers %d --hidden %d --inter %d --heads %d --kv-heads %d --head-dim %d --vocab %d '
     .. '--preset %s --L %d --batch %d --K %d --T %g --hard %.17g --lr %g --clip %g --ckpt %d --ste %d '
-    .. '--amp %s --device %s --threads %d --seed %d --warmup %d --steps %d'):format(q(py), q(ref_script),
+    .. '--amp %s --device %s --threads %d --seed %d --warmup %d --steps %d%s'):format(q(py), q(ref_script[impl]),
     d.layers, d.hidden, d.inter, d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, L, B, cfg.K, cfg.T,
-    cfg.hard_top1 + cfg.hard_full, cfg.lr, cfg.clip, ckpt_any and 1 or 0, cfg.ste and 1 or 0, cfg.amp,
-    device, threads, cfg.seed, cfg.warmup, cfg.steps)
+    cfg.hard_top1 + cfg.hard_full, cfg.lr, cfg.clip, ckpt_any and 1 or 0, cfg.ste and 1 or 0, amp,
+    device, threads, cfg.seed, cfg.warmup, cfg.steps, extra)
 end
 
 local function finite(x) return type(x) == 'number' and x == x and x ~= math.huge and x ~= -math.huge end
 
 local device_name = bench.device_name(device)
 print(('bench_train: qwen3 %d layers, hidden %d, inter %d, heads %d/%d x %d, vocab %d, %s, K %d, device %s (%s), '
-  .. '%d threads, checkpointing %s, STE %s; qatlab %s, seed-ref amp %s'):format(d.layers, d.hidden, d.inter,
-  d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, device_name, threads,
-  ckpt_text, cfg.ste and 'on' or 'off', qdtype, cfg.amp))
+  .. '%d threads, checkpointing %s, STE %s; qatlab %s, references amp %s%s; weights %s; load average %s'):format(
+  d.layers, d.hidden, d.inter, d.heads, d.kv_heads, d.head_dim, d.vocab, cfg.preset, cfg.K, device, device_name,
+  threads, ckpt_text, cfg.ste and 'on' or 'off', qdtype, cfg.amp,
+  torch_version and (' (PyTorch ' .. torch_version .. ')') or '',
+  init_mode == 'file' and 'shared (one init and batch file for every impl)' or 'random per impl', M.load_average()))
 if py_why then print('seed-ref: ' .. py_why) end
 
 -- One row in its own process: its result, or {status = 'OOM' | 'KILLED' | 'FAILED', error = output tail}.
 local n = 0
 local function run_row(impl, L, B)
   n = n + 1
-  local cmd = impl == 'qatlab' and run_qatlab(L, B, ('row%03d'):format(n)) or run_ref(L, B)
+  local cmd = impl == 'qatlab' and run_qatlab(L, B, ('row%03d'):format(n)) or run_ref(impl, L, B)
   io.stderr:write(('[bench_train] %s L=%d batch=%d ...\n'):format(impl, L, B))
   local text = bench.sh(cmd .. ' 2>&1; echo "__rc=$?"')
   local rc = tonumber(text:match('__rc=(%d+)%s*$'))
@@ -374,7 +331,8 @@ local function run_row(impl, L, B)
   if not (ok and type(r) == 'table' and finite(r.step_s)) then
     -- a signal (rc > 128: the kernel's OOM killer sends SIGKILL) is a memory limit too
     local status = bench.is_oom(text) and 'OOM' or ((rc or 0) > 128 and 'KILLED' or 'FAILED')
-    r = {L = L, batch = B, status = status, rc = rc, error = (text:gsub('%s+$', '')):sub(-400)}
+    local why = ok and type(r) == 'table' and r.compile_error and ('torch.compile failed: ' .. r.compile_error)
+    r = {L = L, batch = B, status = status, rc = rc, error = why or (text:gsub('%s+$', '')):sub(-400)}
     if status == 'FAILED' then
       io.stderr:write(('[bench_train] %s L=%d batch=%d failed (exit %s):\n%s\n'):format(impl, L, B,
         tostring(rc), r.error))
@@ -401,7 +359,7 @@ end
 local function f(v, fmt) return v == nil and '' or (fmt):format(v) end
 local function write_json(extra)
   local t = {config = cfg, dims = d, device = device, device_name = device_name, threads = threads,
-    qatlab_dtype = qdtype,
+    qatlab_dtype = qdtype, shape = shape, init = init_mode, load_average = M.load_average(),
     flop_formula = M.FLOP_FORMULA, peak_flops = peak_flops, peak_note = peak_note,
     seed_ref = py_why and {skipped = py_why} or {python = py}}
   for k, v in pairs(extra) do t[k] = v end
@@ -417,7 +375,7 @@ if max_mode then
     .. (cfg.max_batch_oom and (budget and ' / OOM' or 'OOM') or '')
   local rows, results = {}, {}
   for _, L in ipairs(Ls) do
-    for _, impl in ipairs({'qatlab', 'seed-ref'}) do
+    for _, impl in ipairs(IMPLS) do
       if impls[impl] then
         local by_batch, failed = {}, nil
         local function fits(B)
@@ -502,48 +460,74 @@ end
 local rows = {}
 for _, L in ipairs(Ls) do
   for _, B in ipairs(batches) do
-    for _, impl in ipairs({'qatlab', 'seed-ref'}) do
+    for _, impl in ipairs(IMPLS) do
       if impls[impl] then rows[#rows + 1] = run_row(impl, L, B) end
     end
   end
 end
 
--- ratio qatlab / seed-ref of tokens/s (speed-up) and of peak memory, same L and batch.
+-- qatlab against each reference, same L and batch: x = qatlab tokens/s / its tokens/s (> 1: qatlab faster),
+-- mem = qatlab peak / its peak (< 1: qatlab smaller). The qatlab row keeps speedup / mem_ratio against
+-- seed-ref, and speedup_strong(_compiled) against the strong reference.
 local by = {}
 for _, r in ipairs(rows) do by[r.impl .. ':' .. r.L .. ':' .. r.batch] = r end
 for _, r in ipairs(rows) do
-  local s = by['seed-ref:' .. r.L .. ':' .. r.batch]
-  if r.impl == 'qatlab' and r.status == 'OK' and s and s.status == 'OK' then
-    r.speedup = r.tokens_s / s.tokens_s
-    r.mem_ratio = r.peak_bytes / s.peak_bytes
+  local qr = by['qatlab:' .. r.L .. ':' .. r.batch]
+  if r.impl ~= 'qatlab' and r.status == 'OK' and qr and qr.status == 'OK' then
+    r.qatlab_x, r.qatlab_mem = qr.tokens_s / r.tokens_s, qr.peak_bytes / r.peak_bytes
+    if r.impl == 'seed-ref' then qr.speedup, qr.mem_ratio = r.qatlab_x, r.qatlab_mem
+    else qr['speedup_' .. r.impl:gsub('-', '_')] = r.qatlab_x end
+  end
+  if r.status == 'OK' and r.losses and r.losses[1] and qr and qr.status == 'OK' and qr.losses then
+    r.loss1 = r.losses[1]
+    r.loss1_rel = math.abs(r.losses[1] - qr.losses[1]) / math.abs(qr.losses[1])
   end
 end
 
-print(('\n| impl | L | batch | step (s) | tokens/s | peak MiB | +step MiB | MFU | speed-up q/s | mem q/s |'))
-print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+print('\n| impl | L | batch | step (s) | tokens/s | peak MiB | +step MiB | MFU | step-1 loss | qatlab x | qatlab mem |')
+print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
 for _, r in ipairs(rows) do
   if r.status == 'OK' then
-    print(('| %s | %d | %d | %.4f | %s | %s | %s | %.2f%% | %s | %s |'):format(r.impl, r.L, r.batch, r.step_s,
+    print(('| %s | %d | %d | %.4f | %s | %s | %s | %.2f%% | %s | %s | %s |'):format(r.impl, r.L, r.batch, r.step_s,
       bench.commas(r.tokens_s), mib(r.peak_bytes), mib(r.step_bytes), 100 * r.mfu,
-      r.speedup and ('%.2fx'):format(r.speedup) or '', r.mem_ratio and ('%.2f'):format(r.mem_ratio) or ''))
+      r.loss1 and ('%.6f'):format(r.loss1) or '-',
+      r.qatlab_x and ('%.2fx'):format(r.qatlab_x) or '', r.qatlab_mem and ('%.2f'):format(r.qatlab_mem) or ''))
   else
-    print(('| %s | %d | %d | - | - | - | - | - | %s | |'):format(r.impl, r.L, r.batch, r.status))
+    print(('| %s | %d | %d | - | - | - | - | - | - | %s | |'):format(r.impl, r.L, r.batch, r.status))
   end
+end
+for _, r in ipairs(rows) do
+  if r.status ~= 'OK' then
+    print(('%s L=%d batch=%d: %s'):format(r.impl, r.L, r.batch, ((r.error or ''):gsub('\n', ' '))))
+  end
+  if type(r.compile_s) == 'number' then
+    print(('%s L=%d batch=%d: first step with compilation %.1f s'):format(r.impl, r.L, r.batch, r.compile_s))
+  end
+end
+if init_mode == 'file' then
+  local worst = 0
+  for _, r in ipairs(rows) do if r.loss1_rel then worst = math.max(worst, r.loss1_rel) end end
+  print(('step-1 losses (same weights and batch in every impl): largest relative difference to qatlab %.2e')
+    :format(worst))
 end
 print(('\nFLOPs/step: %s  (N_mm = %s matmul params; tokens = B*L)'):format(M.FLOP_FORMULA,
   bench.commas(select(2, M.train_flops(d, 1, Ls[1], cfg.K, cfg.preset)).n_mm)))
 print('MFU peak: ' .. peak_note .. (cuda and '' or '; on the CPU MFU is against that GEMM rate, not a datasheet'))
 print(('memory: %s; +step = peak minus the %s before the timed steps'):format(memory_note,
   cuda and 'allocated bytes' or 'RSS'))
-print(('speed-up q/s = qatlab tokens/s / seed-ref tokens/s; mem q/s = qatlab peak / seed-ref peak; loss = the '
-  .. 'seed\'s KD loss T^2*KL_K + %g*CE_full on synthetic teacher top-%d'):format(cfg.hard_top1 + cfg.hard_full, cfg.K))
+print(('qatlab x = qatlab tokens/s / the row\'s tokens/s; qatlab mem = qatlab peak / the row\'s peak; loss = the '
+  .. 'seed\'s KD loss T^2*KL_K + %g*CE_full on synthetic teacher top-%d; strong = experiments/seed_ref/strong_step.py '
+  .. '(W_eff autograd.Function, fused chunked KD, fused AdamW; -compiled: torch.compile per decoder layer); '
+  .. 'seed-ref = experiments/seed_ref/anemll_step.py'):format(cfg.hard_top1 + cfg.hard_full, cfg.K))
+print('load average after the rows: ' .. M.load_average())
 
 write_json({rows = rows})
-local csv = {'impl,L,batch,status,step_s,tokens_s,peak_bytes,step_bytes,flops,mfu,speedup,mem_ratio,loss'}
+local csv = {'impl,L,batch,status,step_s,tokens_s,peak_bytes,step_bytes,flops,mfu,speedup,mem_ratio,loss,loss1,'
+  .. 'qatlab_x,qatlab_mem'}
 for _, r in ipairs(rows) do
   csv[#csv + 1] = table.concat({r.impl, r.L, r.batch, r.status, f(r.step_s, '%.6f'), f(r.tokens_s, '%.2f'),
     f(r.peak_bytes, '%.0f'), f(r.step_bytes, '%.0f'), f(r.flops, '%.6g'), f(r.mfu, '%.6g'), f(r.speedup, '%.4f'),
-    f(r.mem_ratio, '%.4f'), f(r.loss, '%.6f')}, ',')
+    f(r.mem_ratio, '%.4f'), f(r.loss, '%.6f'), f(r.loss1, '%.9g'), f(r.qatlab_x, '%.4f'), f(r.qatlab_mem, '%.4f')}, ',')
 end
 write(out .. '/results.csv', table.concat(csv, '\n') .. '\n')
 print(('results: %s/results.json, %s/results.csv'):format(out, out))

@@ -1,5 +1,6 @@
--- bench_train_spec: experiments/bench_train.lua runs at tiny size (both impls when Python has torch), the fast
--- step (materialized W_eff, fused KD, checkpointing) matches the plain one, and both match the seed reference;
+-- bench_train_spec: experiments/bench_train.lua runs at tiny size (every impl when Python has torch), the fast
+-- step (materialized W_eff, fused KD, checkpointing; scripts/bench_step.lua) matches the plain one, and both match
+-- the seed reference and the strong PyTorch reference (experiments/seed_ref/strong_step.py) from the same weights;
 -- max-batch mode (max_batch_mb) finds a consistent max batch per impl; the fast path in bf16 stays within bf16
 -- tolerance of the plain fp32 path (CPU always, CUDA when present; CPU measured 2.7e-4 relative at step 3).
 local torch = require 'torch'
@@ -8,7 +9,8 @@ local h = require 'helper'
 
 local SCRIPT = h.source_dir .. '/experiments/bench_train.lua'
 local REF = h.source_dir .. '/experiments/seed_ref/anemll_step.py'
-local lib = assert(loadfile(SCRIPT))({role = 'lib'})
+local STRONG = h.source_dir .. '/experiments/seed_ref/strong_step.py'
+local lib = require 'bench_step'
 
 -- Tiny Qwen3 shape: MLP rank 32 (LUT4) and attention rank 8 (LUT16) as in Q2A4.
 local D = {layers = 2, hidden = 64, inter = 192, heads = 4, kv_heads = 2, head_dim = 16, vocab = 512}
@@ -69,8 +71,10 @@ describe('bench_train', function()
     local sets = {}
     for k, v in pairs(D) do sets[#sets + 1] = ('--set %s=%d'):format(k, v) end
     local out = dir .. '/run'
+    -- every impl but strong-compiled (torch.compile takes minutes on a loaded CPU)
     local rc, text, err = h.sh(('%s run --device cpu %s %s --set L=16 --set batches=2 --set K=8 '
-      .. '--set warmup=0 --set steps=1 --out %s'):format(h.q(h.bin), h.q(SCRIPT), table.concat(sets, ' '), h.q(out)))
+      .. '--set warmup=0 --set steps=1 --set impls=qatlab,strong,seed-ref --out %s'):format(h.q(h.bin), h.q(SCRIPT),
+      table.concat(sets, ' '), h.q(out)))
     assert.are.equal(0, rc, text .. '\n' .. err)
     assert.truthy(text:find('| impl | L | batch | step (s) | tokens/s |', 1, true), text)
     assert.truthy(text:find('FLOPs/step: F = ', 1, true))
@@ -89,7 +93,16 @@ describe('bench_train', function()
     assert.truthy(seen.qatlab)
     if has_torch() then
       assert.truthy(seen['seed-ref'], 'Python has torch but no seed-ref row:\n' .. text)
+      assert.truthy(seen.strong, 'Python has torch but no strong row:\n' .. text)
       assert.is_true(finite(seen.qatlab.speedup) and seen.qatlab.speedup > 0)
+      assert.is_true(finite(seen.qatlab.speedup_strong) and seen.qatlab.speedup_strong > 0)
+      -- init = 'file' at this size: every impl started from the same weights and batch
+      assert.are.equal('file', res.init)
+      for _, impl in ipairs({'strong', 'seed-ref'}) do
+        assert.is_true(seen[impl].loss1_rel <= LOSS_RTOL, ('%s step-1 loss %.9g vs qatlab %.9g'):format(impl,
+          seen[impl].loss1, seen.qatlab.losses[1]))
+      end
+      assert.truthy(text:find('step-1 losses (same weights and batch in every impl)', 1, true), text)
     else
       assert.truthy(text:find('Showing qatlab rows only', 1, true))
     end
@@ -172,6 +185,35 @@ describe('bench_train', function()
     local worst, n = max_diff(fast_params, torch.load(dir .. '/after.safetensors'))
     assert.are.equal(42, n)
     assert.is_true(worst <= PARAM_ATOL, 'parameters differ by ' .. worst)
+  end)
+
+  -- The strong reference (W_eff in an autograd.Function, fused KD with gradients in forward, fused AdamW)
+  -- from the same init and batch: the same losses at every step (step 1 is the forward alone) and the same
+  -- parameters after 3 steps, to the fp32 tolerances above; with its per-layer checkpointing on as well.
+  it('the strong PyTorch reference gives the same losses and parameters from the same init and batch', function()
+    if not has_torch() then
+      pending(h.python .. ' has no torch + safetensors')
+      return
+    end
+    torch.save(dir .. '/init.safetensors', init)
+    torch.save(dir .. '/batch.safetensors', batch)
+    for _, ckpt in ipairs({0, 1}) do
+      local rc, text, err = h.sh(('%s %s --layers %d --hidden %d --inter %d --heads %d --kv-heads %d --head-dim %d '
+        .. '--vocab %d --K %d --init %s --batch-file %s --warmup 0 --steps %d --lr %g --ckpt %d --chunk 7 --amp none '
+        .. '--device cpu --threads 1 --save-params %s'):format(h.q(h.python), h.q(STRONG), D.layers, D.hidden, D.inter,
+        D.heads, D.kv_heads, D.head_dim, D.vocab, K, h.q(dir .. '/init.safetensors'), h.q(dir .. '/batch.safetensors'),
+        STEPS, LR, ckpt, h.q(dir .. '/strong.safetensors')))
+      assert.are.equal(0, rc, text .. err)
+      local r = json.decode(text:match('(%b{})%s*$'))
+      assert.are.equal('strong', r.impl)
+      for i = 1, STEPS do
+        assert.is_true(math.abs(fast_losses[i] - r.losses[i]) <= LOSS_RTOL * math.abs(r.losses[i]),
+          ('ckpt %d step %d: qatlab %.9g vs strong %.9g'):format(ckpt, i, fast_losses[i], r.losses[i]))
+      end
+      local worst, n = max_diff(fast_params, torch.load(dir .. '/strong.safetensors'))
+      assert.are.equal(42, n)
+      assert.is_true(worst <= PARAM_ATOL, 'parameters differ by ' .. worst)
+    end
   end)
 
   it('refuses a bad batch list with a clear error', function()
