@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <iostream>
+#include <memory>
 #include <new>
 #include <string>
 #include <unordered_map>
@@ -80,14 +81,14 @@ void sp_free_mem(void * p) { std::free(p); }
 qatlab_sp_processor * sp_load(const char * model_path, char ** err) {
     qatlab_sp_processor * out = nullptr;
     int rc = guarded(err, [&] {
-        auto p = new qatlab_sp_processor;
+        // Owned until loaded: the library throws on some models (darts: "zero-length key").
+        auto p = std::make_unique<qatlab_sp_processor>();
         auto st = p->sp.Load(model_path);
         if (!st.ok()) {
-            delete p;
             set_error(err, st.ToString());
             return 1;
         }
-        out = p;
+        out = p.release();
         return 0;
     });
     return rc == 0 ? out : nullptr;
