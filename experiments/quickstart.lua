@@ -2,22 +2,20 @@
 -- SentencePiece BPE → packed blocks → a small Qwen3-style teacher trained from scratch → KD cache
 -- (top-K teacher logits) → a Q4 student (V2 LUT16, low-rank scales initialised from the teacher)
 -- trained by KD → Q4→Q2 conversion → Q2 KD training → FP16 snap for the ANE, measured at each stage
--- (KD loss on a held-out cache and held-out perplexity). A few minutes on a 2-core CPU.
+-- (KD loss on a held-out cache and held-out perplexity). A few minutes on a 2-core CPU. The stages are
+-- scripts/kd_lab.lua's (corpus, model_config, stage, eval_batches, kd_evaluate), shared with the SR experiments.
 --
 --   qatlab run experiments/quickstart.lua [--out runs/quickstart] [--set text=FILE] [--set tiny=true]
 --   qatlab run experiments/quickstart.lua --device cuda --set hidden=512 --set layers=8 --set L=128 \
 --          --set teacher_steps=20000 --set q4_steps=4000 --set q2_steps=4000 --set cache_rows=65536 --set K=64
 local torch = require 'torch'
-local nn = require 'nn'
-local data = require 'data'
 local kd = require 'kd'
 local quant = require 'quant'
 local optim = require 'optim'
-local tokenizers = require 'tokenizers'
 local log = require 'log'
 local config = require 'config'
-local schedule = require 'schedule'
-local trainer = require 'trainer'
+local files = require 'files'
+local kd_lab = require 'kd_lab'
 local qatlab = require 'qatlab'
 local args = ...
 
@@ -37,7 +35,7 @@ local defaults = {
   warmup = 50,
   K = 32,               -- teacher top-K logits per position in the KD cache
   cache_rows = 2048,    -- training blocks in the KD cache
-  kd_eval_rows = 40,    -- held-out blocks in the eval cache (kd.evaluate n=40, the seed's figure)
+  kd_eval_rows = 40,    -- held-out blocks in the eval cache (kd.evaluate examples=40, the seed's n=40)
   T = 2.0,              -- KD temperature
   hard_top1 = 0.0,      -- CE on the teacher's top-1: the seed's 0.2 swamps the small KL of a small teacher
   hard_full = 0.0,      -- (the seed: 0.00005)
@@ -66,107 +64,43 @@ if cfg.tiny then cfg = config.merge(config.merge(defaults, TINY), args) end
 
 local device = qatlab.device
 local out = qatlab.out or 'runs/quickstart'
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-assert(os.execute('mkdir -p ' .. q(out)) == 0, 'cannot create ' .. out)
+files.mkdir(out, 'quickstart')
 torch.manual_seed(cfg.seed)
 local T0 = qatlab.time()
 local timings = {}
 local function stage_done(name, t) timings[#timings + 1] = {name, qatlab.time() - t} end
 log.info(('quickstart on %s, out %s: %s'):format(device, out, config.format(cfg)))
 
--- 1. corpus, tokenizer, blocks ------------------------------------------------------------------
+-- 1. corpus, tokenizer, blocks (kd_lab.corpus) ------------------------------------------------------
 local t = qatlab.time()
-local text_path = cfg.text ~= '' and cfg.text or data.kjv_path()
-local lines = {}
-for line in io.lines(text_path) do
-  if line:find('%S') then lines[#lines + 1] = line end
-  if cfg.max_lines > 0 and #lines >= cfg.max_lines then break end
-end
-local corpus = text_path
-if cfg.max_lines > 0 then   -- train the tokenizer on the same lines
-  corpus = out .. '/corpus.txt'
-  local f = assert(io.open(corpus, 'w'))
-  f:write(table.concat(lines, '\n'), '\n')
-  f:close()
-end
-local sp_model = tokenizers.train_sentencepiece{input = corpus, model_prefix = out .. '/sp', vocab_size = cfg.vocab,
-                                                model_type = 'bpe'}
-local tk = tokenizers.sentencepiece(sp_model)
-local V = tk:vocab_size()
-local blocks = data.pack(tk, lines, {L = cfg.L, eos = tk.eos_token_id})            -- (N, L) int64
-local train_ids, held_ids = data.split(blocks, {fraction = cfg.heldout, seed = cfg.seed})
-train_ids, held_ids = train_ids:to{device = device}, held_ids:to{device = device}
+local corpus = kd_lab.corpus{work = out, text = cfg.text, max_lines = cfg.max_lines, vocab = cfg.vocab, L = cfg.L,
+                             heldout = cfg.heldout, seed = cfg.seed, device = device}
+local text_path, lines, tk, V = corpus.text_path, corpus.lines, corpus.tk, corpus.V
+local train_ids, held_ids = corpus.train_ids, corpus.held_ids
 local eval_ids = held_ids:narrow(1, 1, math.min(cfg.eval_rows, held_ids:size(1)))
 log.info(('corpus %s: %d lines → %d blocks of %d tokens (SentencePiece BPE, vocab %d): %d train / %d held out, %.1f s')
-  :format(text_path, #lines, blocks:size(1), cfg.L, V, train_ids:size(1), held_ids:size(1), qatlab.time() - t))
+  :format(text_path, #lines, corpus.blocks:size(1), cfg.L, V, train_ids:size(1), held_ids:size(1), qatlab.time() - t))
 stage_done('tokenizer + packing', t)
 
--- helpers ------------------------------------------------------------------------------------------
-local model_cfg = {
-  model_type = 'qwen3', vocab_size = V, hidden_size = cfg.hidden, intermediate_size = 3 * cfg.hidden,
-  num_hidden_layers = cfg.layers, num_attention_heads = cfg.heads,
-  num_key_value_heads = math.max(1, math.floor(cfg.heads / 2)), head_dim = math.floor(cfg.hidden / cfg.heads),
-  max_position_embeddings = cfg.L, tie_word_embeddings = true, initializer_range = 0.02,
-}
-
-local function new_model()
-  local m = nn.from_config(model_cfg)
-  if device ~= 'cpu' then m:to{device = device} end
-  return m
-end
-
--- Mean next-token cross-entropy over rows (B, L) and the token count.
-local function lm_loss(model, ids)
-  return model:loss(ids), {tokens = ids:size(1) * (ids:size(2) - 1)}
-end
-
--- Held-out perplexity: exp of the mean next-token CE over the eval blocks.
-local function heldout_ce(model)
-  local was = model.training
-  model:eval()
-  local total, n = 0, 0
-  torch.no_grad(function()
-    local N = eval_ids:size(1)
-    for i = 1, N, 32 do
-      local b = eval_ids:narrow(1, i, math.min(32, N - i + 1))
-      total = total + lm_loss(model, b):item() * b:size(1)
-      n = n + b:size(1)
-    end
-  end)
-  if was then model:train() end
-  return total / n
-end
-
+local model_cfg = kd_lab.model_config{vocab = V, hidden = cfg.hidden, layers = cfg.layers, heads = cfg.heads, L = cfg.L}
+local function heldout_ce(m) return kd_lab.heldout_ce(m, eval_ids, 32) end
 local function run_stage(name, o)
-  local stage_out = out .. '/' .. name
-  os.execute('rm -rf ' .. q(stage_out))
-  local tr = trainer.new{
-    model = o.model, optimizer = o.optimizer, loss = o.loss, data = o.data, steps = o.steps, clip = 1.0,
-    schedule = schedule.cosine{total = o.steps, warmup = math.min(o.warmup, o.steps - 1), min_ratio = 0.1},
-    eval = o.eval, eval_every = cfg.eval_every, log_every = 10, out = stage_out, seed = cfg.seed,
-    config = cfg, save_final = false,
-    hooks = {on_eval = function(self, m)
-      log.info(('%s step %d/%d: train %s  eval %.4f  lr %.2e'):format(name, self.global_step, o.steps,
-        self.last_train_loss and ('%.4f'):format(self.last_train_loss) or '-', m.eval_loss, self.lr))
-    end},
-  }
-  local sum = tr:run()
-  tr:close()
-  return sum, stage_out .. '/training_log.csv'
+  o.name, o.clip, o.eval_every, o.out, o.seed, o.config = name, 1.0, cfg.eval_every, out .. '/' .. name, cfg.seed, cfg
+  return kd_lab.stage(o)
 end
 
 local csvs = {}
 
 -- 2. teacher: next-token CE from scratch -------------------------------------------------------------
 t = qatlab.time()
-local teacher = new_model()
+local teacher = kd_lab.new_model(model_cfg, device)
 teacher:requires_grad_(true)
 teacher:train()
 log.info(('teacher: qwen3 %d layers, hidden %d, %d heads, vocab %d: %.2fM parameters'):format(
   cfg.layers, cfg.hidden, cfg.heads, V, teacher:num_parameters() / 1e6))
 local Ntrain = train_ids:size(1)
 local _, teacher_csv = run_stage('teacher', {
-  model = teacher, optimizer = optim.AdamW(teacher, {lr = cfg.lr, weight_decay = 0.01}), loss = lm_loss,
+  model = teacher, optimizer = optim.AdamW(teacher, {lr = cfg.lr, weight_decay = 0.01}), loss = kd_lab.lm_loss,
   data = function()
     return train_ids:index_select(1, torch.randint(0, Ntrain, {cfg.teacher_batch}, {device = device}))
   end,
@@ -188,14 +122,12 @@ local built = kd.build_cache{teacher = teacher, data = cache_rows, K = cfg.K, ou
                              seed = cfg.seed, shard_size = 1024}
 kd.build_cache{teacher = teacher, data = kd_eval_rows, K = cfg.K, out = eval_cache_dir, overwrite = true,
                seed = cfg.seed}
-local er = kd.open_cache(eval_cache_dir, {batch_size = cfg.kd_eval_rows, shuffle = false})
-local eval_batches = {er:next()}
-er:close()
+local eval_batches = kd_lab.eval_batches(eval_cache_dir, cfg.kd_eval_rows, 1)
 log.info(('KD cache %s: %d blocks, K=%d, %.0f seq/s; eval cache %d blocks'):format(cache_dir, cache_rows:size(1), cfg.K,
   built.seq_per_s or 0, kd_eval_rows:size(1)))
 stage_done('KD cache', t)
 
-local function kd_eval(m) return (kd.evaluate(m, eval_batches, {n = cfg.kd_eval_rows, T = cfg.T})) end
+local function kd_eval(m) return kd_lab.kd_evaluate(m, eval_batches, cfg.T) end
 
 local results = {}
 local function measure(label, m)
@@ -207,9 +139,10 @@ end
 measure('teacher', teacher)
 
 -- 4. student: Q4 from the teacher's weights, KD; Q4→Q2, KD; FP16 snap --------------------------------------
-local student = new_model()
+local student = kd_lab.new_model(model_cfg, device)
 student:load_state_dict(teacher:state_dict())
 quant.replace(student, {preset = 'q4a4', ste_fp16 = cfg.ste_fp16})
+local kd_loss = kd_lab.kd_loss{T = cfg.T, hard_top1 = cfg.hard_top1, hard_full = cfg.hard_full}
 local function kd_stage(name, steps, lr)
   if steps <= 0 then return end
   local n = quant.set_trainable(student, 'all')
@@ -218,12 +151,7 @@ local function kd_stage(name, steps, lr)
   local st = qatlab.time()
   log.info(('%s: KD on %d trainable scale tensors, %d steps, lr %.1e'):format(name, n, steps, lr))
   local _, csv = run_stage(name, {
-    model = student, optimizer = optim.AdamW(student, {lr = lr, weight_decay = 0}), data = reader,
-    loss = function(m, b)
-      local loss, parts = kd.loss_model(m, b, {T = cfg.T, hard_top1 = cfg.hard_top1, hard_full = cfg.hard_full})
-      parts.tokens = b.input_ids:numel()
-      return loss, parts
-    end,
+    model = student, optimizer = optim.AdamW(student, {lr = lr, weight_decay = 0}), data = reader, loss = kd_loss,
     steps = steps, warmup = math.floor(steps / 10),
     eval = function(m) return {eval_loss = kd_eval(m)} end,
   })
@@ -304,10 +232,7 @@ md[#md + 1] = ''
 md[#md + 1] = '> ' .. sample:gsub('\n', ' ')
 md[#md + 1] = ''
 local report = table.concat(md, '\n')
-local f = assert(io.open(out .. '/results.md.tmp', 'w'))
-f:write(report)
-f:close()
-assert(os.rename(out .. '/results.md.tmp', out .. '/results.md'))
+files.write_atomic(out .. '/results.md', report, 'quickstart')
 print('\n' .. report)
 log.info(('Q2: KD loss %.4f → %.4f, perplexity %.2f → %.2f (teacher %.2f, Q4 %.2f, snapped %.2f); %.0f s; %s')
   :format(q2_init.kd, q2.kd, q2_init.ppl, q2.ppl, results[1].ppl, q4.ppl, snapped.ppl, total, out .. '/results.md'))

@@ -73,13 +73,20 @@ local kd_eval, kd_train = lab.kd_eval, lab.kd_train
 
 -- the sweep ------------------------------------------------------------------------------------------------
 local presets = {[4] = 'q4a4', [32] = 'q4a4_r32'}
+-- base: every setting a trial reads (the kd_lab set-up included), so that a trial's key (the hash of its whole
+-- configuration) changes with any of them and a changed setting never reuses a stale result; the runner's own
+-- settings (workers, devices, prepare) and the grid's lists stay out.
+local base = {lr = cfg.lrs[1], rank = cfg.ranks[1]}
+for k, v in pairs(cfg) do
+  if not ({workers = true, devices = true, prepare = true, lrs = true, ranks = true})[k] then base[k] = v end
+end
 local res = sweep.run{
-  name = 'lr_rank', out = work, space = sweep.grid{lr = cfg.lrs, rank = cfg.ranks},
+  name = 'lr_rank', out = work, space = sweep.grid{lr = cfg.lrs, rank = cfg.ranks}, base = base,
   workers = cfg.workers, devices = cfg.devices ~= '' and cfg.devices or nil,
   metric = {name = 'kd_loss', goal = 'minimize'},
   fn = function(run, t)
     local preset = assert(presets[t.rank], 'rank must be 4 or 32 (the q4a4 / q4a4_r32 presets)')
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(t.seed)
     local student = nn.from_config(model_cfg)
     student:load_state_dict(teacher:state_dict())
     quant.replace(student, {preset = preset})
@@ -88,10 +95,10 @@ local res = sweep.run{
     local init = kd_eval(student)
     -- every trial reads the KD cache from its start: the same batches in any order, process or resume
     lab.reader:close()
-    lab.reader = kd.open_cache(work .. '/kd_train', {batch_size = cfg.batch, shuffle = true, seed = cfg.seed})
-    kd_train(student, 'trial_' .. preset .. '_lr' .. t.lr, cfg.steps, t.lr)
+    lab.reader = kd.open_cache(work .. '/kd_train', {batch_size = t.batch, shuffle = true, seed = t.seed})
+    kd_train(student, 'trial_' .. preset .. '_lr' .. t.lr, t.steps, t.lr)
     local loss = kd_eval(student)
-    run:report(cfg.steps, loss)
+    run:report(t.steps, loss)
     return {kd_loss = loss, kd_loss_init = init}
   end,
 }
