@@ -13,8 +13,10 @@
 #include <ATen/autocast_mode.h>
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -48,14 +50,18 @@ void json_write_atomic(const fs::path & path, const nlohmann::json & j) {
     std::string text = j.dump(2) + "\n";
     std::string tmp = path.string() + ".tmp." + std::to_string(getpid());
     FILE * f = std::fopen(tmp.c_str(), "wb");
-    if (!f) fail(path.string(), "cannot write");
-    bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
-    ok = std::fflush(f) == 0 && ok;
-    ok = fsync(fileno(f)) == 0 && ok;
-    ok = std::fclose(f) == 0 && ok;
-    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (!f) fail(path.string(), std::string("cannot write: ") + std::strerror(errno));
+    // The first failing call's errno says why (a full disk: ENOSPC, often only at fflush/fclose).
+    int err = 0;
+    auto step = [&](bool ok) { if (!ok && !err) err = errno ? errno : EIO; };
+    step(std::fwrite(text.data(), 1, text.size(), f) == text.size());
+    step(std::fflush(f) == 0);
+    step(fsync(fileno(f)) == 0);
+    step(std::fclose(f) == 0);
+    if (!err) step(std::rename(tmp.c_str(), path.c_str()) == 0);
+    if (err) {
         std::remove(tmp.c_str());
-        fail(path.string(), "write failed");
+        fail(path.string(), std::string("write failed: ") + std::strerror(err));
     }
 }
 

@@ -331,13 +331,29 @@ void quant_export_hf(DecoderModel & m, const std::string & dir, std::optional<at
     }
     DecoderConfig c = m.config();
     c.torch_dtype = dtype_name(dt);
-    fs::path d(dir), tmp(dir + ".tmp." + std::to_string(getpid()));
+    fs::path d(dir), tmp(dir + ".tmp." + std::to_string(getpid())), old(dir + ".old." + std::to_string(getpid()));
     fs::remove_all(tmp);
     fs::create_directories(tmp);
-    safetensors_save((tmp / "model.safetensors").string(), out, {{"format", "pt"}});
-    write_text_atomic((tmp / "config.json").string(), decoder_config_dump(c));
-    fs::remove_all(d);
-    fs::rename(tmp, d);
+    std::error_code ec;
+    try {
+        safetensors_save((tmp / "model.safetensors").string(), out, {{"format", "pt"}});
+        write_text_atomic((tmp / "config.json").string(), decoder_config_dump(c));
+    } catch (...) {
+        fs::remove_all(tmp, ec);
+        throw;
+    }
+    // The previous export is moved aside, not removed, until the new one is in place: a failing
+    // rename (full or failing disk) leaves it whole.
+    const bool had = fs::exists(d);
+    try {
+        if (had) fs::rename(d, old);
+        fs::rename(tmp, d);
+    } catch (...) {
+        if (had && fs::exists(old) && !fs::exists(d)) fs::rename(old, d, ec);
+        fs::remove_all(tmp, ec);
+        throw;
+    }
+    fs::remove_all(old, ec);
 }
 
 int64_t lut_bits_for(int64_t n) {
