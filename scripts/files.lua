@@ -43,7 +43,9 @@ function M.write_atomic(path, text, who)
   local f, err = io.open(tmp, 'wb')
   if not f then error(('%s: cannot write %s: %s'):format(who or 'files', path, tostring(err)), 0) end
   local ok, werr = f:write(text)
-  f:close()
+  -- On a full disk a short text is still buffered after write: the failure comes from close.
+  local cok, cerr = f:close()
+  if ok and not cok then ok, werr = nil, cerr end
   if ok then ok, werr = os.rename(tmp, path) end
   if not ok then
     os.remove(tmp)
