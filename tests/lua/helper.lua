@@ -23,7 +23,7 @@ function M.close(a, b, atol, rtol)
 end
 
 -- shell quote
-function M.q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+M.q = require('util').q   -- POSIX shell quoting (scripts/util.lua)
 
 -- Runs a command; returns exit code, stdout, stderr.
 function M.sh(cmd)
