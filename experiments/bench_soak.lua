@@ -137,23 +137,43 @@ local b = result(out .. '/b')
 local wa, wb = torch.load(out .. '/a/final.safetensors'), torch.load(out .. '/b/final.safetensors')
 local same_weights = true
 for k, v in pairs(wa) do same_weights = same_weights and v:equal(wb[k]) end
+-- RSS: samples at step 1 and every eval_every steps. Once warm (from the second sample) it wanders by a few MB
+-- with the allocator's caches; a leak shows as a trend: the median of the last five samples against the median
+-- of the first five warm ones, and the least-squares slope per 1,000 steps.
 local rss = a.rss_kb
-local warm = rss[math.min(3, #rss)]         -- after the first evaluations and a checkpoint
-local peak = 0
-for _, r in ipairs(rss) do peak = math.max(peak, r[2]) end
+local function median(xs)
+  local t = {}
+  for i, x in ipairs(xs) do t[i] = x end
+  return util.median(t)
+end
+local warm, last, lo, hi = {}, {}, math.huge, 0
+for i = 2, #rss do
+  local mb = rss[i][2] / 1024
+  if #warm < 5 then warm[#warm + 1] = mb end
+  if i > #rss - 5 then last[#last + 1] = mb end
+  lo, hi = math.min(lo, mb), math.max(hi, mb)
+end
+local sx, sy, sxx, sxy, n = 0, 0, 0, 0, 0
+for i = 2, #rss do
+  local x, y = rss[i][1] / 1000, rss[i][2] / 1024
+  sx, sy, sxx, sxy, n = sx + x, sy + y, sxx + x * x, sxy + x * y, n + 1
+end
+local slope = n > 1 and (n * sxy - sx * sy) / math.max(1e-9, n * sxx - sx * sx) or 0
 local res = {
   steps = cfg.steps, seconds = secs, ms_per_step = 1000 * a.elapsed / cfg.steps,
-  rss_first_mb = rss[1][2] / 1024, rss_warm_step = warm[1], rss_warm_mb = warm[2] / 1024,
-  rss_end_mb = rss[#rss][2] / 1024, rss_peak_mb = peak / 1024, rss_growth_mb = (rss[#rss][2] - warm[2]) / 1024,
+  rss_first_mb = rss[1][2] / 1024, rss_warm_mb = #warm > 0 and median(warm) or 0,
+  rss_end_mb = #last > 0 and median(last) or 0, rss_min_mb = lo, rss_max_mb = hi, rss_slope_mb_per_1k = slope,
   kill_at = kill_at, resumed_from = b.resumed_from,
   train_loss = a.train_loss, resumed_train_loss = b.train_loss,
   eval_loss = a.eval_loss, resumed_eval_loss = b.eval_loss,
   same_final_loss = a.train_loss == b.train_loss and a.eval_loss == b.eval_loss, same_weights = same_weights,
 }
+res.rss_growth_mb = res.rss_end_mb - res.rss_warm_mb
 files.write_atomic(out .. '/soak.json', json.encode(res) .. '\n', 'bench_soak')
-print(('bench_soak: %d steps in %d s (%.2f ms/step), RSS %.1f MB at step 1, %.1f MB at step %d, %.1f MB at the end '
-       .. '(growth %.2f MB, peak %.1f MB)'):format(cfg.steps, secs, res.ms_per_step, res.rss_first_mb, res.rss_warm_mb,
-       res.rss_warm_step, res.rss_end_mb, res.rss_growth_mb, res.rss_peak_mb))
+print(('bench_soak: %d steps in %d s (%.2f ms/step); RSS %.1f MB at step 1, warm median %.1f MB, final median %.1f MB '
+       .. '(growth %.2f MB, slope %.3f MB per 1000 steps, range %.1f-%.1f MB)'):format(cfg.steps, secs, res.ms_per_step,
+       res.rss_first_mb, res.rss_warm_mb, res.rss_end_mb, res.rss_growth_mb, res.rss_slope_mb_per_1k, res.rss_min_mb,
+       res.rss_max_mb))
 print(('bench_soak: SIGKILL at step %d, resumed from ckpt_%s: final train loss %.17g vs %.17g, eval %.17g vs %.17g, '
        .. 'weights %s'):format(kill_at, tostring(b.resumed_from), a.train_loss, b.train_loss, a.eval_loss, b.eval_loss,
        same_weights and 'identical' or 'DIFFER'))
