@@ -487,10 +487,17 @@ int q_export_compact(lua_State * L) {
     return 1;
 }
 
-// quant.save_checkpoint(model, dir): model.safetensors (the seed's key names) + config.json
+// quant.save_checkpoint(model, dir, {float_weights = false}): model.safetensors (the seed's key
+// names) + config.json; without float_weights, frozen V2 layers leave their float weight out.
 int q_save_checkpoint(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
-    quant_save_checkpoint(m, luaL_checkstring(L, 2));
+    Args a(L, 2);
+    int idx = a.find(1, "dir");
+    if (!idx || lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #2 (dir): expected a directory path");
+    std::string dir = lua_tostring(L, idx);
+    bool fw = a.opt_bool(0, "float_weights", false);
+    a.finish();
+    quant_save_checkpoint(m, dir, fw);
     return 0;
 }
 
@@ -778,6 +785,14 @@ int luaopen_quant(lua_State * L) {
     int t = lua_gettop(L);
     bind_register(L, t, "quant.", quant_functions);
     quant_open_intn(L, t);
+    // quant.sensitivity / quant.allocate_bits are Lua (scripts/sensitivity.lua), required on first call.
+    static const char * lua_side =
+        "local t = ...\n"
+        "function t.sensitivity(...) return require('sensitivity').measure(...) end\n"
+        "function t.allocate_bits(...) return require('sensitivity').allocate(...) end\n";
+    if (luaL_loadbuffer(L, lua_side, strlen(lua_side), "=quant") != 0) return lua_error(L);
+    lua_pushvalue(L, t);
+    lua_call(L, 1, 0);
     lua_settop(L, t);
     return 1;
 }

@@ -51,7 +51,7 @@ local cands = {}
 for lut in cfg.luts:gmatch('[^,]+') do cands[#cands + 1] = {lut = tonumber(lut), rank = cfg.rank} end
 assert(cands[cfg.uniform], 'uniform: no such candidate')
 local t0 = qatlab.time()
-local tbl = sensitivity.measure(teacher, sens, {candidates = cands, layers = cfg.layers, metric = cfg.metric,
+local tbl = quant.sensitivity(teacher, sens, {candidates = cands, layers = cfg.layers, metric = cfg.metric,
                                                 replace = replace, verbose = true})
 log.info(('sensitivity: %d projections x %d candidates in %.0f s'):format(#tbl.layers, #cands, qatlab.time() - t0))
 
@@ -66,7 +66,7 @@ local function run(recipe)
   return quant.bits_per_weight(m).quantized, perplexity(m)
 end
 local u_bits, u_ppl = run(uniform)
-local recipe, pred = sensitivity.allocate(tbl, {budget = u_bits})
+local recipe, pred = quant.allocate_bits(tbl, {budget = u_bits})
 local a_bits, a_ppl = run(recipe)
 assert(math.abs(a_bits - pred.bits_per_weight) < 1e-9, 'predicted bits per weight differ from quant.bits_per_weight')
 

@@ -487,12 +487,44 @@ LutPreset quant_seed_config_parse(const std::string & text, const std::string & 
     return {int64_t(1) << lb, r, int64_t(1) << alb, ar};
 }
 
-void quant_save_checkpoint(DecoderModel & m, const std::string & dir) {
+namespace {
+// Two numbers that tell a float weight from another: a = Σw² and b = Σ p·w with p a fixed
+// pattern in -3..3 over positions (catches a permutation, or another tensor of the same norm), in
+// float64. Rounding the same weight to fp16 or bf16 moves b by a few 1e-3·sqrt(a) at most (the
+// rounding errors are independent), another weight moves it by about 2·sqrt(a).
+std::pair<double, double> weight_fingerprint(const at::Tensor & w) {
+    at::Tensor wd = w.detach().to(at::kCPU, at::kDouble).reshape({w.size(0), -1});
+    at::Tensor ri = at::arange(wd.size(0), wd.options()).unsqueeze(1), ci = at::arange(wd.size(1), wd.options()).unsqueeze(0);
+    at::Tensor pw = at::remainder(ri * 31 + ci * 17, 7) - 3;   // (out, in)
+    return {wd.pow(2).sum().item<double>(), (wd * pw).sum().item<double>()};
+}
+
+bool fingerprint_close(std::pair<double, double> saved, std::pair<double, double> now) {
+    const double a = std::max(saved.first, 1e-30);
+    return std::abs(saved.first - now.first) <= 1e-2 * a && std::abs(saved.second - now.second) <= 0.05 * std::sqrt(a);
+}
+} // namespace
+
+void quant_save_checkpoint(DecoderModel & m, const std::string & dir, bool float_weights) {
+    std::set<std::string> skip;
+    std::map<std::string, std::string> meta{{"format", "pt"}};
+    if (!float_weights)
+        for (auto & [n, l] : quant_v2_layers(m))
+            if (l->indices.defined()) {
+                skip.insert(n + ".weight");
+                auto [a, b] = weight_fingerprint(l->w);
+                char buf[80];
+                std::snprintf(buf, sizeof buf, "%.17g,%.17g", a, b);
+                meta[n + ".weight_fingerprint"] = buf;
+            }
     fs::create_directories(dir);
     NamedTensors sd;
-    for (auto & [n, t] : m.named_parameters()) sd.push_back({n, t.detach()});
-    safetensors_save((fs::path(dir) / "model.safetensors").string(), sd, {{"format", "pt"}});
-    write_text_atomic((fs::path(dir) / "config.json").string(), quant_config_json(m));
+    for (auto & [n, t] : m.named_parameters())
+        if (!skip.count(n)) sd.push_back({n, t.detach()});
+    safetensors_save((fs::path(dir) / "model.safetensors").string(), sd, meta);
+    json j = json::parse(quant_config_json(m));
+    j["qatlab_float_weights"] = float_weights;
+    write_text_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
 }
 
 namespace {
@@ -506,7 +538,7 @@ std::string shape_str(at::IntArrayRef s) {
     return o.str();
 }
 
-NamedTensors checkpoint_tensors(const std::string & path, std::string & src) {
+NamedTensors checkpoint_tensors(const std::string & path, std::string & src, std::map<std::string, std::string> & meta) {
     fs::path p(path);
     src = path;
     if (fs::is_directory(p)) {
@@ -527,14 +559,17 @@ NamedTensors checkpoint_tensors(const std::string & path, std::string & src) {
             }
         return pt_state_dict(*root);
     }
-    return safetensors_load(src).tensors;
+    SafetensorsFile f = safetensors_load(src);
+    meta = f.metadata;
+    return f.tensors;
 }
 } // namespace
 
 std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::string & path, const LutConfig & base) {
     at::NoGradGuard ng;
     std::string src;
-    NamedTensors all = checkpoint_tensors(path, src);
+    std::map<std::string, std::string> meta;
+    NamedTensors all = checkpoint_tensors(path, src, meta);
     std::map<std::string, at::Tensor> sd;
     for (auto & [n, t] : all) sd[n] = t;
     std::set<std::string> used;
@@ -584,10 +619,25 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
         c.lut_size = lut.numel();
         c.scale_rank = r;
         at::Tensor oldW = old->weight().detach();
+        at::Tensor baseW = prev ? prev->w.detach() : oldW;   // the model's float weight (a V2 layer's W_eff is not)
+        if (!W.defined()) {
+            auto fp = meta.find(name + ".weight_fingerprint");
+            if (fp != meta.end()) {
+                double a = 0, b = 0;
+                if (std::sscanf(fp->second.c_str(), "%lf,%lf", &a, &b) != 2)
+                    ck_fail(src, name + ".weight_fingerprint", "expected two numbers, found '" + fp->second + "'");
+                if (!fingerprint_close({a, b}, weight_fingerprint(baseW)))
+                    ck_fail(src, name + ".weight",
+                            "saved without the float weight, and the model's float weight is not the one it was "
+                            "saved from: load it into the same float model (or save with float_weights = true)");
+            } else if (!idx.defined() && !Q.defined()) {
+                ck_fail(src, name + ".weight", "missing (a V2 layer needs its weight, or _indices / _Q)");
+            }
+        }
         auto l = std::make_shared<LutLinearV2>(out, in, c, oldW.options(), bias.defined());
         if (prev) l->form = prev->form;
         auto so = l->scale_A.options();
-        l->w = W.defined() ? W.to(oldW.options()) : oldW;   // the original weight (only used by freeze_Q / snap)
+        l->w = W.defined() ? W.to(oldW.options()) : baseW.to(oldW.options());   // only used by freeze_Q / snap / tighten_q
         if (bias.defined()) l->b = bias.to(oldW.options());
         l->scale_A = A.to(so).contiguous();
         l->scale_B = B.to(so).contiguous();

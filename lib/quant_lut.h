@@ -255,11 +255,15 @@ std::string quant_config_json(DecoderModel & m);
 // (lut_bits, attn_lut_bits, scale_rank, attn_scale_rank; attention defaults to the MLP values).
 LutPreset quant_seed_config_parse(const std::string & json_text, const std::string & source);
 // Our checkpoint: model.safetensors (the seed's key names, uint8 _indices) + config.json.
-void quant_save_checkpoint(DecoderModel & m, const std::string & dir);
+// Compact unless float_weights: a V2 layer whose indices are frozen leaves out its float
+// weight (W_eff needs only indices, scales and LUT) and records a fingerprint of it instead,
+// so loading into a model with other float weights is an error, not a silent mix.
+void quant_save_checkpoint(DecoderModel & m, const std::string & dir, bool float_weights = false);
 // Loads a seed checkpoint (.pt: a state dict, or {model_state_dict|state_dict: ...}) or our
 // safetensors checkpoint (a file or a directory): V2 layers take the file's shapes (rank, LUT);
 // Q from _indices, else from _Q (nearest LUT), else freeze_Q; dense layers named in the file
-// with V2 keys are replaced. Other keys load into the model. Returns the keys not used.
+// with V2 keys are replaced. Other keys load into the model. A layer saved without its float
+// weight takes the model's (checked against the saved fingerprint). Returns the keys not used.
 std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::string & path,
                                                const LutConfig & base = LutConfig());
 

@@ -1,10 +1,12 @@
 -- sensitivity: per-layer quantization sensitivity (the loss increase when only one projection is
 -- quantized) and a greedy bit-budget allocator over it, returning a quant.replace recipe (docs/quality.md).
+-- Called as quant.sensitivity and quant.allocate_bits (the quant module requires this file on first use).
 local torch = require 'torch'
 local nn = require 'nn'
 local quant = require 'quant'
 local qatlab = require 'qatlab'
 local layerwise = require 'layerwise'
+local F = require 'torch.nn.functional'
 
 local M = {}
 
@@ -28,66 +30,71 @@ end
 
 -- The metric on every batch: 'kl' = mean KL(float || model) per position over the full vocabulary,
 -- against the cached float log-probabilities; 'ppl' = mean next-token cross-entropy (log perplexity).
-local function evaluate(m, batches, metric, ref)
+-- With `from` (a 0-based layer) and `hidden` (each batch's input to that layer), only the layers from
+-- there on run: a projection of layer i changes nothing before it.
+local function evaluate(m, batches, metric, ref, from, hidden)
   return torch.no_grad(function()
     local sum, n = 0, 0
     for k, ids in ipairs(batches) do
+      local logits = from and m:forward_from(from, hidden[k][from]) or m:forward(ids)   -- (B, T, V)
+      local tok
       if metric == 'kl' then
-        local q = m:forward(ids):float():log_softmax(3)                             -- (B, T, V)
+        local q = logits:float():log_softmax(3)
         local p = ref[k]
-        local tok = ids:size(1) * ids:size(2)
+        tok = ids:size(1) * ids:size(2)
         sum = sum + (p:exp() * (p - q)):sum(3):mean():item() * tok
-        n = n + tok
       else
-        local tok = ids:size(1) * (ids:size(2) - 1)
-        sum = sum + m:loss(ids):item() * tok
-        n = n + tok
+        tok = ids:size(1) * (ids:size(2) - 1)
+        local V = logits:size(3)
+        local lp = logits:narrow(2, 1, ids:size(2) - 1):float():reshape(tok, V)
+        sum = sum + F.cross_entropy(lp, ids:narrow(2, 2, ids:size(2) - 1):reshape(tok)):item() * tok
       end
+      n = n + tok
     end
     return sum / n
   end)
 end
 
--- sensitivity.measure(model, batches, {candidates = {{lut=4, rank=8}, ...}, metric = 'kl' | 'ppl',
+-- quant.sensitivity(model, batches, {candidates = {{lut=4, rank=8}, ...}, metric = 'kl' | 'ppl',
 --   layers = pattern, replace = {quant.replace options but recipe}, check = false, verbose = false})
 -- -> {metric=, base=, layers = {{name=, weights=, candidates = {{config=, bits=, loss=, delta=}, ...}}, ...}}
 -- The model must be float; it is only read: each projection is quantized in a working copy, measured,
 -- and put back there as an nn.Linear holding the saved float weight (check = true verifies, after
 -- every restore, that the copy's logits equal the float model's bit for bit).
 function M.measure(model, batches, o)
-  o = layerwise.check_options('sensitivity.measure', o, MEASURE_OPTS)
+  o = layerwise.check_options('quant.sensitivity', o, MEASURE_OPTS)
   local cands, metric = o.candidates, o.metric or 'kl'
   if not cands or #cands == 0 then
-    error('sensitivity.measure: option candidates: expected a non-empty array of configs', 2)
+    error('quant.sensitivity: option candidates: expected a non-empty array of configs', 2)
   end
   for k, c in ipairs(cands) do
-    if type(c) ~= 'table' then error(('sensitivity.measure: candidates[%d]: expected a config table'):format(k), 2) end
+    if type(c) ~= 'table' then error(('quant.sensitivity: candidates[%d]: expected a config table'):format(k), 2) end
     for key in pairs(c) do
       if not CONFIG_KEYS[key] then
-        error(('sensitivity.measure: candidates[%d]: unknown key %q (expected lut, rank, group_size, '
+        error(('quant.sensitivity: candidates[%d]: unknown key %q (expected lut, rank, group_size, '
                .. 'include_zero, kmeans)'):format(k, tostring(key)), 2)
       end
     end
   end
   if metric ~= 'kl' and metric ~= 'ppl' then
-    error(("sensitivity.measure: option metric: expected 'kl' or 'ppl', got %q"):format(metric), 2)
+    error(("quant.sensitivity: option metric: expected 'kl' or 'ppl', got %q"):format(metric), 2)
   end
   if o.replace and o.replace.recipe then
-    error('sensitivity.measure: option replace: no recipe (each layer gets its own)', 2)
+    error('quant.sensitivity: option replace: no recipe (each layer gets its own)', 2)
   end
   if torch.is_tensor(batches) then batches = {batches} end
   if type(batches) ~= 'table' or #batches == 0 then
-    error('sensitivity.measure: argument #2 (batches): expected an array of ids tensors (B, T)', 2)
+    error('quant.sensitivity: argument #2 (batches): expected an array of ids tensors (B, T)', 2)
   end
   if #quant.layers(model) > 0 then
-    error('sensitivity.measure: the model has quantized layers; pass the float model', 2)
+    error('quant.sensitivity: the model has quantized layers; pass the float model', 2)
   end
   local names = {}
   for _, n in ipairs(model:linear_names()) do
     if is_projection(n) and (not o.layers or n:find(o.layers)) then names[#names + 1] = n end
   end
   if #names == 0 then
-    error(('sensitivity.measure: option layers: pattern %q matches no projection'):format(tostring(o.layers)), 2)
+    error(('quant.sensitivity: option layers: pattern %q matches no projection'):format(tostring(o.layers)), 2)
   end
   local t0 = qatlab.time()
   local was_training = model.training
@@ -104,6 +111,19 @@ function M.measure(model, batches, o)
     end
   end)
   local base = metric == 'kl' and 0 or evaluate(model, batches, metric, ref)
+  -- every decoder layer's input per batch (hidden[k][i], 0-based i), captured once by pre-hooks
+  local hidden = {}
+  torch.no_grad(function()
+    for k, ids in ipairs(batches) do
+      hidden[k] = {}
+      local h = model:register_forward_pre_hook('^model%.layers%.%d+$', function(name, x)
+        hidden[k][tonumber(name:match('%d+$'))] = x:detach():clone()
+      end)
+      local ok, err = pcall(model.forward, model, ids)
+      h:remove()
+      if not ok then error(err, 0) end
+    end
+  end)
   if was_training then model:train() end
   -- the working copy
   local place = model:named_parameters()[1][2]
@@ -124,13 +144,13 @@ function M.measure(model, batches, o)
       quant.replace(work, ro)
       local bits
       for _, l in ipairs(quant.layers(work)) do if l.name == name then bits = l.bits_per_weight end end
-      local loss = evaluate(work, batches, metric, ref)
+      local loss = evaluate(work, batches, metric, ref, tonumber(name:match('^model%.layers%.(%d+)%.')), hidden)
       row.candidates[k] = {config = c, bits = bits, loss = loss, delta = loss - base}
       work:set_linear(name, nn.Linear.from_weight(W:clone(), b and b:detach():clone() or nil))
       if o.check then
         local y = torch.no_grad(function() return work:forward(batches[1]) end)
         if not y:equal(first) then
-          error(('sensitivity.measure: restoring %s did not give the float logits back'):format(name), 0)
+          error(('quant.sensitivity: restoring %s did not give the float logits back'):format(name), 0)
         end
       end
       if o.verbose then
@@ -169,18 +189,18 @@ function M.format(t)
   return table.concat(out, '\n')
 end
 
--- sensitivity.allocate(t, {budget = bits_per_weight}) -> recipe, {bits_per_weight=, delta=, choice = {name -> k}}
+-- quant.allocate_bits(t, {budget = bits_per_weight}) -> recipe, {bits_per_weight=, delta=, choice = {name -> k}}
 -- Greedy: every layer starts at its cheapest candidate; then, while it fits the budget, the upgrade
 -- (any dearer candidate of one layer) with the largest loss saved per extra bit is taken. The recipe
 -- (an array of {exact pattern, config}) quantizes exactly the measured layers; bits_per_weight is what
 -- quant.bits_per_weight(model).quantized reports after quant.replace{recipe = recipe}.
 function M.allocate(t, o)
-  o = layerwise.check_options('sensitivity.allocate', o, ALLOCATE_OPTS)
+  o = layerwise.check_options('quant.allocate_bits', o, ALLOCATE_OPTS)
   if type(t) ~= 'table' or type(t.layers) ~= 'table' or #t.layers == 0 then
-    error('sensitivity.allocate: argument #1: expected the table of sensitivity.measure', 2)
+    error('quant.allocate_bits: argument #1: expected the table of quant.sensitivity', 2)
   end
   if not o.budget or o.budget <= 0 then
-    error('sensitivity.allocate: option budget: expected bits per weight > 0', 2)
+    error('quant.allocate_bits: option budget: expected bits per weight > 0', 2)
   end
   local total_w, choice, bits = 0, {}, 0
   for li, r in ipairs(t.layers) do
@@ -195,7 +215,7 @@ function M.allocate(t, o)
   end
   local limit = o.budget * total_w * (1 + 1e-12)
   if bits > limit then
-    error(('sensitivity.allocate: budget %.4f bits/weight is below the cheapest recipe (%.4f)')
+    error(('quant.allocate_bits: budget %.4f bits/weight is below the cheapest recipe (%.4f)')
       :format(o.budget, bits / total_w), 2)
   end
   while true do

@@ -198,4 +198,57 @@ describe('quant recipes', function()
     assert.are.equal(0, #quant.layers(m))
     assert.are.same({1, 6, 40}, shape(torch.no_grad(function() return m(ids) end)))
   end)
+
+  it('checkpoints leave frozen V2 layers\' float weights out and refuse another float model', function()
+    local json = require 'json'
+    local function header(path)   -- a safetensors header, read by hand
+      local f = assert(io.open(path, 'rb'))
+      local b, n = f:read(8), 0
+      for i = 8, 1, -1 do n = n * 256 + b:byte(i) end
+      local t = json.decode(f:read(n))
+      local size = f:seek('end')
+      f:close()
+      return t, size - 8 - n   -- the header and the data size
+    end
+    local m = tiny()
+    m:eval()
+    quant.replace(m, {preset = 'q4a4', init = 'weighted'})   -- indices frozen by the init
+    local y = torch.no_grad(function() return m(ids) end)
+    local dir = h.tmpdir()
+    quant.save_checkpoint(m, dir .. '/c')
+    quant.save_checkpoint(m, dir .. '/f', {float_weights = true})
+    local hc, data_c = header(dir .. '/c/model.safetensors')
+    local hf, data_f = header(dir .. '/f/model.safetensors')
+    local saved = 0
+    for _, l in ipairs(quant.layers(m)) do
+      assert.is_nil(hc[l.name .. '.weight'], l.name)
+      assert.are.equal('U8', hc[l.name .. '._indices'].dtype)
+      local w = hf[l.name .. '.weight']
+      assert.are.same({'F32', hc[l.name .. '._indices'].shape}, {w.dtype, w.shape})
+      assert.is_truthy(hc.__metadata__[l.name .. '.weight_fingerprint']:match('^%S+,%S+$'))
+      saved = saved + 4 * w.shape[1] * w.shape[2]
+    end
+    assert.are.equal(saved, data_f - data_c)   -- exactly the fp32 weights, nothing else
+    -- the same float model (and the same weights rounded to fp16) give the same logits back
+    local m2 = tiny()
+    m2:eval()
+    assert.are.same({}, quant.load_checkpoint(m2, dir .. '/c'))
+    assert.is_true(torch.no_grad(function() return m2(ids) end):equal(y))
+    local m16 = tiny()
+    m16:eval()
+    m16:to({dtype = 'float16'})
+    m16:to({dtype = 'float32'})
+    quant.load_checkpoint(m16, dir .. '/c')
+    -- another float model: refused, naming the layer; with float_weights it loads everything
+    torch.manual_seed(7)
+    local other = nn.from_config(m.config)
+    other:eval()
+    local ok, e = pcall(quant.load_checkpoint, other, dir .. '/c')
+    assert.is_false(ok)
+    assert.is_truthy(tostring(e):find('model.layers.0.self_attn.q_proj.weight', 1, true), tostring(e))
+    assert.is_truthy(tostring(e):find('saved without the float weight', 1, true), tostring(e))
+    assert.are.same({}, quant.load_checkpoint(other, dir .. '/f'))
+    assert.is_true(torch.no_grad(function() return other(ids) end):equal(y))
+    os.execute('rm -rf ' .. h.q(dir))
+  end)
 end)
