@@ -13,6 +13,7 @@ int luaopen_kd(lua_State * L);
 int luaopen_optim(lua_State * L);
 int luaopen_dist(lua_State * L);
 int luaopen_torch_nn_functional(lua_State * L);
+void torch_open_backends(lua_State * L, int torch_table);   // torch_backends.cpp
 
 // One line per module: the name scripts require, and its luaopen function.
 static const struct {
@@ -45,7 +46,9 @@ void bind_open_all(lua_State * L) {
     // Tensor metatable always has its methods, whether or not the script required torch.
     lua_getglobal(L, "require");
     lua_pushliteral(L, "torch");
-    lua_call(L, 1, 0);
+    lua_call(L, 1, 1);
+    torch_open_backends(L, -1);   // torch.backends.cpu, torch.cpu
+    lua_pop(L, 1);
 }
 
 } // namespace qatlab

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,23 +32,27 @@ class WeffLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, Am, Bm, Q):
-        W = Q * (Am @ Bm)
+        with record_function('weff_build'):
+            W = Q * (Am @ Bm)
         ctx.save_for_backward(x, Am, Bm, Q)
         return F.linear(x, W.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
         x, Am, Bm, Q = ctx.saved_tensors
-        W = Q * (Am @ Bm)
+        with record_function('weff_build'):
+            W = Q * (Am @ Bm)
         gx = gAm = gBm = None
         if ctx.needs_input_grad[0]:
             gx = gy @ W.to(gy.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gS = (gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(Q.dtype).mul_(Q)   # ∂W ⊙ Q
-            if ctx.needs_input_grad[1]:
-                gAm = gS @ Bm.t()
-            if ctx.needs_input_grad[2]:
-                gBm = Am.t() @ gS
+            gW = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            with record_function('weff_grad'):
+                gS = gW.to(Q.dtype).mul_(Q)   # ∂W ⊙ Q
+                if ctx.needs_input_grad[1]:
+                    gAm = gS @ Bm.t()
+                if ctx.needs_input_grad[2]:
+                    gBm = Am.t() @ gS
         return gx, gAm, gBm, None
 
 
@@ -143,6 +148,11 @@ class FusedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, cand, tk, T, hard, chunk):
+        with record_function('kd_loss'):
+            return FusedKD._forward(ctx, h, W, cand, tk, T, hard, chunk)
+
+    @staticmethod
+    def _forward(ctx, h, W, cand, tk, T, hard, chunk):
         N = h.shape[0]
         need = ctx.needs_input_grad[0]
         dh = torch.empty_like(h) if need else None
@@ -229,6 +239,52 @@ def load_init(model, path):
                 sys.exit(f'strong_step: {path}: missing key {key}')
 
 
+# Phases of the profile: the innermost annotation around an op (weff_build, weff_grad, kd_loss, optimizer),
+# else the op's kind. Self CPU time per phase, in seconds; kd_loss split into its GEMMs and the rest.
+PHASE_OPS = [('matmul', ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')),
+             ('attention', ('scaled_dot_product', 'flash_attention', 'attention')),
+             ('norms', ('rms_norm',)),
+             ('activation', ('silu',)),
+             ('rope/reshape/copy', ('aten::cat', 'aten::copy_', 'aten::clone', 'aten::contiguous', 'aten::neg',
+                                   'aten::slice', 'aten::view', 'aten::transpose', 'aten::reshape', 'aten::_to_copy')),
+             ('elementwise', ('aten::mul', 'aten::add', 'aten::sub', 'aten::div', 'aten::pow', 'aten::rsqrt',
+                              'aten::mean', 'aten::sum', 'aten::norm', 'aten::linalg_vector_norm', 'aten::clamp'))]
+
+
+def profile_step(step, path):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    phases, others = {}, {}
+    for e in prof.events():
+        if e.name in ('weff_build', 'weff_grad', 'kd_loss', 'optimizer'):
+            continue
+        tag, p = None, e.cpu_parent
+        while p is not None and tag is None:
+            if p.name in ('weff_build', 'weff_grad', 'kd_loss', 'optimizer'):
+                tag = p.name
+            p = p.cpu_parent
+        kind = 'other'
+        for k, names in PHASE_OPS:
+            if any(n in e.name for n in names):
+                kind = k
+                break
+        if tag == 'kd_loss':
+            tag = 'kd_loss: GEMMs' if kind == 'matmul' else 'kd_loss: the rest'
+        elif tag in ('weff_build', 'weff_grad'):
+            tag = 'W_eff construction' if tag == 'weff_build' else 'W_eff backward (dS = dW*Q, dA, dB)'
+        name = tag or kind
+        phases[name] = phases.get(name, 0.0) + e.self_cpu_time_total / 1e6
+        if name == 'other':
+            others[e.name] = others.get(e.name, 0.0) + e.self_cpu_time_total / 1e6
+    top = dict(sorted(others.items(), key=lambda kv: -kv[1])[:8])
+    with open(path + '.tmp', 'w') as f:
+        json.dump({'wall_s': wall, 'phases': phases, 'other_top': top}, f)
+    os.replace(path + '.tmp', path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     a = p.add_argument
@@ -247,6 +303,7 @@ def main():
     a('--device', default='auto'); a('--threads', type=int, default=0); a('--seed', type=int, default=0)
     a('--warmup', type=int, default=1); a('--steps', type=int, default=3)
     a('--init', default=''); a('--batch-file', default=''); a('--save-params', default='')
+    a('--profile', default='', help='after the timed steps, profile one step (torch.profiler) into this JSON')
     c = p.parse_args()
     if c.ste:
         sys.exit('strong_step: --ste 1 is not implemented (the STE-FP16 roundings); use anemll_step.py')
@@ -285,10 +342,11 @@ def main():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == 'autocast'):
             loss = kd_loss(model, batch, c.T, c.hard, c.chunk)
         loss.backward()
-        if c.clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, c.clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function('optimizer'):
+            if c.clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, c.clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.item()
 
     losses, times, compile_s, compile_error = [], [], None, None
@@ -319,6 +377,8 @@ def main():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else rss_kb('VmHWM') * 1024
+    if c.profile:
+        profile_step(step, c.profile)
     if c.save_params:
         from safetensors.torch import save_file
         save_file({key_of(n): q.detach().float().cpu().contiguous() for n, q in model.named_parameters()

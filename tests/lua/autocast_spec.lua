@@ -64,7 +64,7 @@ describe('torch.autocast', function()
       return e
     end
     assert.truthy(err('tpu', function() end):find("expected 'cpu' or 'cuda', got 'tpu'", 1, true))
-    assert.truthy(err('cpu'):find('(fn): expected a function', 1, true))
+    assert.truthy(err('cpu'):find('fn%)?: expected a function'))   -- '(fn): ...' or the '(fn: ...)' grammar
     assert.truthy(err('cpu', { dtype = 'float32' }, function() end):find('float32 is not supported', 1, true))
     assert.truthy(err('cpu', { dtyp = 'bfloat16' }, function() end):find("unknown option 'dtyp'", 1, true))
     assert.truthy(err('cpu', { enabled = 1 }, function() end):find("option 'enabled': expected a boolean", 1, true))
@@ -129,17 +129,98 @@ describe('trainer precision', function()
     os.execute('rm -rf ' .. h.q(out))
   end)
 
-  it("'auto' is fp32 on the CPU; an unknown precision is an error", function()
+  it("'auto' follows the CPU's bf16 support (fp32 without AMX-BF16 / AVX512-BF16); an unknown precision is an error",
+    function()
     local m = nn.from_config(cfg)
     local base = { model = m, optimizer = optim.SGD(m, { lr = 0.1 }), loss = lm_loss, steps = 1,
                    data = function() end, progress = { mode = 'off' } }
     base.precision = 'auto'
     local t = trainer.new(base)
-    assert.are.equal('fp32', t.precision)
-    assert.is_nil(t.autocast)
+    local fast = torch.cpu.supports_bf16()
+    assert.are.equal(fast and 'bf16' or 'fp32', t.precision)
+    assert.are.equal(fast and 'cpu' or nil, t.autocast)
+    assert.truthy(t.precision_why:find(fast and 'bf16 autocast on the CPU' or 'fp32 on the CPU', 1, true), t.precision_why)
     base.precision = 'fp16'
     local ok, err = pcall(trainer.new, base)
     assert.is_false(ok)
     assert.truthy(tostring(err):find("precision must be 'auto', 'fp32' or 'bf16', got \"fp16\"", 1, true), err)
+  end)
+end)
+
+-- The CPU's capabilities as LibTorch and the kernel report them, and the 'auto' decision on other CPUs.
+describe('CPU bf16 detection (torch.cpu, torch.backends.cpu) and precision.resolve', function()
+  local precision = require 'precision'
+
+  -- the flags line of the first processor, read here independently of the binding
+  local function proc_flags()
+    local f = io.open('/proc/cpuinfo')
+    if not f then return nil end
+    local text = f:read('*a')
+    f:close()
+    local line = text:match('\nflags%s*:%s*([^\n]*)') or text:match('^flags%s*:%s*([^\n]*)')
+    if not line then return nil end
+    local set = {}
+    for w in line:gmatch('%S+') do set[w] = true end
+    return set
+  end
+
+  it('get_cpu_capability is what PyTorch reports', function()
+    local got = torch.backends.cpu.get_cpu_capability()
+    assert.are.equal((h.py('import torch; print(torch.backends.cpu.get_cpu_capability())'):gsub('%s+$', '')), got)
+    assert.are.equal(got, torch.cpu.capabilities().capability)
+  end)
+
+  it('the flags are the kernel\'s and agree with PyTorch\'s cpuinfo; supports_bf16 follows them', function()
+    local c = torch.cpu.capabilities()
+    local flags = proc_flags()
+    if not flags then
+      pending('no flags line in /proc/cpuinfo (not x86 Linux)')
+      return
+    end
+    assert.are.equal('/proc/cpuinfo', c.source)
+    for _, k in ipairs({'avx2', 'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16'}) do
+      assert.are.equal(flags[k] == true, c[k], k)
+    end
+    local n = 0
+    for _ in pairs(flags) do n = n + 1 end
+    assert.are.equal(n, #c.flags)
+    -- PyTorch's own detection (cpuinfo library) says the same about the bf16 units
+    local py = h.py('import torch; print(int(torch.cpu._is_avx512_bf16_supported()), '
+      .. 'int(torch.cpu._is_amx_tile_supported()))')
+    local py_avx512bf16, py_amx = py:match('(%d) (%d)')
+    assert.are.equal(py_avx512bf16 == '1', c.avx512_bf16)
+    assert.are.equal(py_amx == '1', c.amx_tile)
+    local ok, why = torch.cpu.supports_bf16()
+    assert.are.equal((c.amx_bf16 and c.amx_tile) or c.avx512_bf16, ok)
+    assert.truthy(why:find(ok and 'bf16' or 'no amx_bf16 or avx512_bf16', 1, true), why)
+    local e = select(2, pcall(torch.cpu.supports_bf16, 1))
+    assert.truthy(tostring(e):find('torch.cpu.supports_bf16', 1, true), tostring(e))
+  end)
+
+  it("'auto' picks bf16 on AMX / AVX512-BF16 CPUs and CUDA, fp32 elsewhere; given values win", function()
+    local amx = {cpu_name = 'Xeon', amx_tile = true, amx_bf16 = true, avx512_bf16 = true, capability = 'AVX512'}
+    local avx = {cpu_name = 'Zen 4', avx512_bf16 = true, capability = 'AVX512'}
+    local avx2 = {cpu_name = 'AMD EPYC', avx2 = true, capability = 'AVX2'}
+    local p, ac, why = precision.resolve('auto', 'cpu', amx)
+    assert.same({'bf16', 'cpu'}, {p, ac})
+    assert.truthy(why:find('Xeon has AMX-BF16', 1, true), why)
+    p, ac, why = precision.resolve(nil, 'cpu', avx)
+    assert.same({'bf16', 'cpu'}, {p, ac})
+    assert.truthy(why:find('AVX512-BF16', 1, true), why)
+    p, ac, why = precision.resolve('auto', 'cpu', avx2)
+    assert.are.equal('fp32', p)
+    assert.is_nil(ac)
+    assert.truthy(why:find('AMD EPYC has no AMX-BF16 or AVX512-BF16; LibTorch kernels AVX2', 1, true), why)
+    -- AMX tiles without the bf16 unit are not enough
+    assert.are.equal('fp32', (precision.resolve('auto', 'cpu', {amx_tile = true})))
+    p, ac = precision.resolve('auto', 'cuda', avx2)
+    assert.same({'bf16', 'cuda'}, {p, ac})
+    p, ac = precision.resolve('fp32', 'cpu', amx)
+    assert.same({'fp32'}, {p, ac})
+    p, ac = precision.resolve('bf16', 'cpu', avx2)
+    assert.same({'bf16', 'cpu'}, {p, ac})
+    local ok, err = pcall(precision.resolve, 'bfloat16', 'cpu', avx2)
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("precision must be 'auto', 'fp32' or 'bf16', got \"bfloat16\"", 1, true))
   end)
 end)
