@@ -66,16 +66,11 @@ local function filter_lines(path, keep)
   write_atomic(path, table.concat(out))
 end
 
--- precision 'auto' | 'fp32' | 'bf16' -> the resolved name and the autocast device type (nil: plain fp32).
--- 'auto' is bf16 on CUDA and fp32 on the CPU, where bf16 matmuls are slower than fp32 ones.
+-- precision 'auto' | 'fp32' | 'bf16' -> the resolved name, the autocast device type (nil: plain fp32) and why
+-- (scripts/precision.lua): 'auto' is bf16 on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere.
 local function resolve_precision(p, params, h)
-  p = p or 'auto'
   local dev = params[1] and params[1].device or h.device or 'cpu'
-  local dtype = tostring(dev):match('^cuda') and 'cuda' or 'cpu'
-  if p == 'auto' then p = dtype == 'cuda' and 'bf16' or 'fp32' end
-  if p == 'fp32' then return p, nil end
-  if p == 'bf16' then return p, dtype end
-  error(("trainer.new: precision must be 'auto', 'fp32' or 'bf16', got %q"):format(tostring(p)), 3)
+  return require('precision').resolve(p, tostring(dev):match('^cuda') and 'cuda' or 'cpu', nil, 4)
 end
 
 -- sync_every 'auto' | N -> N: the loss is read on the host (a device sync) every N steps and at log steps.
@@ -148,7 +143,8 @@ function M.new(o)
     for _, p in ipairs(g.params) do self.params[#self.params + 1] = p end
   end
   self.lr = self.base_lrs[1]
-  self.precision, self.autocast = resolve_precision(o.precision, self.params, h)
+  self.precision, self.autocast, self.precision_why = resolve_precision(o.precision, self.params, h)
+  if self.writes ~= false then log.info('trainer: ' .. self.precision_why) end
   self.sync_every = resolve_sync(o.sync_every, self.params, h, self.log_every)
   self.absolute_lr = self.schedule ~= nil and self.schedule.base_lr ~= nil and self.schedule.base_lr ~= 1
   if o.ema then self.ema = ema_mod.new(self.params, { decay = o.ema }) end
