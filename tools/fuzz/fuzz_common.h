@@ -32,13 +32,14 @@ inline std::string write_file(const std::string & name, const uint8_t * data, si
     return path;
 }
 
-// QATLAB_FUZZ_NAMES=1: a rejection whose message does not name `what` (the file) is a finding.
-// Off by default: the wording work (issue 15 item 3) is separate from memory safety.
+// QATLAB_FUZZ_NAMES=1: a rejection whose message does not name `what` (the file) is a finding (abort);
+// =2: such messages are printed ("unnamed: <message>") and the run goes on, to survey a corpus with -runs=0.
+// Off by default: the wording of messages is checked by the specs, memory safety here.
 inline void rejected(const std::exception & e, const std::string & what) {
-    static const bool strict = std::getenv("QATLAB_FUZZ_NAMES") && std::getenv("QATLAB_FUZZ_NAMES")[0] == '1';
-    if (strict && std::strstr(e.what(), what.c_str()) == nullptr) {
-        std::fprintf(stderr, "rejection does not name %s: %s\n", what.c_str(), e.what());
-        std::abort();
+    static const int mode = std::getenv("QATLAB_FUZZ_NAMES") ? std::atoi(std::getenv("QATLAB_FUZZ_NAMES")) : 0;
+    if (mode && std::strstr(e.what(), what.c_str()) == nullptr) {
+        std::fprintf(stderr, "unnamed: %s\n", e.what());
+        if (mode == 1) std::abort();
     }
 }
 
