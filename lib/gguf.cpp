@@ -552,7 +552,20 @@ const GgufTensorInfo * GgufFile::tensor_find(const std::string & name) const {
 
 // -- the reader -------------------------------------------------------------------------------
 
-GgufFile gguf_open(const std::string & path) {
+// What the checks cannot foresee (LibTorch's limits, memory) still names the file and tensor.
+[[noreturn]] void gguf_rethrow(const std::string & path, const std::string & key) {
+    try {
+        throw;
+    } catch (const c10::Error & e) {
+        load_fail(path, key, std::string("cannot build it: ") + e.what_without_backtrace());
+    } catch (const std::bad_alloc &) {
+        load_fail(path, key, "out of memory while reading it");
+    } catch (const std::length_error & e) {
+        load_fail(path, key, std::string("a table it describes is too large (") + e.what() + ")");
+    }
+}
+
+GgufFile gguf_open(const std::string & path) try {
     std::shared_ptr<FileMap> mapping = file_map_open(path);
     const uint64_t file_size = mapping->size;
     if (file_size < 24)
@@ -629,11 +642,12 @@ GgufFile gguf_open(const std::string & path) {
             load_fail(path, label, "expected at most " + std::to_string(dims_max) + " dimensions, found " +
                       std::to_string(nd));
         std::vector<int64_t> ne(nd);  // innermost (contiguous) first, as in the file
-        int64_t numel = 1;
+        int64_t numel = 1, span = 8;  // span: LibTorch's contiguous strides (zeros as ones) in bytes
         for (uint32_t d = 0; d < nd; ++d) {
             const uint64_t n = c.read<uint64_t>(label, "a dimension");
-            if (n > uint64_t(INT64_MAX) || __builtin_mul_overflow(numel, int64_t(n), &numel))
-                load_fail(path, label, "expected an element count that fits in 64 bits, found dimension " +
+            if (n > uint64_t(INT64_MAX) || __builtin_mul_overflow(numel, int64_t(n), &numel) ||
+                __builtin_mul_overflow(span, std::max<int64_t>(int64_t(n), 1), &span))
+                load_fail(path, label, "expected sizes whose product (zeros counted as ones) fits in 64 bits, found dimension " +
                           std::to_string(d) + " = " + std::to_string(n));
             ne[d] = int64_t(n);
         }
@@ -687,6 +701,12 @@ GgufFile gguf_open(const std::string & path) {
                       "' ends at " + std::to_string(order[k - 1]->offset + order[k - 1]->nbytes) +
                       ", found it starts at " + std::to_string(order[k]->offset) + " (overlap)");
     return f;
+} catch (const c10::Error &) {
+    gguf_rethrow(path, "header");
+} catch (const std::bad_alloc &) {
+    gguf_rethrow(path, "header");
+} catch (const std::length_error &) {
+    gguf_rethrow(path, "header");
 }
 
 at::Tensor gguf_tensor_bytes(const GgufFile & f, const std::string & name) {
@@ -697,7 +717,7 @@ at::Tensor gguf_tensor_bytes(const GgufFile & f, const std::string & name) {
     return at::from_blob(p, {int64_t(t->nbytes)}, [map](void *) {}, at::TensorOptions().dtype(at::kByte));
 }
 
-at::Tensor gguf_tensor(const GgufFile & f, const std::string & name, at::ScalarType out) {
+at::Tensor gguf_tensor(const GgufFile & f, const std::string & name, at::ScalarType out) try {
     const GgufTensorInfo * t = f.tensor_find(name);
     if (!t) load_fail(f.path, tensor_label(name), "expected a tensor of that name, found none");
     if (!f.map) load_fail(f.path, tensor_label(name), "expected an open file, found a closed GgufFile");
@@ -731,6 +751,12 @@ at::Tensor gguf_tensor(const GgufFile & f, const std::string & name, at::ScalarT
     at::Tensor y = at::empty(t->shape, at::TensorOptions().dtype(at::kFloat));
     blocks_dispatch(t->type, p, y.data_ptr<float>(), t->numel / info->block, info->block, info->size);
     return out == at::kFloat ? y : y.to(out);
+} catch (const c10::Error &) {
+    gguf_rethrow(f.path, tensor_label(name));
+} catch (const std::bad_alloc &) {
+    gguf_rethrow(f.path, tensor_label(name));
+} catch (const std::length_error &) {
+    gguf_rethrow(f.path, tensor_label(name));
 }
 
 // -- metadata getters ---------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 #include "lib/gguf.h"
 #include "lib/tokenizer.h"
 
+#include <new>
 #include <stdexcept>
 
 namespace qatlab {
 
-std::unique_ptr<BpeTokenizer> gguf_tokenizer(const GgufFile & f, const std::string & path) {
+std::unique_ptr<BpeTokenizer> gguf_tokenizer(const GgufFile & f, const std::string & path) try {
     std::string model = gguf_has(f, "tokenizer.ggml.model") ? gguf_get_string(f, "tokenizer.ggml.model") : "";
     if (model != "gpt2")
         throw std::runtime_error(path + ": tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE), found \"" +
@@ -26,6 +27,10 @@ std::unique_ptr<BpeTokenizer> gguf_tokenizer(const GgufFile & f, const std::stri
     if (gguf_has(f, "tokenizer.ggml.add_bos_token")) v.add_bos = gguf_get_bool(f, "tokenizer.ggml.add_bos_token");
     if (gguf_has(f, "tokenizer.ggml.add_eos_token")) v.add_eos = gguf_get_bool(f, "tokenizer.ggml.add_eos_token");
     return BpeTokenizer::from_vocab(v);
+} catch (const std::bad_alloc &) {
+    throw std::runtime_error(path + ": out of memory while building its tokenizer");
+} catch (const std::length_error & e) {
+    throw std::runtime_error(path + ": its tokenizer tables are too large (" + e.what() + ")");
 }
 
 } // namespace qatlab

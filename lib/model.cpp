@@ -577,7 +577,16 @@ at::Tensor DecoderModel::rms_norm(const at::Tensor & x, const at::Tensor & w) {
 // cos/sin (B, T, head_dim) for positions (B, T): a float32 table per device, cast to dtype.
 std::pair<at::Tensor, at::Tensor> DecoderModel::rope(const at::Tensor & pos, at::ScalarType dtype) {
     const int64_t hd = cfg_.head_dim;
-    int64_t need = std::max<int64_t>(cfg_.max_position_embeddings, pos.numel() ? pos.max().item<int64_t>() + 1 : 1);
+    // Sized by the positions in use (grown by doubling), not by max_position_embeddings alone: a
+    // config may declare 2^40 positions. The values per position do not depend on the length.
+    int64_t need = pos.numel() ? pos.max().item<int64_t>() + 1 : 1;
+    if (need > (int64_t(1) << 32))
+        throw std::runtime_error("position " + std::to_string(need - 1) + " is beyond the 2^32 positions RoPE tables support");
+    need = std::max<int64_t>(need, std::min<int64_t>(cfg_.max_position_embeddings, 8192));
+    if (rope_cache_.count(pos.device().str()) && rope_cache_[pos.device().str()].defined()) {
+        int64_t have = rope_cache_[pos.device().str()].size(1);
+        if (have < need) need = std::max(need, std::min<int64_t>(2 * have, int64_t(1) << 32));
+    }
     std::string key = pos.device().str();
     at::Tensor & tab = rope_cache_[key];
     if (!tab.defined() || tab.size(1) < need) {
@@ -836,14 +845,46 @@ at::Tensor DecoderModel::forward_cached(const at::Tensor & input_ids, KVCache & 
 
 // -- Hugging Face directories ----------------------------------------------------------------
 
+namespace {
+
+// Every parameter the config implies must be in the weight files with the same shape, checked
+// on a meta-device model (no memory) before the real one is allocated: a config that asks for
+// more than the files hold is an error, not a terabyte allocation.
+void pretrained_shapes_check(const DecoderConfig & cfg, const std::string & config_path, const NamedTensors & all,
+                             const std::map<std::string, std::string> & file_of, const std::string & dir) {
+    // A layer holds at least one tensor: bounds the layer list before it is built.
+    if (cfg.num_hidden_layers > int64_t(all.size()))
+        throw std::runtime_error(config_path + ": num_hidden_layers: " + std::to_string(cfg.num_hidden_layers) +
+                                 " layers, but the weight files hold only " + std::to_string(all.size()) + " tensors");
+    std::unique_ptr<DecoderModel> meta;
+    try {
+        meta = std::make_unique<DecoderModel>(cfg, c10::Device(c10::kMeta), at::kFloat, false);
+    } catch (const c10::Error & e) {
+        throw std::runtime_error(config_path + ": the parameter shapes it implies are not representable: " +
+                                 e.what_without_backtrace());
+    }
+    std::map<std::string, const at::Tensor *> given;
+    for (auto & [n, t] : all) given[n] = &t;
+    for (auto & [n, p] : meta->named_parameters()) {
+        auto it = given.find(n);
+        if (it == given.end())
+            throw std::runtime_error(dir + ": " + n + ": " + config_path + " implies a tensor of shape " +
+                                     c10::str(p.sizes()) + ", found in no weight file");
+        if (it->second->sizes() != p.sizes())
+            throw std::runtime_error(file_of.at(n) + ": " + n + ": " + config_path + " implies shape " +
+                                     c10::str(p.sizes()) + ", the file holds " + c10::str(it->second->sizes()));
+    }
+}
+
+} // namespace
+
 std::shared_ptr<DecoderModel> DecoderModel::from_pretrained(const std::string & dir, std::optional<c10::Device> device,
                                                             std::optional<at::ScalarType> dtype) {
     fs::path d(dir);
     if (!fs::is_directory(d)) throw std::runtime_error(dir + ": not a directory");
-    DecoderConfig cfg = decoder_config_load((d / "config.json").string());
+    const std::string config_path = (d / "config.json").string();
+    DecoderConfig cfg = decoder_config_load(config_path);
     at::ScalarType dt = dtype.value_or(at::kFloat);
-    auto model = std::make_shared<DecoderModel>(cfg, device.value_or(c10::Device(c10::kCPU)), dt, false);
-    model->cfg_.torch_dtype = dtype_json_name(dt);
     // Shards: model.safetensors, or every file named in the index's weight_map.
     std::vector<std::string> files;
     fs::path single = d / "model.safetensors", index = d / "model.safetensors.index.json";
@@ -869,7 +910,9 @@ std::shared_ptr<DecoderModel> DecoderModel::from_pretrained(const std::string & 
     } else {
         throw std::runtime_error(dir + ": neither model.safetensors nor model.safetensors.index.json found");
     }
+    // The weights are memory-mapped views: reading every header first costs no memory.
     NamedTensors all;
+    std::map<std::string, std::string> file_of;
     for (auto & f : files) {
         auto st = safetensors_load(f);
         for (auto & [n, t] : st.tensors) {
@@ -877,9 +920,21 @@ std::shared_ptr<DecoderModel> DecoderModel::from_pretrained(const std::string & 
             if (!t.is_floating_point())
                 throw std::runtime_error(f + ": " + n + ": expected a floating-point tensor, found " +
                                          c10::toString(t.scalar_type()));
+            file_of[n] = f;
             all.push_back({n, std::move(t)});
         }
     }
+    pretrained_shapes_check(cfg, config_path, all, file_of, dir);
+    std::shared_ptr<DecoderModel> model;
+    try {
+        model = std::make_shared<DecoderModel>(cfg, device.value_or(c10::Device(c10::kCPU)), dt, false);
+    } catch (const std::bad_alloc &) {
+        throw std::runtime_error(dir + ": out of memory allocating the model " + config_path + " describes");
+    } catch (const c10::Error & e) {
+        throw std::runtime_error(dir + ": cannot allocate the model " + config_path + " describes: " +
+                                 e.what_without_backtrace());
+    }
+    model->cfg_.torch_dtype = dtype_json_name(dt);
     model->load_state_dict(all, true, dir);
     model->train(false);
     return model;

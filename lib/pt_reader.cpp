@@ -820,17 +820,19 @@ void flatten_children(const PtValue & v, const std::string & base, NamedTensors 
 void flatten(const PtValue & v, const std::string & name, NamedTensors & out,
              std::unordered_set<std::string> & seen, uint64_t & visits) {
     if (++visits > flatten_visits_max)
-        throw std::runtime_error("pt_state_dict: expected at most " + std::to_string(flatten_visits_max) +
+        throw std::runtime_error("state dict: expected at most " + std::to_string(flatten_visits_max) +
                                  " values, found more (shared sub-dicts expanding?)");
     if (v.kind != Kind::Tensor) return flatten_children(v, name + ".", out, seen, visits);
     if (!seen.insert(name).second)
-        throw std::runtime_error("pt_state_dict: tensor name '" + name + "' is produced twice");
+        throw std::runtime_error("state dict: tensor name '" + name + "' is produced twice");
     out.emplace_back(name, v.tensor);
 }
 
 } // namespace
 
-PtValue pt_load(const std::string & path) {
+namespace {
+
+PtValue pt_read(const std::string & path) {
     PtZipArchive z = pt_zip_open(path);
     const PtZipEntry * pkl = nullptr;
     std::string prefix;
@@ -859,9 +861,24 @@ PtValue pt_load(const std::string & path) {
     return u.run();
 }
 
+} // namespace
+
+// LibTorch's own limits (stride or storage overflow) and memory failures still name the file.
+PtValue pt_load(const std::string & path) {
+    try {
+        return pt_read(path);
+    } catch (const c10::Error & e) {
+        throw std::runtime_error(path + ": cannot build its tensors: " + e.what_without_backtrace());
+    } catch (const std::bad_alloc &) {
+        throw std::runtime_error(path + ": out of memory while reading it");
+    } catch (const std::length_error & e) {
+        throw std::runtime_error(path + ": a table it describes is too large (" + e.what() + ")");
+    }
+}
+
 NamedTensors pt_state_dict(const PtValue & v, const std::string & prefix) {
     if (v.kind != Kind::Dict && v.kind != Kind::List && v.kind != Kind::Tuple)
-        throw std::runtime_error(std::string("pt_state_dict: expected a dict of tensors, found a ") + v.kind_name());
+        throw std::runtime_error(std::string("state dict: expected a dict of tensors, found a ") + v.kind_name());
     NamedTensors out;
     std::unordered_set<std::string> seen;
     uint64_t visits = 0;

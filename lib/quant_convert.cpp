@@ -557,7 +557,11 @@ NamedTensors checkpoint_tensors(const std::string & path, std::string & src, std
                 root = inner;
                 break;
             }
-        return pt_state_dict(*root);
+        try {
+            return pt_state_dict(*root);
+        } catch (const std::runtime_error & e) {
+            throw std::runtime_error(src + ": " + e.what());
+        }
     }
     SafetensorsFile f = safetensors_load(src);
     meta = f.metadata;

@@ -182,6 +182,13 @@ TensorEntry entry_parse(const std::string & path, const std::string & name, cons
             load_fail(path, key, "shape: expected an element count that fits in 64 bits, found " +
                       json_excerpt(*sh));
     }
+    // LibTorch computes contiguous strides even for an empty tensor: the product of the sizes
+    // (zeros counted as ones) must fit too, or [0, 2^62, 2^62] overflows inside at::empty.
+    int64_t span = e.dtype->size;
+    for (int64_t d : e.shape)
+        if (__builtin_mul_overflow(span, std::max<int64_t>(d, 1), &span))
+            load_fail(path, key, "shape: expected sizes whose product (zeros counted as ones) fits in 64 bits, found " +
+                      json_excerpt(*sh));
     int64_t nbytes;
     if (__builtin_mul_overflow(numel, e.dtype->size, &nbytes))
         load_fail(path, key, "shape: expected a byte size that fits in 64 bits, found " +
@@ -253,7 +260,9 @@ const char * safetensors_dtype_name(at::ScalarType t) {
     return d->name;
 }
 
-SafetensorsFile safetensors_load(const std::string & path) {
+namespace {
+
+SafetensorsFile safetensors_read(const std::string & path) {
     std::shared_ptr<FileMap> mapping = file_map_open(path);
     const uint64_t file_size = mapping->size;
     if (file_size < 8)
@@ -342,6 +351,21 @@ SafetensorsFile safetensors_load(const std::string & path) {
         out.tensors.emplace_back(e.name, std::move(t));
     }
     return out;
+}
+
+} // namespace
+
+// What the checks above cannot foresee (LibTorch's own limits, memory) still names the file.
+SafetensorsFile safetensors_load(const std::string & path) {
+    try {
+        return safetensors_read(path);
+    } catch (const c10::Error & e) {
+        throw std::runtime_error(path + ": cannot build its tensors: " + e.what_without_backtrace());
+    } catch (const std::bad_alloc &) {
+        throw std::runtime_error(path + ": out of memory while reading it");
+    } catch (const std::length_error & e) {
+        throw std::runtime_error(path + ": a table it describes is too large (" + e.what() + ")");
+    }
 }
 
 void safetensors_save(const std::string & path, const NamedTensors & tensors,

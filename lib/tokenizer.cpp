@@ -205,6 +205,16 @@ void normalize(const char * p, size_t n, const std::vector<NormForm> & forms, st
 
 // -- regex ------------------------------------------------------------------------------------
 
+// Limits for one match. The JIT stack is only a first try: a match that outgrows it (a long
+// run of backtracking points, e.g. a lookahead repeated over a megabyte without a split) is
+// redone by the interpreter, whose backtracking frames live on the heap up to kHeapLimitKiB.
+// The match limit bounds the work of one match (both engines count it) so that a catastrophic
+// pattern is an error, not a hang: kMatchLimit steps, or kMatchPerByte per byte of a longer
+// piece; valid patterns stay far below (under 3 steps a byte for a megabyte without a split).
+const uint32_t kMatchLimit = 10000000;
+const uint64_t kMatchPerByte = 16;
+const uint32_t kHeapLimitKiB = 1024 * 1024;
+
 // Per-thread match data and JIT stack, shared by every compiled pattern.
 struct MatchScratch {
     pcre2_match_data * md = nullptr;
@@ -214,7 +224,9 @@ struct MatchScratch {
         md = pcre2_match_data_create(1, nullptr);
         mctx = pcre2_match_context_create(nullptr);
         stack = pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, nullptr);
+        if (!md || !mctx || !stack) throw std::bad_alloc();
         pcre2_jit_stack_assign(mctx, nullptr, stack);
+        pcre2_set_heap_limit(mctx, kHeapLimitKiB);
     }
     ~MatchScratch() {
         pcre2_jit_stack_free(stack);
@@ -262,7 +274,8 @@ std::string onig_spaces(const std::string & pat) {
     return out;
 }
 
-Regex::Regex(const std::string & pattern, bool literal, const std::string & file, const std::string & key) {
+Regex::Regex(const std::string & pattern, bool literal, const std::string & file, const std::string & key)
+    : pattern_(pattern), file_(file), key_(key) {
     int err;
     PCRE2_SIZE off;
     uint32_t flags = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
@@ -281,16 +294,22 @@ Regex::~Regex() { pcre2_code_free(code_); }
 template <class F>
 void Regex::for_each(const char * s, size_t n, F && fn) const {
     MatchScratch & ms = match_scratch();
+    pcre2_set_match_limit(ms.mctx, uint32_t(std::min<uint64_t>(UINT32_MAX, std::max<uint64_t>(kMatchLimit, kMatchPerByte * n))));
     auto subj = reinterpret_cast<PCRE2_SPTR>(s);
     size_t off = 0;
     while (off < n) {
         int rc = jit_ ? pcre2_jit_match(code_, subj, n, off, 0, ms.md, ms.mctx)
-                      : pcre2_match(code_, subj, n, off, 0, ms.md, ms.mctx);
+                      : pcre2_match(code_, subj, n, off, PCRE2_NO_JIT, ms.md, ms.mctx);
+        if (rc == PCRE2_ERROR_JIT_STACKLIMIT) rc = pcre2_match(code_, subj, n, off, PCRE2_NO_JIT, ms.md, ms.mctx);
         if (rc == PCRE2_ERROR_NOMATCH) break;
         if (rc < 0) {
             PCRE2_UCHAR buf[256];
             pcre2_get_error_message(rc, buf, sizeof buf);
-            throw std::runtime_error(std::string("tokenizer: regex match failed: ") + reinterpret_cast<const char *>(buf));
+            std::string why = reinterpret_cast<const char *>(buf);
+            if (rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_HEAPLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT)
+                why += " (the pattern backtracks catastrophically on this text)";
+            fail(file_, key_, "regex '" + pattern_ + "' failed at byte " + std::to_string(off) + " of a " +
+                                  std::to_string(n) + "-byte piece: " + why);
         }
         PCRE2_SIZE * ov = pcre2_get_ovector_pointer(ms.md);
         size_t a = ov[0], b = ov[1];
@@ -457,8 +476,13 @@ using namespace bpe_detail;
 // -- the model ------------------------------------------------------------------------------
 
 void BpeTokenizer::Impl::id_set(int64_t id, const std::string & sp, const std::string & bytes) {
-    if (id < 0 || id > (1ll << 30)) fail(source, "vocab", "token '" + sp + "' has id " + std::to_string(id) +
-                                                              ", expected 0 ≤ id < 2^30");
+    if (id < 0 || id >= id_limit) {
+        if (id_limit == (int64_t(1) << 30))
+            fail(source, "vocab", "token '" + sp + "' has id " + std::to_string(id) + ", expected 0 ≤ id < 2^30");
+        fail(source, "vocab", "token '" + sp + "' has id " + std::to_string(id) + ", expected 0 ≤ id < " +
+                                  std::to_string(id_limit) + " (the file declares " + std::to_string(id_limit - kIdSlack) +
+                                  " tokens; ids may leave at most " + std::to_string(kIdSlack) + " unused)");
+    }
     if (size_t(id) >= spelled.size()) {
         spelled.resize(id + 1);
         raw.resize(id + 1);

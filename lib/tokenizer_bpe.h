@@ -17,6 +17,10 @@ namespace bpe_detail {
 // "<file>: <key>: <what>"
 [[noreturn]] void fail(const std::string & file, const std::string & key, const std::string & what);
 
+// Token tables are dense (indexed by id): a file may leave at most this many ids unused, so that
+// one large id in a small file cannot cost gigabytes.
+constexpr int64_t kIdSlack = 65536;
+
 enum class NormForm { NFC, NFD, NFKC, NFKD };
 enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous };
 
@@ -28,12 +32,15 @@ public:
     Regex(const Regex &) = delete;
     Regex & operator=(const Regex &) = delete;
     // Calls fn(start, end) for each non-empty match in s[0, n), left to right (tokenizer.cpp).
+    // A match that outgrows the JIT stack is redone by the interpreter; one past the match or
+    // heap limit (a catastrophic pattern) throws, naming the file, the key and the pattern.
     template <class F>
     void for_each(const char * s, size_t n, F && fn) const;
 
 private:
     pcre2_real_code_8 * code_ = nullptr;
     bool jit_ = false;
+    std::string pattern_, file_, key_;  // for errors
 };
 
 extern const char * const kGpt2Regex;    // GPT-2, also ByteLevel's use_regex
@@ -74,6 +81,7 @@ struct EncodeScratch;
 struct BpeTokenizer::Impl {
     using NormForm = bpe_detail::NormForm;
     std::string source;                       // file name for errors
+    int64_t id_limit = int64_t(1) << 30;      // ids must be below: tables are dense, sized by the largest
     std::vector<std::string> spelled;         // id → token as the vocabulary spells it
     std::vector<std::string> raw;             // id → bytes
     std::vector<uint8_t> present, special;

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -46,6 +47,13 @@ std::string str_of(const json & j, const std::string & file, const std::string &
     return j.get<std::string>();
 }
 
+// A member that must be an array (what loops index into).
+const json & array_of(const json & j, const char * k, const std::string & file, const std::string & where) {
+    const json & a = member(j, k, file, where);
+    if (!a.is_array()) fail(file, where + "." + k, "expected an array, found " + type_name(a));
+    return a;
+}
+
 bool bool_or(const json & j, const char * k, bool def) {
     auto it = j.find(k);
     return it == j.end() || !it->is_boolean() ? def : it->get<bool>();
@@ -59,7 +67,7 @@ void norm_parse(const json & j, const std::string & file, const std::string & ke
     else if (t == "NFKC") out.push_back(NormForm::NFKC);
     else if (t == "NFKD") out.push_back(NormForm::NFKD);
     else if (t == "Sequence") {
-        const json & list = member(j, "normalizers", file, key);
+        const json & list = array_of(j, "normalizers", file, key);
         for (size_t i = 0; i < list.size(); i++)
             norm_parse(list[i], file, key + ".normalizers[" + std::to_string(i) + "]", out);
     } else
@@ -93,12 +101,13 @@ void pre_parse(const json & j, const std::string & file, const std::string & key
     if (j.is_null()) return;
     std::string t = str_of(member(j, "type", file, key), file, key + ".type");
     if (t == "Sequence") {
-        const json & list = member(j, "pretokenizers", file, key);
+        const json & list = array_of(j, "pretokenizers", file, key);
         for (size_t i = 0; i < list.size(); i++)
             pre_parse(list[i], file, key + ".pretokenizers[" + std::to_string(i) + "]", out, byte_level);
     } else if (t == "Split") {
         const json & pat = member(j, "pattern", file, key);
         PreStep st;
+        if (!pat.is_object()) fail(file, key + ".pattern", "expected {\"Regex\": ...} or {\"String\": ...}, found " + pat.dump());
         if (pat.contains("Regex"))
             st.re = std::make_shared<Regex>(str_of(pat["Regex"], file, key + ".pattern.Regex"), false, file,
                                             key + ".pattern.Regex");
@@ -134,11 +143,11 @@ void post_parse(const json & j, BpeTokenizer::Impl & m, const std::string & file
     };
     if (t == "ByteLevel") return;
     if (t == "Sequence") {
-        const json & list = member(j, "processors", file, key);
+        const json & list = array_of(j, "processors", file, key);
         for (size_t i = 0; i < list.size(); i++)
             post_parse(list[i], m, file, key + ".processors[" + std::to_string(i) + "]", templated);
     } else if (t == "TemplateProcessing") {
-        const json & single = member(j, "single", file, key);
+        const json & single = array_of(j, "single", file, key);
         const json & specials = member(j, "special_tokens", file, key);
         m.prefix_ids.clear();
         m.suffix_ids.clear();
@@ -152,8 +161,11 @@ void post_parse(const json & j, BpeTokenizer::Impl & m, const std::string & file
             std::string name = str_of(member(member(piece, "SpecialToken", file, key + ".single"), "id", file,
                                              key + ".single"), file, key + ".single");
             const json & sp = member(specials, name.c_str(), file, key + ".special_tokens");
-            for (const json & id : member(sp, "ids", file, key + ".special_tokens." + name))
+            for (const json & id : array_of(sp, "ids", file, key + ".special_tokens." + name)) {
+                if (!id.is_number_integer())
+                    fail(file, key + ".special_tokens." + name + ".ids", "expected integer ids, found " + id.dump());
                 (seen_seq ? m.suffix_ids : m.prefix_ids).push_back(id.get<int64_t>());
+            }
         }
         templated = true;
     } else if (t == "RobertaProcessing" || t == "BertProcessing") {
@@ -180,10 +192,32 @@ int64_t config_token(const json & cfg, const char * key, const BpeTokenizer::Imp
 
 } // namespace
 
-std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_in) {
-    std::string path = path_in;
+namespace {
+
+std::string json_file(const std::string & path_in) {
     std::error_code ec;
-    if (fs::is_directory(path, ec)) path = (fs::path(path) / "tokenizer.json").string();
+    return fs::is_directory(path_in, ec) ? (fs::path(path_in) / "tokenizer.json").string() : path_in;
+}
+
+// What escapes the checks above still names the file: nlohmann's type errors, allocation failures.
+[[noreturn]] void reader_rethrow(const std::string & file) {
+    try {
+        throw;
+    } catch (const json::exception & e) {
+        std::string w = e.what();
+        size_t b = w.find("] ");
+        throw std::runtime_error(file + ": unexpected JSON structure: " + (b == std::string::npos ? w : w.substr(b + 2)));
+    } catch (const std::bad_alloc &) {
+        throw std::runtime_error(file + ": out of memory while reading it");
+    } catch (const std::length_error & e) {
+        throw std::runtime_error(file + ": a table it describes is too large (" + e.what() + ")");
+    }
+}
+
+} // namespace
+
+std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_in) try {
+    std::string path = json_file(path_in);
     json j = json_read(path);
     auto m = std::make_unique<Impl>();
     m->source = path;
@@ -201,6 +235,11 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_i
 
     const json & vocab = member(model, "vocab", path, "model");
     if (!vocab.is_object()) fail(path, "model.vocab", "expected an object, found " + type_name(vocab));
+    {
+        auto at = j.find("added_tokens");
+        size_t declared = vocab.size() + (at != j.end() && at->is_array() ? at->size() : 0);
+        m->id_limit = std::min<int64_t>(int64_t(1) << 30, int64_t(declared) + kIdSlack);
+    }
     m->by_spelled.reserve(vocab.size() + 1024);
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
         if (!it.value().is_number_integer())
@@ -228,11 +267,15 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_i
 
     if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
         const json & at = j["added_tokens"];
+        if (!at.is_array()) fail(path, "added_tokens", "expected an array, found " + type_name(at));
         for (size_t i = 0; i < at.size(); i++) {
             std::string where = "added_tokens[" + std::to_string(i) + "]";
             const json & e = at[i];
             const json & id = member(e, "id", path, where);
             if (!id.is_number_integer()) fail(path, where + ".id", "expected an integer, found " + type_name(id));
+            if (id.get<int64_t>() < 0 || id.get<int64_t>() >= m->id_limit)
+                fail(path, where + ".id", "expected 0 ≤ id < " + std::to_string(m->id_limit) + " (the number of tokens declared + " +
+                                              std::to_string(kIdSlack) + "), found " + id.dump());
             AddedToken t{str_of(member(e, "content", path, where), path, where + ".content"),
                          int32_t(id.get<int64_t>()), bool_or(e, "special", false), bool_or(e, "normalized", false),
                          bool_or(e, "lstrip", false), bool_or(e, "rstrip", false), bool_or(e, "single_word", false)};
@@ -252,6 +295,10 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_i
     }
     bool templated = false;
     if (j.contains("post_processor")) post_parse(j["post_processor"], *m, path, "post_processor", templated);
+    for (const auto * ids : {&m->prefix_ids, &m->suffix_ids})
+        for (int64_t id : *ids)
+            if (id < 0 || size_t(id) >= m->present.size() || !m->present[id])
+                fail(path, "post_processor", "special token id " + std::to_string(id) + " is not in the vocabulary");
     m->finish();
 
     auto tk = std::unique_ptr<BpeTokenizer>(new BpeTokenizer(std::move(m)));
@@ -270,14 +317,21 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(const std::string & path_i
         }
     }
     return tk;
+} catch (const json::exception &) {
+    reader_rethrow(json_file(path_in));
+} catch (const std::bad_alloc &) {
+    reader_rethrow(json_file(path_in));
+} catch (const std::length_error &) {
+    reader_rethrow(json_file(path_in));
 }
 
 std::unique_ptr<BpeTokenizer> BpeTokenizer::from_gpt2_files(const std::string & encoder_json,
-                                                            const std::string & vocab_bpe) {
+                                                            const std::string & vocab_bpe) try {
     json enc = json_read(encoder_json);
     if (!enc.is_object()) fail(encoder_json, "(top level)", "expected an object of token → id, found " + type_name(enc));
     auto m = std::make_unique<Impl>();
     m->source = encoder_json;
+    m->id_limit = std::min<int64_t>(int64_t(1) << 30, int64_t(enc.size()) + kIdSlack);
     for (auto it = enc.begin(); it != enc.end(); ++it) {
         if (!it.value().is_number_integer())
             fail(encoder_json, "[\"" + it.key() + "\"]", "expected an integer id, found " + type_name(it.value()));
@@ -309,6 +363,12 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::from_gpt2_files(const std::string & 
     auto tk = std::unique_ptr<BpeTokenizer>(new BpeTokenizer(std::move(m)));
     tk->bos_id_ = tk->eos_id_ = eot;
     return tk;
+} catch (const json::exception &) {
+    reader_rethrow(encoder_json);
+} catch (const std::bad_alloc &) {
+    reader_rethrow(encoder_json + " / " + vocab_bpe);
+} catch (const std::length_error &) {
+    reader_rethrow(encoder_json + " / " + vocab_bpe);
 }
 
 std::unique_ptr<BpeTokenizer> BpeTokenizer::from_vocab(const BpeVocab & v) {

@@ -3,6 +3,7 @@
 #include "lib/tokenizer.h"
 
 #include "lib/sp/sp_api.h"
+#include "lib/tokenizer_sp_check.h"
 
 #include <atomic>
 #include <cerrno>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <stdexcept>
 #include <unordered_map>
@@ -122,13 +124,31 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_file(const 
     if (!fs::is_regular_file(model_path, ec))
         throw std::runtime_error(model_path + ": cannot open SentencePiece model (" +
                                  (fs::exists(model_path, ec) ? "not a regular file" : "no such file") + ")");
+    // Read once, prove the bytes safe for the library, then hand it these same bytes.
+    std::string bytes;
+    {
+        std::ifstream f(model_path, std::ios::binary | std::ios::ate);
+        if (!f) throw std::runtime_error(model_path + ": cannot open SentencePiece model: " + std::strerror(errno));
+        std::streamoff size = f.tellg();
+        if (size < 0 || size >= (std::streamoff(1) << 31))  // protobuf's own limit
+            throw std::runtime_error(model_path + ": not a SentencePiece model: " + std::to_string(size) +
+                                     " bytes, over the 2 GiB a ModelProto can hold");
+        try {
+            bytes.resize(size_t(size));
+        } catch (const std::bad_alloc &) {
+            throw std::runtime_error(model_path + ": out of memory reading " + std::to_string(size) + " bytes");
+        }
+        f.seekg(0);
+        if (!f.read(bytes.data(), size)) throw std::runtime_error(model_path + ": read failed");
+    }
+    sentencepiece_model_check(bytes, model_path);
     const auto & api = sp_api();
     auto m = std::make_unique<Impl>();
     m->api = &api;
     m->path = model_path;
     char * err = nullptr;
-    m->proc = api.load(model_path.c_str(), &err);
-    if (!m->proc) throw std::runtime_error(model_path + ": not a SentencePiece model: " + take_error(api, err));
+    m->proc = api.load_proto(bytes.data(), bytes.size(), &err);
+    if (!m->proc) throw std::runtime_error(model_path + ": not a valid SentencePiece model: " + take_error(api, err));
     m->size = api.piece_size(m->proc);
     int32_t special[4];
     api.special_ids(m->proc, special);

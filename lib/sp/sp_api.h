@@ -8,7 +8,7 @@
 extern "C" {
 #endif
 
-#define QATLAB_SP_API_VERSION 1
+#define QATLAB_SP_API_VERSION 2
 
 typedef struct qatlab_sp_processor qatlab_sp_processor;
 
@@ -42,6 +42,10 @@ typedef struct qatlab_sp_funcs {
 
     // SentencePieceTrainer::Train with n key/value flags (spm_train names, e.g. "vocab_size").
     int (*train)(const char * const * keys, const char * const * values, size_t n, char ** err);
+
+    // A serialized ModelProto the caller has read and validated (lib/tokenizer_sp_check.h): the
+    // library then never reads a file that could have changed since. Errors are in plain words.
+    qatlab_sp_processor * (*load_proto)(const char * data, size_t len, char ** err);
 } qatlab_sp_funcs;
 
 // The one exported symbol.

@@ -78,6 +78,23 @@ int guarded(char ** err, F && f) {
 
 void sp_free_mem(void * p) { std::free(p); }
 
+// The library's CHECK_OR_RETURN messages read "./src/x.cc(123) [expr] detail": keep the detail,
+// or say in words what the check was about.
+std::string plain_status(const sentencepiece::util::Status & st) {
+    std::string m = st.message() ? st.message() : "";
+    size_t open = m.find(") [");
+    if (m.rfind("./", 0) == 0 && open != std::string::npos) {
+        size_t close = m.find("] ", open);
+        std::string expr = m.substr(open + 3, close == std::string::npos ? std::string::npos : close - open - 3);
+        std::string detail = close == std::string::npos ? "" : m.substr(close + 2);
+        while (!detail.empty() && detail.back() == ' ') detail.pop_back();
+        if (expr.find("ParseFromArray") != std::string::npos) return "the bytes are not a valid SentencePiece ModelProto";
+        if (!detail.empty()) return detail;
+        return "the model failed the library's consistency check (" + expr + ")";
+    }
+    return m.empty() ? st.ToString() : m;
+}
+
 qatlab_sp_processor * sp_load(const char * model_path, char ** err) {
     qatlab_sp_processor * out = nullptr;
     int rc = guarded(err, [&] {
@@ -85,7 +102,23 @@ qatlab_sp_processor * sp_load(const char * model_path, char ** err) {
         auto p = std::make_unique<qatlab_sp_processor>();
         auto st = p->sp.Load(model_path);
         if (!st.ok()) {
-            set_error(err, st.ToString());
+            set_error(err, plain_status(st));
+            return 1;
+        }
+        out = p.release();
+        return 0;
+    });
+    return rc == 0 ? out : nullptr;
+}
+
+qatlab_sp_processor * sp_load_proto(const char * data, size_t len, char ** err) {
+    qatlab_sp_processor * out = nullptr;
+    int rc = guarded(err, [&] {
+        // Owned until loaded: the library throws on some models (darts: "zero-length key").
+        auto p = std::make_unique<qatlab_sp_processor>();
+        auto st = p->sp.LoadFromSerializedProto(absl::string_view(data, len));
+        if (!st.ok()) {
+            set_error(err, plain_status(st));
             return 1;
         }
         out = p.release();
@@ -103,7 +136,7 @@ int sp_encode(const qatlab_sp_processor * p, const char * text, size_t len, int3
         std::vector<int> v;
         auto st = p->sp.Encode(absl::string_view(text, len), &v);
         if (!st.ok()) {
-            set_error(err, st.ToString());
+            set_error(err, plain_status(st));
             return 1;
         }
         if (v.empty()) return 0;
@@ -124,7 +157,7 @@ int sp_decode(const qatlab_sp_processor * p, const int32_t * ids, size_t n, char
         std::string s;
         auto st = p->sp.Decode(v, &s);
         if (!st.ok()) {
-            set_error(err, st.ToString());
+            set_error(err, plain_status(st));
             return 1;
         }
         char * d = dup_string(s);
@@ -166,7 +199,7 @@ int sp_train(const char * const * keys, const char * const * values, size_t n, c
         for (size_t i = 0; i < n; i++) kw[keys[i]] = values[i];
         auto st = sentencepiece::SentencePieceTrainer::Train(kw);
         if (!st.ok()) {
-            set_error(err, st.ToString());
+            set_error(err, plain_status(st));
             return 1;
         }
         return 0;
@@ -188,6 +221,7 @@ qatlab_sp_funcs make_funcs() {
     f.piece_kind = sp_piece_kind;
     f.special_ids = sp_special_ids;
     f.train = sp_train;
+    f.load_proto = sp_load_proto;
     return f;
 }
 
