@@ -156,6 +156,11 @@ try:
     tk.post_processor = processors.TemplateProcessing(single='<|endoftext|> $A', pair='$A $B',
                                                       special_tokens=[('<|endoftext|>', tk.token_to_id('<|endoftext|>'))])
     put('tokenizer_json', 'qwen_style', tk.to_str().encode() + b'\0' + texts[1].encode())
+    # Regression (fuzz_tokenizer_json): a post-processor whose special token id is in no table made encode
+    # emit an id that id_to_token and decode then refused.
+    j = json.loads(tk.to_str())
+    j['post_processor']['special_tokens']['<|endoftext|>']['ids'] = [tk.get_vocab_size() + 7]
+    put('tokenizer_json', 'regress_template_id', json.dumps(j).encode() + b'\0' + texts[0].encode())
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=True)])
     put('tokenizer_json', 'digits', tk.to_str().encode() + b'\0' + texts[2].encode())
