@@ -868,8 +868,8 @@ void pretrained_shapes_check(const DecoderConfig & cfg, const std::string & conf
     for (auto & [n, p] : meta->named_parameters()) {
         auto it = given.find(n);
         if (it == given.end())
-            throw std::runtime_error(dir + ": " + n + ": " + config_path + " implies a tensor of shape " +
-                                     c10::str(p.sizes()) + ", found in no weight file");
+            throw std::runtime_error(dir + ": " + n + ": missing (" + config_path + " implies a tensor of shape " +
+                                     c10::str(p.sizes()) + ", found in no weight file)");
         if (it->second->sizes() != p.sizes())
             throw std::runtime_error(file_of.at(n) + ": " + n + ": " + config_path + " implies shape " +
                                      c10::str(p.sizes()) + ", the file holds " + c10::str(it->second->sizes()));
@@ -935,7 +935,11 @@ std::shared_ptr<DecoderModel> DecoderModel::from_pretrained(const std::string & 
                                  e.what_without_backtrace());
     }
     model->cfg_.torch_dtype = dtype_json_name(dt);
-    model->load_state_dict(all, true, dir);
+    try {
+        model->load_state_dict(all, true, dir);
+    } catch (const std::bad_alloc &) {
+        throw std::runtime_error(dir + ": out of memory copying the weights into the model");
+    }
     model->train(false);
     return model;
 }

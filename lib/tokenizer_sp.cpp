@@ -148,7 +148,7 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_file(const 
     m->path = model_path;
     char * err = nullptr;
     m->proc = api.load_proto(bytes.data(), bytes.size(), &err);
-    if (!m->proc) throw std::runtime_error(model_path + ": not a valid SentencePiece model: " + take_error(api, err));
+    if (!m->proc) throw std::runtime_error(model_path + ": not a SentencePiece model: " + take_error(api, err));
     m->size = api.piece_size(m->proc);
     int32_t special[4];
     api.special_ids(m->proc, special);
@@ -224,8 +224,10 @@ std::string SentencePieceTokenizer::token_bytes(int64_t id) const {
     int kind = impl_->kind(id);
     if (kind & (QATLAB_SP_CONTROL | QATLAB_SP_UNKNOWN | QATLAB_SP_UNUSED)) return "";
     std::string p = impl_->piece(id);
-    if ((kind & QATLAB_SP_BYTE) && p.size() == 6)  // <0xAB>
-        return std::string(1, char(std::stoi(p.substr(3, 2), nullptr, 16)));
+    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1; };
+    if ((kind & QATLAB_SP_BYTE) && p.size() == 6 && p.compare(0, 3, "<0x") == 0 && p[5] == '>' && hex(p[3]) >= 0 &&
+        hex(p[4]) >= 0)  // <0xAB>
+        return std::string(1, char(hex(p[3]) * 16 + hex(p[4])));
     std::string out;
     static const std::string space = "\xE2\x96\x81";  // ▁
     for (size_t i = 0; i < p.size();) {

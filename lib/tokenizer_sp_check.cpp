@@ -160,7 +160,7 @@ void sentencepiece_charsmap_check(std::string_view blob, const char * what) {
 }
 
 void sentencepiece_model_check(std::string_view bytes, const std::string & path) {
-    auto fail = [&](const std::string & why) { throw std::runtime_error(path + ": not a valid SentencePiece model: " + why); };
+    auto fail = [&](const std::string & why) { throw std::runtime_error(path + ": not a SentencePiece model: " + why); };
     if (bytes.empty()) fail("the file is empty");
     Wire top{bytes, 0, "model"};
     std::string_view charsmap[2];  // normalizer_spec (3), denormalizer_spec (5): the last wins, as protobuf merges

@@ -108,12 +108,12 @@ TEST(SpCheck, ModelProtoErrorsNameTheFile) {
         }
         return std::string();
     };
-    EXPECT_EQ(msg(""), "dir/m.model: not a valid SentencePiece model: the file is empty");
+    EXPECT_EQ(msg(""), "dir/m.model: not a SentencePiece model: the file is empty");
     EXPECT_NE(msg(field(3, field(2, ""))).find("no pieces"), std::string::npos);
     EXPECT_NE(msg(field(1, field(1, ""))).find("empty or missing name"), std::string::npos);
     EXPECT_NE(msg(std::string("\x0a\xff", 2)).find("protobuf encoding is broken"), std::string::npos);
     auto u = units_sound();
     u[0] = unit(0, false, 0x3fffff);
     std::string e = msg(model(blob(u, std::string("x\0", 2))));
-    EXPECT_EQ(e.rfind("dir/m.model: not a valid SentencePiece model: normalizer: precompiled charsmap is corrupt", 0), 0u) << e;
+    EXPECT_EQ(e.rfind("dir/m.model: not a SentencePiece model: normalizer: precompiled charsmap is corrupt", 0), 0u) << e;
 }
