@@ -5,8 +5,10 @@
 #include "lib/quant_init.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -257,20 +259,40 @@ at::Tensor fp16_round(const at::Tensor & t) {   // the forward value of ste_fp16
     return t.clamp(-65504.0, 65504.0).to(at::kHalf).to(t.scalar_type());
 }
 
+// t ⊙= lut[idx] in place, t [out,in]. On the CPU with fp32 values and uint8 indices one pass, with no
+// gathered Q and no index copy (the materialized step forms W this way three times per layer); else the
+// gather. Products are the same floats either way (bit-exact).
+at::Tensor & lut_mul_(at::Tensor & t, const at::Tensor & lut, const at::Tensor & idx) {
+    if (t.device().is_cpu() && t.scalar_type() == at::kFloat && lut.scalar_type() == at::kFloat &&
+        idx.scalar_type() == at::kByte && t.is_contiguous() && idx.is_contiguous() && lut.numel() <= 256 &&
+        idx.numel() == t.numel()) {
+        float table[256] = {0};
+        at::Tensor lc = lut.contiguous();
+        std::copy(lc.data_ptr<float>(), lc.data_ptr<float>() + lc.numel(), table);
+        float * p = t.data_ptr<float>();
+        const uint8_t * ix = idx.data_ptr<uint8_t>();
+        at::parallel_for(0, t.numel(), 1 << 15, [&](int64_t b, int64_t e) {
+            for (int64_t k = b; k < e; k++) p[k] *= table[ix[k]];
+        });
+        return t;
+    }
+    return t.mul_(lut_gather(lut, idx));
+}
+
 // y = x W^T with W = [st](Q ⊙ (Am Bm)) cast to x's dtype, Q = [st](lut[idx]); [st] = fp16
-// rounding when `ste` (identity in backward). Saves only x and the small factors: W, Q and S
-// ([out,in] each) are recomputed in backward instead of being kept for the whole step.
+// rounding when `ste` (identity in backward; rounding the LUT entries rounds every Q value alike).
+// Saves only x and the small factors: W and S ([out,in] each) are recomputed in backward instead of
+// being kept for the whole step.
 struct MaterializedLinear : torch::autograd::Function<MaterializedLinear> {
-    static std::pair<at::Tensor, at::Tensor> weight(const at::Tensor & Am, const at::Tensor & Bm, const at::Tensor & lut,
-                                                    const at::Tensor & idx, bool ste) {
-        at::Tensor Q = lut_gather(lut, idx);                // [out,in] in the scales' dtype
-        if (ste) Q = fp16_round(Q);
-        at::Tensor W = Q * at::matmul(Am, Bm);              // [out,in]
-        return {ste ? fp16_round(W) : W, Q};
+    static at::Tensor weight(const at::Tensor & Am, const at::Tensor & Bm, const at::Tensor & lut_st,
+                             const at::Tensor & idx, bool ste) {
+        at::Tensor W = at::matmul(Am, Bm);                  // S [out,in], then Q ⊙ S in place
+        lut_mul_(W, lut_st, idx);
+        return ste ? fp16_round(W) : W;
     }
     static at::Tensor forward(torch::autograd::AutogradContext * ctx, const at::Tensor & x, const at::Tensor & Am,
                               const at::Tensor & Bm, const at::Tensor & lut, const at::Tensor & idx, bool ste) {
-        at::Tensor W = weight(Am, Bm, lut, idx, ste).first.to(x.scalar_type());
+        at::Tensor W = weight(Am, Bm, ste ? fp16_round(lut) : lut, idx, ste).to(x.scalar_type());
         ctx->save_for_backward({x, Am, Bm, lut, idx});
         ctx->saved_data["ste"] = ste;
         at::Tensor y = at::linear(x, W);                    // [..., out]
@@ -281,22 +303,27 @@ struct MaterializedLinear : torch::autograd::Function<MaterializedLinear> {
         auto sv = ctx->get_saved_variables();
         const at::Tensor &x = sv[0], &Am = sv[1], &Bm = sv[2], &lut = sv[3], &idx = sv[4];
         const bool ste = ctx->saved_data["ste"].toBool();
+        const at::Tensor lut_st = ste ? fp16_round(lut) : lut;
         at::Tensor gy = go[0];                              // [..., out]
-        auto [W, Q] = weight(Am, Bm, lut, idx, ste);        // recomputed
         at::Tensor gx, gAm, gBm, glut;
-        if (ctx->needs_input_grad(0)) gx = at::matmul(gy, W.to(gy.scalar_type()));   // [..., in]
-        if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
-            at::Tensor gW = at::matmul(gy.reshape({-1, gy.size(-1)}).t(), x.reshape({-1, x.size(-1)}))
-                                .to(W.scalar_type());       // [out,in]
-            if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-                at::Tensor gS = gW * Q;                     // ∂S = ∂W ⊙ Q
-                if (ctx->needs_input_grad(1)) gAm = at::matmul(gS, Bm.t());   // [out,r]
-                if (ctx->needs_input_grad(2)) gBm = at::matmul(Am.t(), gS);   // [r,in]
-            }
+        const bool need_s = ctx->needs_input_grad(1) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+        at::Tensor gW;
+        if (need_s) {
+            gW = at::matmul(gy.reshape({-1, gy.size(-1)}).t(), x.reshape({-1, x.size(-1)}))
+                     .to(at::promote_types(Am.scalar_type(), Bm.scalar_type()));   // [out,in]
             if (ctx->needs_input_grad(3)) {                 // ∂lut_j = Σ_{idx = j} ∂W ⊙ S
                 at::Tensor gQ = (gW * at::matmul(Am, Bm)).reshape({-1});
                 glut = at::zeros_like(lut).index_add_(0, idx.reshape({-1}).to(at::kLong), gQ);
             }
+        }
+        if (ctx->needs_input_grad(0)) {
+            at::Tensor W = weight(Am, Bm, lut_st, idx, ste);   // recomputed
+            gx = at::matmul(gy, W.to(gy.scalar_type()));    // [..., in]
+        }
+        if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+            at::Tensor & gS = lut_mul_(gW, lut_st, idx);    // ∂S = ∂W ⊙ Q, in place
+            if (ctx->needs_input_grad(1)) gAm = at::matmul(gS, Bm.t());   // [out,r]
+            if (ctx->needs_input_grad(2)) gBm = at::matmul(Am.t(), gS);   // [r,in]
         }
         return {gx, gAm, gBm, glut, at::Tensor(), at::Tensor()};
     }
