@@ -13,11 +13,39 @@
 
 namespace qatlab {
 
-// A wrong argument or a failed precondition: becomes a Lua error "<fn>: <message>".
+// A failed precondition: becomes a Lua error "<fn>: <message>". A message that starts with
+// "argument #n (name): ..." is an argument error (see ArgError); n counts as Args does: from 1
+// at the first stack slot in functions named "mod.f" / "Tensor.f", and after self in methods
+// named "Type:f".
 struct BindError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 [[noreturn]] void bind_fail(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// A wrong argument at stack slot `index`. The trampoline words it as Lua's luaL_argerror does:
+// "bad argument #n to 'fn' (<message>)", n counting self only when the call was not written
+// with ':' ("calling 'fn' on bad self (...)" for a bad self).
+struct ArgError : BindError {
+    ArgError(int index_, const std::string & msg) : BindError(msg), index(index_) {}
+    int index;
+};
+[[noreturn]] void arg_fail(int index, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// Every metatable the bindings register, named once.
+#define QATLAB_TENSOR_MT "qatlab.Tensor"
+#define QATLAB_MODEL_MT "qatlab.Model"
+#define QATLAB_OPTIM_MT "qatlab.Optimizer"
+#define QATLAB_DDP_MT "qatlab.DDP"
+#define QATLAB_TOKENIZER_MT "qatlab.Tokenizer"
+#define QATLAB_KD_READER_MT "qatlab.KdCacheReader"
+#define QATLAB_HOOK_MT "qatlab.HookHandle"
+#define QATLAB_INTN_QAT_MT "qatlab.IntNQat"
+#define QATLAB_INTN_SCHEDULE_MT "qatlab.IntNSchedule"
+#define QATLAB_FUNCTION_MT "qatlab.autograd.Function"
+#define QATLAB_CTX_MT "qatlab.autograd.ctx"
+#define QATLAB_GRAD_HOOK_MT "qatlab.autograd.RemovableHandle"
+#define QATLAB_SIZE_MT "qatlab.Size"
+#define QATLAB_DIST_SENTINEL "qatlab.dist.sentinel"   // a registry key, not a metatable
 
 // -- functions -----------------------------------------------------------------------
 // Every bound function is a plain `int f(lua_State*)` registered through bind_register,
@@ -44,6 +72,9 @@ int bind_pcall(lua_State * L, int nargs, int nresults);
 // model called from a coroutine calls back into that coroutine. Backward passes started by a
 // bound call (t:backward()) run their callbacks on that call's state.
 lua_State * bind_current_state();
+// The number of arguments the innermost bound call was given: stack slots above it hold
+// values the call pushed (options read out of a table), not arguments.
+int bind_call_nargs();
 
 // A Lua value kept alive by a C++ object: a registry reference. Its destructor may run on any
 // thread and at any time (autograd frees graphs on its own threads and inside collections),
@@ -67,13 +98,24 @@ void bind_callback(lua_State * L, int nargs, int nresults, const std::string & w
 
 // -- arguments -----------------------------------------------------------------------
 // PyTorch-style calls: positional arguments, then optionally one trailing options table
-// (a table with string keys), e.g. t:sum(2, {keepdim = true}) or torch.sum(t, {dim = 2}).
+// (a table with string keys, or an empty table `{}`), e.g. t:sum(2, {keepdim = true}) or
+// torch.sum(t, {dim = 2}). Every bound function reads its arguments here and ends with
+// finish(), which rejects positional arguments nobody read and unknown option keys.
+// Positions are 1-based from stack slot `first` (1 in functions and Tensor methods, 2 after
+// self in object methods); errors name the stack slot (see ArgError).
 class Args {
 public:
     explicit Args(lua_State * L, int first = 1);
     // Stack index of argument `pos` (1-based among positional) or option `name`; 0 if absent.
-    int find(int pos, const char * name);
+    // A trailing `{}` is the options table, unless a reader that accepts a table
+    // (table_ok) asks for exactly its position.
+    int find(int pos, const char * name, bool table_ok = false);
     int npos() const { return npos_; }
+    // Marks positions up to `pos` as read by hand (lua_to* on the stack), for finish().
+    void take(int pos) { if (pos > max_pos_) max_pos_ = pos; }
+    // Stack slot of position `pos`, or of the options table when pos is 0.
+    int slot(int pos) const { return pos > 0 ? first_ + pos - 1 : opts_; }
+    [[noreturn]] void fail(int pos, const char * name, const char * fmt, ...) __attribute__((format(printf, 4, 5)));
     lua_State * L;
 
     at::Tensor & tensor(int pos, const char * name);
@@ -96,13 +138,31 @@ public:
     // Dims list: one number or a table of numbers → 0-based.
     std::vector<int64_t> dims(int pos, const char * name, int64_t ndim);
     c10::Scalar scalar(int pos, const char * name);
-    // Error if the options table holds keys no reader asked for (typo protection).
+    // A required string (bytes kept, embedded zeros too) / an optional one.
+    std::string string(int pos, const char * name);
+    // Stack index of a required table (a trailing {} counts), of an optional table (0 when
+    // absent), of an optional function (0 when absent).
+    int table(int pos, const char * name);
+    int opt_table(int pos, const char * name);
+    int opt_function(int pos, const char * name);
+    // Error if a non-nil positional argument was never read, or the options table holds keys
+    // no reader asked for (naming the closest known key).
     void finish();
 
 private:
-    int first_, npos_, opts_ = 0;
+    int first_, npos_, opts_ = 0, max_pos_ = 0;
+    bool opts_empty_ = false;   // the options table is a trailing {}, maybe a positional table
+    bool named_ = false;        // an option was asked for (finish: "expected options" wording)
     std::vector<const char *> used_;
 };
+
+// Levenshtein distance, and " (did you mean 'x'?)" naming the closest of `known` to `key`
+// ("" when none is close).
+size_t edit_distance(const std::string & a, const std::string & b);
+std::string closest_hint(const std::string & key, const std::vector<std::string> & known);
+
+// -- shared pushers ------------------------------------------------------------------------
+void strings_push(lua_State * L, const std::vector<std::string> & v);   // an array of strings
 
 // -- conversions ---------------------------------------------------------------------
 at::ScalarType dtype_parse(const char * s);         // "float32", "torch.float32", "float", ...
@@ -174,11 +234,15 @@ template <class T> T * udata_test(lua_State * L, int idx, const char * mt) {
     return u && u->alive ? &u->value : nullptr;
 }
 
-// The live object at `idx`, or a BindError "expected <what> ..., got <type>" / "<what> was freed".
+// The live object at `idx`, or an ArgError "expected <what>, got <type>" / "<what> was freed".
 template <class T> T & udata_check(lua_State * L, int idx, const char * mt, const char * what) {
     auto * u = static_cast<Udata<T> *>(luaL_testudata(L, idx, mt));
-    if (!u) bind_fail("expected %s (call methods with ':'), got %s", what, luaL_typename(L, idx));
-    if (!u->alive) bind_fail("%s was freed", what);
+    if (idx > bind_call_nargs()) {   // a value read out of an options table: the caller labels it
+        if (!u) bind_fail("expected %s, got %s", what, luaL_typename(L, idx));
+        if (!u->alive) bind_fail("%s was freed", what);
+    }
+    if (!u) arg_fail(idx, "expected %s%s, got %s", what, idx == 1 ? " (call methods with ':')" : "", luaL_typename(L, idx));
+    if (!u->alive) arg_fail(idx, "%s was freed", what);
     return u->value;
 }
 
@@ -203,7 +267,6 @@ void udata_open_metatable(lua_State * L, const char * mt, const char * name, con
 }
 
 // -- tensors -------------------------------------------------------------------------
-#define QATLAB_TENSOR_MT "qatlab.Tensor"
 void tensor_push(lua_State * L, at::Tensor t);       // undefined → nil
 at::Tensor * tensor_test(lua_State * L, int idx);    // nullptr when not a tensor
 at::Tensor & tensor_check(lua_State * L, int idx, const char * what);

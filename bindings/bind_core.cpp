@@ -7,6 +7,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <mutex>
@@ -27,6 +28,15 @@ void bind_fail(const char * fmt, ...) {
     vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
     throw BindError(buf);
+}
+
+void arg_fail(int index, const char * fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    throw ArgError(index, buf);
 }
 
 // -- trampoline -------------------------------------------------------------------------
@@ -60,18 +70,23 @@ int bind_pcall(lua_State * L, int nargs, int nresults) {
 // The innermost bound call's state (see bind_current_state); not thread_local, because
 // autograd may run a CUDA backward on its own thread while the bound call waits for it.
 static lua_State * bind_state = nullptr;
+static int bind_nargs = 0;
 lua_State * bind_current_state() { return bind_state; }
+int bind_call_nargs() { return bind_nargs; }
 
 namespace {
 struct DepthGuard {  // also undone when a Lua error unwinds through the frame
     lua_State * prev;
-    explicit DepthGuard(lua_State * L) : prev(bind_state) {
+    int prev_nargs;
+    DepthGuard(lua_State * L, int nargs) : prev(bind_state), prev_nargs(bind_nargs) {
         bind_depth = bind_depth + 1;
         bind_state = L;
+        bind_nargs = nargs;
     }
     ~DepthGuard() {
         bind_depth = bind_depth - 1;
         bind_state = prev;
+        bind_nargs = prev_nargs;
     }
 };
 
@@ -162,6 +177,18 @@ void bind_callback(lua_State * L, int nargs, int nresults, const std::string & w
     }
 }
 
+// Lua's own wording for a bad argument at stack slot `index` (luaL_argerror): self is not
+// counted when the call was written with ':' (ar.namewhat "method"), as in Lua itself.
+// Pushes the message; holds no C++ object across the lua_error that follows.
+static void arg_message_push(lua_State * L, const char * fname, int index, const char * param, const char * msg) {
+    lua_Debug ar;
+    bool method = lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.namewhat && strcmp(ar.namewhat, "method") == 0;
+    int n = index - (method ? 1 : 0);
+    const char * sep = param[0] ? ": " : "";
+    if (n <= 0) lua_pushfstring(L, "calling '%s' on bad self (%s%s%s)", fname, param, sep, msg);
+    else lua_pushfstring(L, "bad argument #%d to '%s' (%s%s%s)", n, fname, param, sep, msg);
+}
+
 static int bind_trampoline(lua_State * L) {
     lua_CFunction fn = (lua_CFunction)lua_touserdata(L, lua_upvalueindex(2));
     if (bind_depth >= bind_depth_max)
@@ -169,15 +196,23 @@ static int bind_trampoline(lua_State * L) {
                           lua_tostring(L, lua_upvalueindex(1)), bind_depth_max);
     char msg[2048];
     msg[0] = 0;
+    int arg_index = 0;        // an argument error at this stack slot
+    bool bind_error = false;  // a BindError: "argument #n ..." messages are argument errors
     const int base = lua_gettop(L);
     bool retried = false;
 again:
     {
         bool oom = false;
-        DepthGuard depth(L);
+        DepthGuard depth(L, base);
         if (dead_refs_pending) dead_refs_drain(L);
         try {
             return fn(L);
+        } catch (const ArgError & e) {
+            arg_index = e.index;
+            msg_copy(msg, sizeof(msg), e.what());
+        } catch (const BindError & e) {
+            bind_error = true;
+            msg_copy(msg, sizeof(msg), e.what());
         } catch (const c10::OutOfMemoryError & e) {
             oom = !retried;
             msg_copy(msg, sizeof(msg), e.what_without_backtrace());
@@ -197,7 +232,60 @@ again:
         }
     }
     // Every C++ object of the call is gone: raising a Lua error now is safe.
-    lua_pushstring(L, lua_tostring(L, lua_upvalueindex(1)));
+    const char * fname = lua_tostring(L, lua_upvalueindex(1));
+    const char * inner = msg;
+    char param[128];
+    param[0] = 0;
+    if (bind_error && strncmp(msg, "argument #", 10) == 0) {
+        // "argument #n (name): rest" or "argument #n: rest", n counted as Args counts it.
+        char * end = nullptr;
+        long n = strtol(msg + 10, &end, 10);
+        if (end && end != msg + 10 && n > 0) {
+            const char * p = end;
+            if (strncmp(p, " (", 2) == 0) {
+                const char * close = strchr(p + 2, ')');
+                if (close && close[1] == ':' && (size_t)(close - p - 2) < sizeof(param)) {
+                    memcpy(param, p + 2, close - p - 2);
+                    param[close - p - 2] = 0;
+                    p = close + 1;
+                }
+            }
+            if (*p == ':') {
+                p++;
+                while (*p == ' ') p++;
+                arg_index = (int)n + (strchr(fname, ':') ? 1 : 0);
+                inner = p;
+                if (arg_index > base && base > 0 && lua_type(L, base) == LUA_TTABLE && param[0] &&
+                    strlen(param) + 10 < sizeof(param)) {
+                    // past the arguments given, with options last: the value came out of the options
+                    char tmp[128];
+                    snprintf(tmp, sizeof tmp, "option '%s'", param);
+                    memcpy(param, tmp, sizeof tmp);
+                    arg_index = base;
+                }
+            } else {
+                param[0] = 0;
+            }
+        }
+    }
+    if (bind_error && !arg_index && strncmp(msg, "option '", 8) == 0 && base > 0 && lua_type(L, base) == LUA_TTABLE) {
+        // "option 'name': rest": the trailing options table is the bad argument.
+        const char * close = strstr(msg + 8, "':");
+        if (close && (size_t)(close + 1 - msg) < sizeof(param)) {
+            memcpy(param, msg, close + 1 - msg);
+            param[close + 1 - msg] = 0;
+            inner = close + 2;
+            while (*inner == ' ') inner++;
+            arg_index = base;
+        }
+    }
+    if (bind_error && !arg_index && strncmp(msg, "unknown option '", 16) == 0 && base > 0 && lua_type(L, base) == LUA_TTABLE)
+        arg_index = base;
+    if (arg_index > 0) {
+        arg_message_push(L, fname, arg_index, param, inner);
+        return lua_error(L);
+    }
+    lua_pushstring(L, fname);
     lua_pushstring(L, ": ");
     lua_pushstring(L, msg);
     lua_concat(L, 3);
@@ -367,22 +455,45 @@ nlohmann::json json_from_lua(lua_State * L, int idx, const char * what, bool emp
 Args::Args(lua_State * L_, int first) : L(L_), first_(first) {
     int top = lua_gettop(L);
     npos_ = top - first + 1;
-    if (npos_ > 0 && is_options_table(L, top)) {
-        opts_ = top;
-        npos_--;
+    if (npos_ > 0 && lua_type(L, top) == LUA_TTABLE) {
+        if (is_options_table(L, top)) {
+            opts_ = top;
+            npos_--;
+        } else if (lua_objlen(L, top) == 0 && !lua_getmetatable(L, top)) {
+            lua_pushnil(L);
+            if (lua_next(L, top)) {
+                lua_pop(L, 2);   // keys, but none a string: a value, not options
+            } else {
+                opts_ = top;     // {}: options, unless read as a table argument
+                opts_empty_ = true;
+                npos_--;
+            }
+        } else if (lua_gettop(L) > top) {
+            lua_pop(L, 1);       // the metatable lua_getmetatable pushed
+        }
     }
     if (npos_ < 0) npos_ = 0;
 }
 
-int Args::find(int pos, const char * name) {
+int Args::find(int pos, const char * name, bool table_ok) {
+    if (pos > max_pos_) max_pos_ = pos;
+    if (pos <= 0 && name) named_ = true;
     if (pos > 0 && pos <= npos_) {
         int idx = first_ + pos - 1;
         if (!lua_isnil(L, idx)) return idx;
+    }
+    if (opts_empty_ && table_ok && pos == npos_ + 1) {
+        // the trailing {} is this table argument, not options
+        opts_empty_ = false;
+        opts_ = 0;
+        npos_++;
+        return first_ + pos - 1;
     }
     if (opts_ && name) {
         lua_checkstack(L, 4);
         lua_getfield(L, opts_, name);
         used_.push_back(name);
+        named_ = true;
         if (lua_isnil(L, -1)) {
             lua_pop(L, 1);
             return 0;
@@ -392,22 +503,39 @@ int Args::find(int pos, const char * name) {
     return 0;
 }
 
-static const char * arg_label(char * buf, size_t n, int pos, const char * name) {
-    if (name && pos > 0) snprintf(buf, n, "argument #%d (%s)", pos, name);
-    else if (name) snprintf(buf, n, "option '%s'", name);
-    else snprintf(buf, n, "argument #%d", pos);
-    return buf;
+// The stack slot an argument error points at, and the label of the value in the message:
+// the positional slot when the value came from there (or nothing was given), else the
+// options table with "option 'name'".
+void Args::fail(int pos, const char * name, const char * fmt, ...) {
+    char body[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(body, sizeof(body), fmt, ap);
+    va_end(ap);
+    bool positional = pos > 0 && pos <= npos_ && !lua_isnil(L, first_ + pos - 1);
+    bool from_opts = !positional && opts_ && name;
+    if (from_opts) {
+        lua_getfield(L, opts_, name);
+        from_opts = !lua_isnil(L, -1);
+        lua_pop(L, 1);
+    }
+    int slot;
+    char label[128];
+    if (from_opts || (pos <= 0 && name)) {
+        slot = opts_ ? opts_ : first_ + npos_;
+        snprintf(label, sizeof label, "option '%s': ", name);
+    } else {
+        slot = first_ + (pos > 0 ? pos : 1) - 1;
+        snprintf(label, sizeof label, "%s%s", name ? name : "", name ? ": " : "");
+    }
+    throw ArgError(slot, std::string(label) + body);
 }
 
 at::Tensor & Args::tensor(int pos, const char * name) {
     int idx = find(pos, name);
     at::Tensor * t = idx ? tensor_test(L, idx) : nullptr;
-    char b[96];
-    if (!t)
-        bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name),
-                  idx ? luaL_typename(L, idx) : "nothing");
-    if (!t->defined())
-        bind_fail("%s: the tensor was freed (t:free() was called on it)", arg_label(b, sizeof b, pos, name));
+    if (!t) fail(pos, name, "expected a Tensor, got %s", idx ? luaL_typename(L, idx) : "nothing");
+    if (!t->defined()) fail(pos, name, "the tensor was freed (t:free() was called on it)");
     return *t;
 }
 
@@ -415,20 +543,15 @@ at::Tensor * Args::opt_tensor(int pos, const char * name) {
     int idx = find(pos, name);
     if (!idx) return nullptr;
     at::Tensor * t = tensor_test(L, idx);
-    char b[96];
-    if (!t) bind_fail("%s: expected a Tensor, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
-    if (!t->defined())
-        bind_fail("%s: the tensor was freed (t:free() was called on it)", arg_label(b, sizeof b, pos, name));
+    if (!t) fail(pos, name, "expected a Tensor, got %s", luaL_typename(L, idx));
+    if (!t->defined()) fail(pos, name, "the tensor was freed (t:free() was called on it)");
     return t;
 }
 
 double Args::number(int pos, const char * name) {
     int idx = find(pos, name);
-    if (!idx || lua_type(L, idx) != LUA_TNUMBER) {
-        char b[96];
-        bind_fail("%s: expected a number, got %s", arg_label(b, sizeof b, pos, name),
-                  idx ? luaL_typename(L, idx) : "nothing");
-    }
+    if (!idx || lua_type(L, idx) != LUA_TNUMBER)
+        fail(pos, name, "expected a number, got %s", idx ? luaL_typename(L, idx) : "nothing");
     return lua_tonumber(L, idx);
 }
 
@@ -438,10 +561,8 @@ double Args::opt_number(int pos, const char * name, double def) {
 
 int64_t Args::integer(int pos, const char * name) {
     double v = number(pos, name);
-    if (std::floor(v) != v || std::fabs(v) >= 9.2e18) {  // also NaN, inf and beyond int64
-        char b[96];
-        bind_fail("%s: expected an integer, got %g", arg_label(b, sizeof b, pos, name), v);
-    }
+    if (std::floor(v) != v || std::fabs(v) >= 9.2e18)  // also NaN, inf and beyond int64
+        fail(pos, name, "expected an integer, got %g", v);
     return (int64_t)v;
 }
 
@@ -452,25 +573,24 @@ int64_t Args::opt_integer(int pos, const char * name, int64_t def) {
 bool Args::opt_bool(int pos, const char * name, bool def) {
     int idx = find(pos, name);
     if (!idx) return def;
-    if (lua_type(L, idx) != LUA_TBOOLEAN) {
-        char b[96];
-        bind_fail("%s: expected a boolean, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
-    }
+    if (lua_type(L, idx) != LUA_TBOOLEAN) fail(pos, name, "expected a boolean, got %s", luaL_typename(L, idx));
     return lua_toboolean(L, idx);
 }
 
 std::string Args::opt_string(int pos, const char * name, const char * def) {
     int idx = find(pos, name);
     if (!idx) return def ? def : "";
-    if (lua_type(L, idx) != LUA_TSTRING) {
-        char b[96];
-        bind_fail("%s: expected a string, got %s", arg_label(b, sizeof b, pos, name), luaL_typename(L, idx));
-    }
+    if (lua_type(L, idx) != LUA_TSTRING) fail(pos, name, "expected a string, got %s", luaL_typename(L, idx));
     return lua_tostring(L, idx);
 }
 
 int64_t Args::dim(int pos, const char * name, int64_t ndim) {
-    return dim_wrap(integer(pos, name), ndim);
+    int64_t d = integer(pos, name);
+    try {
+        return dim_wrap(d, ndim);
+    } catch (const BindError & e) {
+        fail(pos, name, "%s", e.what());
+    }
 }
 
 int64_t Args::opt_dim(int pos, const char * name, int64_t ndim, int64_t def) {
@@ -480,23 +600,21 @@ int64_t Args::opt_dim(int pos, const char * name, int64_t ndim, int64_t def) {
 bool Args::opt_dtype(int pos, const char * name, at::ScalarType & out) {
     int idx = find(pos, name);
     if (!idx) return false;
-    if (lua_type(L, idx) != LUA_TSTRING) {
-        char b[96];
-        bind_fail("%s: expected a dtype name such as 'float32', got %s", arg_label(b, sizeof b, pos, name),
-                  luaL_typename(L, idx));
+    if (lua_type(L, idx) != LUA_TSTRING)
+        fail(pos, name, "expected a dtype name such as 'float32', got %s", luaL_typename(L, idx));
+    try {
+        out = dtype_parse(lua_tostring(L, idx));
+    } catch (const BindError & e) {
+        fail(pos, name, "%s", e.what());
     }
-    out = dtype_parse(lua_tostring(L, idx));
     return true;
 }
 
 bool Args::opt_device(int pos, const char * name, c10::Device & out) {
     int idx = find(pos, name);
     if (!idx) return false;
-    if (lua_type(L, idx) != LUA_TSTRING) {
-        char b[96];
-        bind_fail("%s: expected a device name such as 'cuda:0', got %s", arg_label(b, sizeof b, pos, name),
-                  luaL_typename(L, idx));
-    }
+    if (lua_type(L, idx) != LUA_TSTRING)
+        fail(pos, name, "expected a device name such as 'cuda:0', got %s", luaL_typename(L, idx));
     out = device_parse(lua_tostring(L, idx));
     return true;
 }
@@ -511,7 +629,7 @@ static int64_t size_at(lua_State * L, int idx, int i) {
 
 std::vector<int64_t> Args::sizes(int pos, const char * name) {
     std::vector<int64_t> out;
-    int idx = find(pos, name);
+    int idx = find(pos, name, true);
     if (!idx) return out;
     if (lua_type(L, idx) == LUA_TTABLE) {
         int n = (int)lua_objlen(L, idx);
@@ -522,13 +640,14 @@ std::vector<int64_t> Args::sizes(int pos, const char * name) {
         }
         return out;
     }
+    take(npos_);
     for (int p = pos; p <= npos_; p++) out.push_back(size_at(L, first_ + p - 1, p - pos + 1));
     return out;
 }
 
 std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
     std::vector<int64_t> out;
-    int idx = find(pos, name);
+    int idx = find(pos, name, true);
     if (!idx) return out;
     if (lua_type(L, idx) == LUA_TTABLE) {
         int n = (int)lua_objlen(L, idx);
@@ -536,7 +655,7 @@ std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
             lua_rawgeti(L, idx, i);
             double v = lua_tonumber(L, -1);
             if (lua_type(L, -1) != LUA_TNUMBER || std::floor(v) != v || std::fabs(v) >= 9.2e18)
-                bind_fail("dims: entry %d is not an integer", i);
+                fail(pos, name, "entry %d is not an integer", i);
             out.push_back(dim_wrap((int64_t)v, ndim));
             lua_pop(L, 1);
         }
@@ -549,15 +668,84 @@ std::vector<int64_t> Args::dims(int pos, const char * name, int64_t ndim) {
 c10::Scalar Args::scalar(int pos, const char * name) {
     int idx = find(pos, name);
     int ty = idx ? lua_type(L, idx) : LUA_TNONE;
-    if (ty != LUA_TNUMBER && ty != LUA_TBOOLEAN) {
-        char b[96];
-        bind_fail("%s: expected a number, got %s", arg_label(b, sizeof b, pos, name),
-                  idx ? luaL_typename(L, idx) : "nothing");
-    }
+    if (ty != LUA_TNUMBER && ty != LUA_TBOOLEAN)
+        fail(pos, name, "expected a number, got %s", idx ? luaL_typename(L, idx) : "nothing");
     return scalar_from_lua(L, idx);
 }
 
+size_t edit_distance(const std::string & a, const std::string & b) {
+    std::vector<size_t> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); j++) row[j] = j;
+    for (size_t i = 1; i <= a.size(); i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= b.size(); j++) {
+            size_t up = row[j];
+            row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+            diag = up;
+        }
+    }
+    return row[b.size()];
+}
+
+std::string Args::string(int pos, const char * name) {
+    int idx = find(pos, name);
+    if (!idx || lua_type(L, idx) != LUA_TSTRING)
+        fail(pos, name, "expected a string, got %s", idx ? luaL_typename(L, idx) : "nothing");
+    size_t n;
+    const char * s = lua_tolstring(L, idx, &n);
+    return std::string(s, n);
+}
+
+int Args::table(int pos, const char * name) {
+    int idx = opt_table(pos, name);
+    if (!idx) fail(pos, name, "expected a table, got nothing");
+    return idx;
+}
+
+int Args::opt_table(int pos, const char * name) {
+    int idx = find(pos, name, true);
+    if (idx && lua_type(L, idx) != LUA_TTABLE) fail(pos, name, "expected a table, got %s", luaL_typename(L, idx));
+    return idx;
+}
+
+int Args::opt_function(int pos, const char * name) {
+    int idx = find(pos, name);
+    if (idx && lua_type(L, idx) != LUA_TFUNCTION) fail(pos, name, "expected a function, got %s", luaL_typename(L, idx));
+    return idx;
+}
+
+std::string closest_hint(const std::string & key, const std::vector<std::string> & known) {
+    std::string best;
+    size_t best_d = SIZE_MAX;
+    for (auto & k : known) {
+        size_t d = edit_distance(key, k);
+        if (d < best_d) best_d = d, best = k;
+    }
+    if (best.empty() || best_d > std::max<size_t>(2, key.size() / 3)) return "";
+    return " (did you mean '" + best + "'?)";
+}
+
+void strings_push(lua_State * L, const std::vector<std::string> & v) {
+    lua_createtable(L, (int)v.size(), 0);
+    for (size_t i = 0; i < v.size(); i++) {
+        lua_pushlstring(L, v[i].data(), v[i].size());
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
 void Args::finish() {
+    for (int p = max_pos_ + 1; p <= npos_; p++) {
+        int idx = first_ + p - 1;
+        if (lua_isnil(L, idx)) continue;
+        const char * shown = lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx) : nullptr;
+        char what[96];
+        if (shown) snprintf(what, sizeof what, "string '%.60s'", shown);
+        else snprintf(what, sizeof what, "%s", luaL_typename(L, idx));
+        if (max_pos_ == 0 && named_) arg_fail(idx, "expected options {...} or nothing, got %s", what);
+        arg_fail(idx, "unexpected extra argument (%s): the call takes %d positional argument%s%s", what, max_pos_,
+                 max_pos_ == 1 ? "" : "s", named_ ? ", then an options table" : "");
+    }
     if (!opts_) return;
     lua_pushnil(L);
     while (lua_next(L, opts_)) {
@@ -568,18 +756,17 @@ void Args::finish() {
             if (key && strcmp(u, key) == 0) known = true;
         if (!known) {
             std::string list;
-            std::vector<const char *> seen;
+            std::vector<std::string> seen;
+            std::string k = key ? key : "(non-string key)";
             for (const char * u : used_) {
-                bool dup = false;
-                for (const char * v : seen) dup = dup || strcmp(u, v) == 0;
-                if (dup) continue;
+                if (std::find(seen.begin(), seen.end(), u) != seen.end()) continue;
                 seen.push_back(u);
                 list.append(list.empty() ? "" : ", ").append(u);
             }
-            std::string k = key ? key : "(non-string key)";
             lua_pop(L, 1);
-            bind_fail("unknown option '%s' (this call takes: %s)", k.c_str(),
-                      list.empty() ? "no options" : list.c_str());
+            std::string hint = closest_hint(k, seen);
+            arg_fail(opts_, "unknown option '%s'%s; this call takes: %s", k.c_str(), hint.c_str(),
+                     list.empty() ? "no options" : list.c_str());
         }
     }
 }

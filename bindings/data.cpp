@@ -12,23 +12,6 @@
 namespace qatlab {
 namespace {
 
-std::string string_arg(Args & a, int pos, const char * name) {
-    int idx = a.find(pos, name);
-    if (!idx || lua_type(a.L, idx) != LUA_TSTRING)
-        bind_fail("argument #%d (%s): expected a string, got %s", pos, name, idx ? luaL_typename(a.L, idx) : "nothing");
-    size_t n;
-    const char * s = lua_tolstring(a.L, idx, &n);
-    return std::string(s, n);
-}
-
-void push_strings(lua_State * L, const std::vector<std::string> & v) {
-    lua_createtable(L, int(v.size()), 0);
-    for (size_t i = 0; i < v.size(); i++) {
-        lua_pushlstring(L, v[i].data(), v[i].size());
-        lua_rawseti(L, -2, int(i) + 1);
-    }
-}
-
 // A string or an array of strings.
 std::vector<std::string> strings_arg(lua_State * L, int idx, const char * name) {
     std::vector<std::string> out;
@@ -54,59 +37,57 @@ std::vector<std::string> strings_arg(lua_State * L, int idx, const char * name) 
 
 uint64_t seed_arg(Args & a, int pos) {
     int64_t s = a.opt_integer(pos, "seed", 0);
-    if (s < 0) bind_fail("option 'seed': expected an integer >= 0");
+    if (s < 0) a.fail(pos, "seed", "expected an integer >= 0, got %lld", (long long)s);
     return uint64_t(s);
 }
 
 // data.read_text(path_or_dir) -> {text, ...}
 int f_read_text(lua_State * L) {
     Args a(L);
-    std::string p = string_arg(a, 1, "path");
+    std::string p = a.string(1, "path");
     a.finish();
-    push_strings(L, data_read_text(p));
+    strings_push(L, data_read_text(p));
     return 1;
 }
 
 // data.read_jsonl(path, {field='text'}) -> {text, ...}
 int f_read_jsonl(lua_State * L) {
     Args a(L);
-    std::string p = string_arg(a, 1, "path");
+    std::string p = a.string(1, "path");
     std::string field = a.opt_string(2, "field", "text");
     a.finish();
-    push_strings(L, data_read_jsonl(p, field));
+    strings_push(L, data_read_jsonl(p, field));
     return 1;
 }
 
 // data.read_alpaca(path, {thinking='false'}) -> {text, ...} (Qwen3 chat format, §4.1 modes)
 int f_read_alpaca(lua_State * L) {
     Args a(L);
-    std::string p = string_arg(a, 1, "path");
+    std::string p = a.string(1, "path");
     std::string thinking = a.opt_string(2, "thinking", "false");
     a.finish();
-    push_strings(L, data_read_alpaca(p, thinking));
+    strings_push(L, data_read_alpaca(p, thinking));
     return 1;
 }
 
 // data.alpaca_render({instruction=, input=, output=}, {thinking=}) -> {text, ...}
 int f_alpaca_render(lua_State * L) {
-    if (lua_type(L, 1) != LUA_TTABLE) bind_fail("argument #1 (example): expected a table {instruction, input, output}");
+    // The example has string keys like options: it is read by slot, the options after it.
+    if (lua_type(L, 1) != LUA_TTABLE) bind_fail("argument #1 (example): expected a table {instruction, input, output}, got %s", luaL_typename(L, 1));
     AlpacaExample ex;
     auto field = [&](const char * k, std::string & out, bool required) {
         lua_getfield(L, 1, k);
         if (lua_type(L, -1) == LUA_TSTRING) out = lua_tostring(L, -1);
-        else if (required || !lua_isnil(L, -1)) bind_fail("example.%s: expected a string, got %s", k, luaL_typename(L, -1));
+        else if (required || !lua_isnil(L, -1)) bind_fail("argument #1 (example): field '%s': expected a string, got %s", k, luaL_typename(L, -1));
         lua_pop(L, 1);
     };
     field("instruction", ex.instruction, true);
     field("input", ex.input, false);
     field("output", ex.output, true);
-    std::string thinking = "false";
-    if (lua_type(L, 2) == LUA_TTABLE) {
-        lua_getfield(L, 2, "thinking");
-        if (lua_type(L, -1) == LUA_TSTRING) thinking = lua_tostring(L, -1);
-        lua_pop(L, 1);
-    }
-    push_strings(L, data_alpaca_render(ex, thinking));
+    Args a(L, 2);
+    std::string thinking = a.opt_string(0, "thinking", "false");
+    a.finish();
+    strings_push(L, data_alpaca_render(ex, thinking));
     return 1;
 }
 
@@ -133,8 +114,8 @@ int f_kjv_text(lua_State * L) {
 int f_pack(lua_State * L) {
     Tokenizer & tk = tokenizer_check(L, 1);
     Args a(L, 2);
-    int ti = a.find(1, "texts");
-    if (!ti) bind_fail("argument #2 (texts): expected a string or a table of strings");
+    int ti = a.find(1, "texts", true);
+    if (!ti) a.fail(1, "texts", "expected a string or a table of strings, got nothing");
     std::vector<std::string> texts = strings_arg(L, ti, "texts");
     int64_t len = a.integer(0, "L");
     int64_t eos = a.opt_integer(0, "eos", -1);
@@ -172,7 +153,7 @@ int f_permutation(lua_State * L) {
     int64_t n = a.integer(1, "n");
     uint64_t seed = seed_arg(a, 2);
     a.finish();
-    if (n < 0) bind_fail("argument #1 (n): expected >= 0");
+    if (n < 0) a.fail(1, "n", "expected >= 0, got %lld", (long long)n);
     tensor_push(L, at::tensor(data_permutation(n, seed), at::kLong));
     return 1;
 }
@@ -180,7 +161,7 @@ int f_permutation(lua_State * L) {
 // data.write_shard(path, ids) / data.read_shard(path) -> int64 (count)
 int f_write_shard(lua_State * L) {
     Args a(L);
-    std::string p = string_arg(a, 1, "path");
+    std::string p = a.string(1, "path");
     at::Tensor t = a.tensor(2, "tokens");
     a.finish();
     data_shard_write(p, t);
@@ -189,7 +170,7 @@ int f_write_shard(lua_State * L) {
 
 int f_read_shard(lua_State * L) {
     Args a(L);
-    std::string p = string_arg(a, 1, "path");
+    std::string p = a.string(1, "path");
     a.finish();
     tensor_push(L, data_shard_read(p));
     return 1;

@@ -13,8 +13,6 @@ namespace qatlab {
 
 namespace {
 
-#define QATLAB_DDP_MT "qatlab.DDP"
-#define QATLAB_DIST_SENTINEL "qatlab.dist.sentinel"
 
 struct DdpUD {
     std::unique_ptr<DistDdp> d;
@@ -36,22 +34,9 @@ void dist_require_init(const char * fn) {
     if (!dist_initialized()) bind_fail("call dist.init() before %s", fn);
 }
 
-// `{}` has no string keys, so Args would read it as a positional argument: drop it.
-void drop_empty_options(lua_State * L) {
-    int top = lua_gettop(L);
-    if (top == 0 || !lua_istable(L, top)) return;
-    lua_pushnil(L);
-    if (lua_next(L, top) != 0) {
-        lua_pop(L, 2);
-        return;
-    }
-    lua_settop(L, top - 1);
-}
-
 // dist.init{backend='auto'|'gloo'|'nccl', timeout=1800}: joins the world the environment describes
 // (torchrun, srun, qatlab --nproc); without one, a world of 1. Returns rank, world_size.
 int l_init(lua_State * L) {
-    drop_empty_options(L);
     Args a(L);
     DistInitOptions o;
     o.backend = a.opt_string(1, "backend", "auto");
@@ -123,7 +108,7 @@ int l_destroy(lua_State * L) {
 // Tensors from an array of tensors (or {name, tensor} pairs) or a Model's trainable parameters.
 std::vector<at::Tensor> params_from_lua(lua_State * L, int idx) {
     std::vector<at::Tensor> out;
-    if (luaL_testudata(L, idx, "qatlab.Model")) {
+    if (luaL_testudata(L, idx, QATLAB_MODEL_MT)) {
         for (auto & [name, t] : nn_model_check(L, idx).named_parameters())
             if (t.requires_grad()) out.push_back(t);
         return out;
@@ -148,7 +133,6 @@ std::vector<at::Tensor> params_from_lua(lua_State * L, int idx) {
 // dist.ddp(params | model, {bucket_mb=25, find_unused=false, broadcast=true}) -> DDP
 int l_ddp(lua_State * L) {
     dist_require_init("dist.ddp");
-    drop_empty_options(L);
     Args a(L);
     if (!a.has(1, "params")) bind_fail("expected the parameters (an array of tensors or a Model)");
     std::vector<at::Tensor> params = params_from_lua(L, a.find(1, "params"));

@@ -45,13 +45,7 @@ KDBatch batch_read(lua_State * L, int idx, const char * what) {
 // Options table from stack index `first` on: {T=2, hard_top1=0.2, hard_full=0.00005, sampled=0,
 // sampled_negatives=64, legacy=false, distill_weight=1, masked=false, chunk=128}.
 KDOptions opts_read(lua_State * L, int first) {
-    if (lua_gettop(L) == first && lua_type(L, first) == LUA_TTABLE) {   // {} is "no options"
-        lua_pushnil(L);
-        if (!lua_next(L, first)) lua_settop(L, first - 1);
-        else lua_settop(L, first);
-    }
     Args a(L, first);
-    if (a.npos() > 0) bind_fail("argument #%d: expected an options table", first);
     KDOptions o;
     o.temperature = a.opt_number(0, "T", o.temperature);
     o.hard_top1 = a.opt_number(0, "hard_top1", o.hard_top1);
@@ -146,7 +140,9 @@ struct TrainModeRestore {
     ~TrainModeRestore() { m.train(was); }
 };
 
-// kd.evaluate(model, batches | iterator, {n=40, T=2}) -> kd_loss, examples
+// kd.evaluate(model, batches | iterator | reader, {examples=40 | batches=, T=2}) -> kd_loss, examples
+// The count is named for what it counts: `examples` (rows, the seed's n=40) or `batches`
+// (items the source yields); without either, the first 40 examples.
 int kd_evaluate_l(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     const int src = 2;
@@ -158,12 +154,18 @@ int kd_evaluate_l(lua_State * L) {
         lua_pop(L, 1);
     }
     if (!reader && lua_type(L, src) != LUA_TTABLE && lua_type(L, src) != LUA_TFUNCTION)
-        bind_fail("argument #2: expected an array of batches, an iterator function or a cache reader, got %s",
+        bind_fail("argument #2 (batches): expected an array of batches, an iterator function or a cache reader, got %s",
                   luaL_typename(L, src));
     if (reader) kd_cache_check_reader(L, src, m);   // a cache of another vocabulary is an error
     Args a(L, 3);
-    if (a.npos() > 0) bind_fail("argument #3: expected an options table {n=, T=}");
-    int64_t n = a.opt_integer(0, "n", 40);
+    if (a.has(0, "n"))
+        a.fail(0, "n", "ambiguous count: use examples = N (rows scored) or batches = N (batches read)");
+    const bool by_batches = a.has(0, "batches");
+    if (by_batches && a.has(0, "examples")) a.fail(0, "batches", "give examples = or batches =, not both");
+    int64_t max_batches = a.opt_integer(0, "batches", -1);
+    int64_t n = by_batches ? INT64_MAX : a.opt_integer(0, "examples", 40);
+    if (by_batches && max_batches < 1) a.fail(0, "batches", "expected >= 1, got %lld", (long long)max_batches);
+    if (!by_batches && n < 1) a.fail(0, "examples", "expected >= 1, got %lld", (long long)n);
     double T = a.opt_number(0, "T", 2.0);
     a.finish();
     at::Tensor W = model_head_weight(m);
@@ -171,6 +173,7 @@ int kd_evaluate_l(lua_State * L) {
     m.train(false);
     int next_i = 0, count = 0;
     auto next = [&](KDBatch & b) {
+        if (by_batches && count >= max_batches) return false;
         if (lua_type(L, src) == LUA_TTABLE && !reader) {
             lua_rawgeti(L, src, ++next_i);
         } else {

@@ -17,14 +17,13 @@ std::string tokenizer_source(lua_State * L, int idx);   // bindings/tokenizers.c
 
 namespace {
 
-#define KD_READER_MT "qatlab.KdCacheReader"
 
 struct ReaderUd {
     std::unique_ptr<CacheReader> r;   // reset by __gc and :close()
 };
 
 CacheReader & reader_check(lua_State * L) {
-    ReaderUd & ud = udata_check<ReaderUd>(L, 1, KD_READER_MT, "a KD cache reader");
+    ReaderUd & ud = udata_check<ReaderUd>(L, 1, QATLAB_KD_READER_MT, "a KD cache reader");
     if (!ud.r) bind_fail("self: the reader was closed");
     return *ud.r;
 }
@@ -138,7 +137,7 @@ int f_open_cache(lua_State * L) {
         if (ki) cache_check_tokenizer(meta, tokenizer_check(L, ki), "option 'tokenizer'");
     }
     auto r = std::make_unique<CacheReader>(dir, o);
-    udata_new<ReaderUd>(L, KD_READER_MT, std::move(r));
+    udata_new<ReaderUd>(L, QATLAB_KD_READER_MT, std::move(r));
     return 1;
 }
 
@@ -171,8 +170,13 @@ int m_next(lua_State * L) {
 // reader:reset([epoch]): the next epoch (or the given one, 0-based) from its start
 int m_reset(lua_State * L) {
     CacheReader & r = reader_check(L);
-    if (lua_isnoneornil(L, 2)) r.reset();
-    else r.reset(int64_t(luaL_checknumber(L, 2)));
+    Args a(L, 2);
+    const bool given = a.has(1, "epoch");
+    int64_t epoch = a.opt_integer(1, "epoch", 0);
+    a.finish();
+    if (given && epoch < 0) a.fail(1, "epoch", "expected >= 0 (0-based), got %lld", (long long)epoch);
+    if (given) r.reset(epoch);
+    else r.reset();
     return 0;
 }
 
@@ -213,12 +217,12 @@ int m_check(lua_State * L) {
 
 // reader:close(): stops the loader thread and unmaps the shard now
 int m_close(lua_State * L) {
-    udata_check<ReaderUd>(L, 1, KD_READER_MT, "a KD cache reader").r.reset();
+    udata_check<ReaderUd>(L, 1, QATLAB_KD_READER_MT, "a KD cache reader").r.reset();
     return 0;
 }
 
 int reader_tostring(lua_State * L) {
-    auto * ud = udata_test<ReaderUd>(L, 1, KD_READER_MT);
+    auto * ud = udata_test<ReaderUd>(L, 1, QATLAB_KD_READER_MT);
     if (!ud || !ud->r) {
         lua_pushliteral(L, "KdCacheReader (closed)");
     } else {
@@ -244,13 +248,13 @@ const BindFn cache_functions[] = {
 // For kd.cpp: when the value at `idx` is a KD cache reader, refuse a model whose vocabulary size
 // differs from the cache's teacher (no-op for other values: arrays of batches, iterators).
 void kd_cache_check_reader(lua_State * L, int idx, const DecoderModel & m) {
-    auto * ud = udata_test<ReaderUd>(L, idx, KD_READER_MT);
+    auto * ud = udata_test<ReaderUd>(L, idx, QATLAB_KD_READER_MT);
     if (ud && ud->r) cache_check_model(ud->r->meta(), m, "the model");
 }
 
 void kd_open_cache(lua_State * L, int t) {
     t = t < 0 ? lua_gettop(L) + t + 1 : t;
-    udata_open_metatable<ReaderUd>(L, KD_READER_MT, "KdCacheReader", reader_methods, reader_tostring);
+    udata_open_metatable<ReaderUd>(L, QATLAB_KD_READER_MT, "KdCacheReader", reader_methods, reader_tostring);
     lua_pop(L, 1);
     bind_register(L, t, "kd.", cache_functions);
 }

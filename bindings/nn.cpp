@@ -16,7 +16,6 @@ namespace qatlab {
 
 namespace {
 
-#define QATLAB_MODEL_MT "qatlab.Model"
 
 struct ModelUD {
     std::shared_ptr<DecoderModel> m;
@@ -71,7 +70,6 @@ int nn_from_config(lua_State * L) {
         bind_fail("argument #1 (config): expected a config.json path or a config table, got %s", luaL_typename(L, 1));
     }
     Args a(L, 2);
-    if (a.npos() > 0) bind_fail("expected nn.from_config(config, {device=, dtype=})");
     std::optional<c10::Device> dev;
     std::optional<at::ScalarType> dt;
     read_place(a, 0, dev, dt);
@@ -171,14 +169,6 @@ int m_state_dict(lua_State * L) {
     return 1;
 }
 
-void push_strings(lua_State * L, const std::vector<std::string> & v) {
-    lua_createtable(L, (int)v.size(), 0);
-    for (size_t i = 0; i < v.size(); i++) {
-        lua_pushstring(L, v[i].c_str());
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-}
-
 // load_state_dict(tbl, {strict=true}): tbl maps name -> Tensor (or is an array of {name, tensor}).
 int m_load_state_dict(lua_State * L) {
     DecoderModel & m = model_check(L, 1);
@@ -210,8 +200,8 @@ int m_load_state_dict(lua_State * L) {
         lua_pop(L, 1);
     }
     auto [missing, unexpected] = m.load_state_dict(sd, strict, "load_state_dict");
-    push_strings(L, missing);
-    push_strings(L, unexpected);
+    strings_push(L, missing);
+    strings_push(L, unexpected);
     return 2;
 }
 
@@ -232,13 +222,14 @@ int m_eval(lua_State * L) {
 int m_to(lua_State * L) {
     Args a(L);
     DecoderModel & m = model_check(L, 1);
+    a.take(1);
     std::optional<c10::Device> dev;
     std::optional<at::ScalarType> dt;
     // positional strings: a device or a dtype name
     for (int p = 2; p <= a.npos(); p++) {
         int idx = a.find(p, nullptr);
         if (!idx) continue;
-        if (lua_type(L, idx) != LUA_TSTRING) bind_fail("argument #%d: expected a device or dtype name", p);
+        if (lua_type(L, idx) != LUA_TSTRING) arg_fail(idx, "expected a device or dtype name, got %s", luaL_typename(L, idx));
         std::string s = lua_tostring(L, idx);
         if (s.rfind("cpu", 0) == 0 || s.rfind("cuda", 0) == 0) dev = device_parse(s.c_str());
         else dt = dtype_parse(s.c_str());
@@ -292,13 +283,15 @@ int m_gradient_checkpointing_layers(lua_State * L) {
 }
 
 int m_linear_names(lua_State * L) {
-    push_strings(L, model_check(L, 1).linear_names());
+    strings_push(L, model_check(L, 1).linear_names());
     return 1;
 }
 
 int m_get_linear(lua_State * L) {
     DecoderModel & m = model_check(L, 1);
-    const char * name = luaL_checkstring(L, 2);
+    Args a(L, 2);
+    std::string name = a.string(1, "name");
+    a.finish();
     tensor_push(L, m.get_linear(name)->weight());
     return 1;
 }

@@ -248,7 +248,6 @@ int64_t feature_count(lua_State * L, int obj, const char * name, const std::stri
 
 // -- hooks -----------------------------------------------------------------------------------
 
-#define QATLAB_HOOK_MT "qatlab.HookHandle"
 
 struct HookHandleUD {
     std::weak_ptr<DecoderModel> model;

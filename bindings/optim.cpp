@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -16,7 +17,6 @@ namespace qatlab {
 
 namespace {
 
-#define QATLAB_OPTIM_MT "qatlab.Optimizer"
 
 using json = nlohmann::json;
 
@@ -31,7 +31,7 @@ Optimizer & optim_check(lua_State * L, int idx) {
 // -- parameters ------------------------------------------------------------------------------------
 
 bool is_model(lua_State * L, int idx) {
-    return luaL_testudata(L, idx, "qatlab.Model") != nullptr;
+    return luaL_testudata(L, idx, QATLAB_MODEL_MT) != nullptr;
 }
 
 // A model's trainable parameters (requires_grad), in named_parameters order.
@@ -65,6 +65,23 @@ std::vector<at::Tensor> params_read(lua_State * L, int idx, const char * where) 
     if (!lua_istable(L, idx)) bind_fail("%s: expected an array of tensors or a Model, got %s", where, luaL_typename(L, idx));
     std::vector<at::Tensor> out;
     int n = (int)lua_objlen(L, idx);
+    if (n == 0) {   // {name = tensor}: named parameters, in name order (a stable state_dict order)
+        std::vector<std::pair<std::string, at::Tensor>> named;
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            at::Tensor * t = tensor_test(L, -1);
+            if (lua_type(L, -2) != LUA_TSTRING || !t)
+                bind_fail("%s: expected an array of tensors, a table {name = Tensor} or a Model; key %s holds a %s",
+                          where, lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : luaL_typename(L, -2),
+                          luaL_typename(L, -1));
+            if (!t->defined()) bind_fail("%s: '%s': the tensor was freed", where, lua_tostring(L, -2));
+            named.emplace_back(lua_tostring(L, -2), *t);
+            lua_pop(L, 1);
+        }
+        std::sort(named.begin(), named.end(), [](auto & x, auto & y) { return x.first < y.first; });
+        for (auto & [name, t] : named) out.push_back(t);
+        return out;
+    }
     for (int i = 1; i <= n; i++) out.push_back(param_at(L, idx, i, where));
     return out;
 }
@@ -101,7 +118,7 @@ const char * const * keys_of(OptimKind k) {
 }
 
 double number_field(lua_State * L, int idx, const char * key, const char * where) {
-    if (lua_type(L, idx) != LUA_TNUMBER) bind_fail("%s'%s': expected a number, got %s", where, key, luaL_typename(L, idx));
+    if (lua_type(L, idx) != LUA_TNUMBER) bind_fail("%soption '%s': expected a number, got %s", where, key, luaL_typename(L, idx));
     return lua_tonumber(L, idx);
 }
 
@@ -115,9 +132,14 @@ void options_read(lua_State * L, int t, OptimKind kind, ParamGroup & g, bool all
         bool known = allow_params && key && strcmp(key, "params") == 0;
         for (const char * const * k = keys; *k && key && !known; k++) known = strcmp(*k, key) == 0;
         if (!known) {
-            std::string list;
-            for (const char * const * k = keys; *k; k++) list.append(list.empty() ? "" : ", ").append(*k);
-            bind_fail("%sunknown option '%s' (%s takes: %s)", where, key ? key : "(non-string key)",
+            std::string list, k0 = key ? key : "(non-string key)";
+            std::vector<std::string> known;
+            for (const char * const * k = keys; *k; k++) {
+                list.append(list.empty() ? "" : ", ").append(*k);
+                known.push_back(*k);
+            }
+            std::string hint = closest_hint(k0, known);
+            bind_fail("%sunknown option '%s'%s; %s takes: %s", where, k0.c_str(), hint.c_str(),
                       optim_kind_name(kind), list.c_str());
         }
         if (strcmp(key, "lr") == 0) g.lr = number_field(L, v, key, where);
@@ -126,10 +148,10 @@ void options_read(lua_State * L, int t, OptimKind kind, ParamGroup & g, bool all
         else if (strcmp(key, "momentum") == 0) g.momentum = number_field(L, v, key, where);
         else if (strcmp(key, "ns_steps") == 0) g.ns_steps = (int64_t)number_field(L, v, key, where);
         else if (strcmp(key, "nesterov") == 0 || strcmp(key, "ns_bf16") == 0) {
-            if (!lua_isboolean(L, v)) bind_fail("%s'%s': expected a boolean, got %s", where, key, luaL_typename(L, v));
+            if (!lua_isboolean(L, v)) bind_fail("%soption '%s': expected a boolean, got %s", where, key, luaL_typename(L, v));
             (strcmp(key, "nesterov") == 0 ? g.nesterov : g.ns_bf16) = lua_toboolean(L, v);
         } else if (strcmp(key, "betas") == 0) {
-            if (!lua_istable(L, v) || lua_objlen(L, v) != 2) bind_fail("%s'betas': expected {beta1, beta2}", where);
+            if (!lua_istable(L, v) || lua_objlen(L, v) != 2) bind_fail("%soption 'betas': expected {beta1, beta2}", where);
             lua_rawgeti(L, v, 1);
             lua_rawgeti(L, v, 2);
             g.beta1 = number_field(L, -2, "betas", where);
@@ -277,7 +299,8 @@ int m_set_momentum(lua_State * L) {
     return 0;
 }
 
-// {tensors = {name = tensor}, meta = table, meta_json = string (for safetensors metadata)}
+// opt:state_dict() -> {tensors = {name = tensor}, meta = table}: the one form load_state_dict
+// takes (a file keeps meta as json.encode(meta) in its metadata; json.decode it back).
 int m_state_dict(lua_State * L) {
     OptimStateDict sd = optim_check(L, 1).state_dict();
     lua_createtable(L, 0, 3);
@@ -289,20 +312,18 @@ int m_state_dict(lua_State * L) {
     lua_setfield(L, -2, "tensors");
     json_push(L, json::parse(sd.meta));
     lua_setfield(L, -2, "meta");
-    lua_pushstring(L, sd.meta.c_str());
-    lua_setfield(L, -2, "meta_json");
     return 1;
 }
 
-// sd: {tensors = {name = tensor}, meta = table or JSON string}
+// sd: {tensors = {name = tensor}, meta = table}, as state_dict() gives
 int m_load_state_dict(lua_State * L) {
     Optimizer & o = optim_check(L, 1);
     if (!lua_istable(L, 2)) bind_fail("argument #1 (state_dict): expected a table {tensors=, meta=}, got %s", luaL_typename(L, 2));
     OptimStateDict sd;
     lua_getfield(L, 2, "meta");
-    if (lua_type(L, -1) == LUA_TSTRING) sd.meta = lua_tostring(L, -1);
-    else if (lua_istable(L, -1)) sd.meta = json_from_lua(L, -1, "meta", true).dump();
-    else bind_fail("state_dict.meta: expected a table or a JSON string, got %s", luaL_typename(L, -1));
+    if (lua_istable(L, -1)) sd.meta = json_from_lua(L, -1, "meta", true).dump();
+    else bind_fail("argument #1 (state_dict): field 'meta': expected a table (as state_dict() gives; json.decode a saved one), got %s",
+                   luaL_typename(L, -1));
     lua_pop(L, 1);
     lua_getfield(L, 2, "tensors");
     if (!lua_isnil(L, -1)) {

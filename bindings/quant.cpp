@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <regex>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -21,19 +22,31 @@ void quant_open_intn(lua_State * L, int t);
 
 namespace {
 
-void push_strings(lua_State * L, const std::vector<std::string> & v) {
-    lua_createtable(L, (int)v.size(), 0);
-    for (size_t i = 0; i < v.size(); i++) {
-        lua_pushstring(L, v[i].c_str());
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-}
-
 LutForm form_arg(Args & a, const char * def) {
     std::string f = a.opt_string(0, "forward", def);
     if (f != "materialized" && f != "loop" && f != "batched")
         bind_fail("option 'forward': expected 'materialized', 'loop' or 'batched', got '%s'", f.c_str());
     return lut_form_parse(f);
+}
+
+// What every layer-name filter takes, said in each of their errors.
+#define FILTER_SYNTAX "a C++ std::regex (ECMAScript syntax, e.g. 'layers\\.[12]\\.'; not a Lua pattern) searched in names such as 'model.layers.0.mlp.up_proj'"
+
+// Option `filter`: "" when absent; a malformed expression is an error here.
+std::string filter_arg(Args & a) {
+    std::string f = a.opt_string(0, "filter", "");
+    try {
+        std::regex re(f);
+    } catch (const std::regex_error & e) {
+        a.fail(0, "filter", "'%s' is not a valid regular expression (%s): the filter is " FILTER_SYNTAX, f.c_str(), e.what());
+    }
+    return f;
+}
+
+// A filter that selected nothing is a mistake, not a no-op.
+void filter_matched(Args & a, const std::string & filter, size_t n) {
+    if (!filter.empty() && n == 0)
+        a.fail(0, "filter", "'%s' matches no layer; the filter is " FILTER_SYNTAX, filter.c_str());
 }
 
 QuantReplaceOptions replace_options(Args & a) {
@@ -42,7 +55,7 @@ QuantReplaceOptions replace_options(Args & a) {
     lut_preset(o.preset);   // validates
     o.mlp = a.opt_bool(0, "mlp", true);
     o.attn = a.opt_bool(0, "attn", true);
-    o.filter = a.opt_string(0, "filter", "");
+    o.filter = filter_arg(a);
     o.form = form_arg(a, "materialized");
     o.ste_fp16 = a.opt_bool(0, "ste_fp16", false);
     o.group_size = a.opt_integer(0, "group_size", 32);
@@ -272,6 +285,8 @@ int q_replace(lua_State * L) {
         recipe = recipe_from_lua(L, ridx, m, def);
     } else {
         recipe = quant_preset_recipe(m, o);
+        filter_matched(a, o.filter, recipe.size());
+        if (recipe.empty()) bind_fail("no layer to replace: options 'mlp' and 'attn' are both false");
         for (auto & r : recipe) r.kmeans = def.kmeans;
     }
     double seconds = 0;
@@ -309,7 +324,7 @@ int q_replace(lua_State * L) {
     } else {
         names = quant_replace_recipe(m, recipe, io, &seconds);
     }
-    push_strings(L, names);
+    strings_push(L, names);
     lua_createtable(L, 0, 1);
     lua_pushnumber(L, seconds);
     lua_setfield(L, -2, "seconds");
@@ -388,9 +403,11 @@ int q_replace_v1(lua_State * L) {
     lut_preset(o.preset);
     o.mlp = a.opt_bool(0, "mlp", true);
     o.attn = a.opt_bool(0, "attn", true);
-    o.filter = a.opt_string(0, "filter", "");
+    o.filter = filter_arg(a);
     a.finish();
-    push_strings(L, quant_replace_v1(m, o));
+    auto names = quant_replace_v1(m, o);
+    filter_matched(a, o.filter, names.size());
+    strings_push(L, names);
     return 1;
 }
 
@@ -402,7 +419,9 @@ int q_freeze_q(lua_State * L) {
 // quant.set_trainable(model, 'all'|'g_only'|'mlp'|'attn'|'frozen_magnitude'|'lut') -> count
 int q_set_trainable(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
-    const char * mode = luaL_optstring(L, 2, "all");
+    Args a(L, 2);
+    std::string mode = a.opt_string(1, "mode", "all");
+    a.finish();
     lua_pushnumber(L, (lua_Number)quant_set_trainable(m, mode));
     return 1;
 }
@@ -482,7 +501,9 @@ int q_export_hf(lua_State * L) {
 // quant.export_compact(model, path) -> bytes
 int q_export_compact(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
-    const char * path = luaL_checkstring(L, 2);
+    Args a(L, 2);
+    std::string path = a.string(1, "path");
+    a.finish();
     lua_pushnumber(L, (lua_Number)quant_export_compact(m, path));
     return 1;
 }
@@ -501,7 +522,8 @@ int q_save_checkpoint(lua_State * L) {
     return 0;
 }
 
-// quant.load_seed_checkpoint(model, path) -> {unused keys}
+// quant.load_checkpoint(model, path, {ste_fp16=false}) -> {unused keys}: our checkpoint folder
+// (quant.save_checkpoint) or the seed's .pt state dict; one name for both.
 int q_load_checkpoint(lua_State * L) {
     DecoderModel & m = nn_model_check(L, 1);
     Args a(L, 2);
@@ -511,7 +533,7 @@ int q_load_checkpoint(lua_State * L) {
     LutConfig base;
     base.use_ste_fp16 = a.opt_bool(0, "ste_fp16", false);
     a.finish();
-    push_strings(L, quant_load_checkpoint(m, path, base));
+    strings_push(L, quant_load_checkpoint(m, path, base));
     return 1;
 }
 
@@ -559,7 +581,10 @@ int q_ste_fp16(lua_State * L) {
 
 // quant.preset(name) -> {mlp_lut=, mlp_rank=, attn_lut=, attn_rank=}
 int q_preset(lua_State * L) {
-    LutPreset p = lut_preset(luaL_checkstring(L, 1));
+    Args a(L);
+    std::string name = a.string(1, "name");
+    a.finish();
+    LutPreset p = lut_preset(name);
     lua_createtable(L, 0, 4);
     lua_pushnumber(L, (lua_Number)p.mlp_lut);
     lua_setfield(L, -2, "mlp_lut");
@@ -703,7 +728,7 @@ int q_enable_recovery_lora_all(lua_State * L) {
     int64_t params = 0;
     for (auto & [n, l] : quant_v2_layers(m))
         if (l->lora_A.defined()) params += l->lora_A.numel() + l->lora_B.numel();
-    push_strings(L, names);
+    strings_push(L, names);
     lua_createtable(L, 0, 2);
     lua_pushnumber(L, (lua_Number)names.size());
     lua_setfield(L, -2, "layers");
@@ -762,7 +787,6 @@ const BindFn quant_functions[] = {
     {"export_hf", q_export_hf},
     {"export_compact", q_export_compact},
     {"save_checkpoint", q_save_checkpoint},
-    {"load_seed_checkpoint", q_load_checkpoint},
     {"load_checkpoint", q_load_checkpoint},
     {"lut", q_lut},
     {"kmeans_reduce", q_kmeans_reduce},

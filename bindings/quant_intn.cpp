@@ -16,8 +16,6 @@ namespace qatlab {
 
 namespace {
 
-#define QATLAB_INTN_QAT_MT "qatlab.IntNQat"
-#define QATLAB_INTN_SCHEDULE_MT "qatlab.IntNSchedule"
 
 // {bits=, clip=, group_rows=} with the C++ defaults (bits 6, max-abs, per row).
 IntNOptions intn_options(Args & a) {
@@ -134,6 +132,7 @@ const BindFn qat_methods[] = {
 int f_intn_apply(lua_State * L) {
     Args a(L);
     DecoderModel & m = nn_model_check(L, 1);
+    a.take(1);
     IntNOptions o = intn_options(a);
     std::string filter = a.opt_string(0, "filter", "");
     bool on = a.opt_bool(0, "enabled", false);

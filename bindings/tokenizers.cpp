@@ -13,7 +13,6 @@
 namespace qatlab {
 namespace {
 
-#define TOKENIZER_MT "qatlab.Tokenizer"
 
 struct TokenizerUd {
     std::shared_ptr<Tokenizer> tk;
@@ -23,24 +22,15 @@ struct TokenizerUd {
 
 void tokenizer_push(lua_State * L, std::shared_ptr<Tokenizer> tk, std::string source = "",
                     std::optional<std::pair<std::string, std::string>> tpl = std::nullopt) {
-    udata_new<TokenizerUd>(L, TOKENIZER_MT, std::move(tk), std::move(source), std::move(tpl));
+    udata_new<TokenizerUd>(L, QATLAB_TOKENIZER_MT, std::move(tk), std::move(source), std::move(tpl));
 }
 
 TokenizerUd & self_ud(lua_State * L) {
-    return udata_check<TokenizerUd>(L, 1, TOKENIZER_MT, "a Tokenizer");
+    return udata_check<TokenizerUd>(L, 1, QATLAB_TOKENIZER_MT, "a Tokenizer");
 }
 
 Tokenizer & self_check(lua_State * L) {
     return *self_ud(L).tk;
-}
-
-std::string string_arg(Args & a, int pos, const char * name) {
-    int idx = a.find(pos, name);
-    if (!idx || lua_type(a.L, idx) != LUA_TSTRING)
-        bind_fail("argument #%d (%s): expected a string, got %s", pos, name, idx ? luaL_typename(a.L, idx) : "nothing");
-    size_t n;
-    const char * s = lua_tolstring(a.L, idx, &n);
-    return std::string(s, n);
 }
 
 int64_t id_value(lua_State * L, int idx, int i) {
@@ -67,7 +57,7 @@ int m_encode(lua_State * L) {
     Tokenizer & tk = self_check(L);
     bool special = a.opt_bool(0, "add_special_tokens", false);
     bool tensor = a.opt_bool(0, "return_tensor", false);
-    int idx = a.find(2, "text");
+    int idx = a.find(2, "text", true);
     a.finish();
     if (idx && lua_type(L, idx) == LUA_TTABLE) {
         if (tensor) bind_fail("return_tensor: a batch of texts gives ragged ids; encode texts one by one");
@@ -85,7 +75,7 @@ int m_encode(lua_State * L) {
         }
         return 1;
     }
-    std::vector<int64_t> ids = tk.encode(string_arg(a, 2, "text"), special);
+    std::vector<int64_t> ids = tk.encode(a.string(2, "text"), special);
     if (tensor) {
         at::Tensor t = at::empty({int64_t(ids.size())}, at::kLong);
         if (!ids.empty()) std::memcpy(t.data_ptr<int64_t>(), ids.data(), ids.size() * sizeof(int64_t));
@@ -100,7 +90,7 @@ int m_decode(lua_State * L) {
     Args a(L);
     Tokenizer & tk = self_check(L);
     bool skip = a.opt_bool(0, "skip_special_tokens", false);
-    int idx = a.find(2, "ids");
+    int idx = a.find(2, "ids", true);
     a.finish();
     std::vector<int64_t> ids;
     if (!idx) bind_fail("argument #2 (ids): expected a table of ids or a Tensor, got nothing");
@@ -136,7 +126,7 @@ int m_vocab_size(lua_State * L) {
 int m_token_to_id(lua_State * L) {
     Args a(L);
     Tokenizer & tk = self_check(L);
-    std::string s = string_arg(a, 2, "token");
+    std::string s = a.string(2, "token");
     a.finish();
     int64_t id = tk.token_to_id(s);
     if (id < 0) lua_pushnil(L);
@@ -254,7 +244,7 @@ int tk_index(lua_State * L) {
     lua_rawget(L, lua_upvalueindex(1));
     if (!lua_isnil(L, -1)) return 1;
     lua_pop(L, 1);
-    auto * ud = udata_test<TokenizerUd>(L, 1, TOKENIZER_MT);
+    auto * ud = udata_test<TokenizerUd>(L, 1, QATLAB_TOKENIZER_MT);
     const char * k = lua_tostring(L, 2);
     if (!ud || !ud->tk || !k) return 0;
     const Tokenizer & tk = *ud->tk;
@@ -282,7 +272,7 @@ int tk_index(lua_State * L) {
 }
 
 int tk_tostring(lua_State * L) {
-    auto * ud = udata_test<TokenizerUd>(L, 1, TOKENIZER_MT);
+    auto * ud = udata_test<TokenizerUd>(L, 1, QATLAB_TOKENIZER_MT);
     if (!ud || !ud->tk) lua_pushliteral(L, "Tokenizer(collected)");
     else lua_pushfstring(L, "Tokenizer(%s, vocab %d)", ud->tk->kind(), int(ud->tk->vocab_size()));
     return 1;
@@ -293,7 +283,7 @@ int tk_tostring(lua_State * L) {
 // tokenizers.from_file(path): tokenizer.json, a directory holding it, or a SentencePiece .model
 int f_from_file(lua_State * L) {
     Args a(L);
-    std::string path = string_arg(a, 1, "path");
+    std::string path = a.string(1, "path");
     a.finish();
     std::shared_ptr<Tokenizer> tk(tokenizer_load(path));
     tokenizer_push(L, std::move(tk), path, chat_template_find(path));
@@ -303,7 +293,7 @@ int f_from_file(lua_State * L) {
 // tokenizers.from_gguf(path): the tokenizer stored in a GGUF model file's metadata
 int f_from_gguf(lua_State * L) {
     Args a(L);
-    std::string path = string_arg(a, 1, "path");
+    std::string path = a.string(1, "path");
     a.finish();
     GgufFile f = gguf_open(path);
     std::shared_ptr<Tokenizer> tk(gguf_tokenizer(f, path));
@@ -317,7 +307,7 @@ int f_from_gguf(lua_State * L) {
 // tokenizers.gpt2(encoder_json, vocab_bpe)
 int f_gpt2(lua_State * L) {
     Args a(L);
-    std::string enc = string_arg(a, 1, "encoder_json"), bpe = string_arg(a, 2, "vocab_bpe");
+    std::string enc = a.string(1, "encoder_json"), bpe = a.string(2, "vocab_bpe");
     a.finish();
     tokenizer_push(L, std::shared_ptr<Tokenizer>(BpeTokenizer::from_gpt2_files(enc, bpe)), enc);
     return 1;
@@ -325,7 +315,7 @@ int f_gpt2(lua_State * L) {
 
 int f_sentencepiece(lua_State * L) {
     Args a(L);
-    std::string path = string_arg(a, 1, "model_path");
+    std::string path = a.string(1, "model_path");
     a.finish();
     tokenizer_push(L, std::shared_ptr<Tokenizer>(SentencePieceTokenizer::from_file(path)), path, chat_template_find(path));
     return 1;
@@ -403,7 +393,7 @@ int f_chat_format(lua_State * L) {
 // tokenizers.chat_family(template_text) → 'qwen3' | 'chatml' | 'llama3', or nil and the reason
 int f_chat_family(lua_State * L) {
     Args a(L);
-    std::string text = string_arg(a, 1, "template");
+    std::string text = a.string(1, "template");
     a.finish();
     try {
         lua_pushstring(L, chat_template_parse(text, "template text").family.c_str());
@@ -430,15 +420,19 @@ const BindFn functions[] = {
 
 // The tokenizer held by the Tokenizer userdata at `idx` (declared in bind.h, used by `data`).
 Tokenizer & tokenizer_check(lua_State * L, int idx) {
-    auto * ud = static_cast<Udata<TokenizerUd> *>(luaL_testudata(L, idx, TOKENIZER_MT));
-    if (!ud) bind_fail("argument #%d: expected a Tokenizer, got %s", idx, luaL_typename(L, idx));
-    if (!ud->alive) bind_fail("argument #%d: the tokenizer was freed", idx);
+    auto * ud = static_cast<Udata<TokenizerUd> *>(luaL_testudata(L, idx, QATLAB_TOKENIZER_MT));
+    if (idx > bind_call_nargs()) {   // a value read out of an options table: the caller labels it
+        if (!ud) bind_fail("expected a Tokenizer, got %s", luaL_typename(L, idx));
+        if (!ud->alive) bind_fail("the tokenizer was freed");
+    }
+    if (!ud) arg_fail(idx, "expected a Tokenizer, got %s", luaL_typename(L, idx));
+    if (!ud->alive) arg_fail(idx, "the tokenizer was freed");
     return *ud->value.tk;
 }
 
 // The path a Tokenizer userdata was loaded from, "" when unknown (for KD cache meta).
 std::string tokenizer_source(lua_State * L, int idx) {
-    auto * ud = udata_test<TokenizerUd>(L, idx, TOKENIZER_MT);
+    auto * ud = udata_test<TokenizerUd>(L, idx, QATLAB_TOKENIZER_MT);
     return ud ? ud->source : std::string();
 }
 
@@ -447,7 +441,7 @@ int luaopen_tokenizers(lua_State * L) {
     lua_getglobal(L, "require");
     lua_pushliteral(L, "torch");
     lua_call(L, 1, 0);
-    udata_open_metatable<TokenizerUd>(L, TOKENIZER_MT, "Tokenizer", nullptr, tk_tostring);
+    udata_open_metatable<TokenizerUd>(L, QATLAB_TOKENIZER_MT, "Tokenizer", nullptr, tk_tostring);
     lua_newtable(L);
     bind_register(L, -1, "Tokenizer.", methods);
     lua_pushcclosure(L, tk_index, 1);

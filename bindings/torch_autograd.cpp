@@ -19,9 +19,6 @@ using torch::autograd::variable_list;
 
 namespace {
 
-#define FUNCTION_MT "qatlab.autograd.Function"
-#define CTX_MT "qatlab.autograd.ctx"
-#define HOOK_MT "qatlab.autograd.RemovableHandle"
 
 // Autograd may run a CUDA backward on a device thread while the CPU part runs on the caller's:
 // only one of them may be inside the Lua VM at a time. Recursive: a backward callback may start
@@ -156,7 +153,7 @@ struct LuaFunction : torch::autograd::Function<LuaFunction> {
         // the ctx table: PyTorch's needs_input_grad, then the user's own fields
         lua_newtable(L);
         int ctx = lua_gettop(L);
-        luaL_getmetatable(L, CTX_MT);
+        luaL_getmetatable(L, QATLAB_CTX_MT);
         lua_setmetatable(L, ctx);
         lua_createtable(L, call->nargs, 0);
         for (int i = 0; i < call->nargs; i++) {
@@ -288,7 +285,7 @@ int f_function(lua_State * L) {
     if (nm) lua_pushvalue(L, nm);
     else lua_pushstring(L, "Function");
     lua_setfield(L, -2, "name");
-    luaL_getmetatable(L, FUNCTION_MT);
+    luaL_getmetatable(L, QATLAB_FUNCTION_MT);
     lua_setmetatable(L, -2);
     return 1;
 }
@@ -298,7 +295,7 @@ int f_function(lua_State * L) {
 int f_apply(lua_State * L) {
     if (lua_type(L, 1) != LUA_TTABLE || !lua_getmetatable(L, 1))
         bind_fail("expected a Function (call it as Fn:apply(...) or Fn(...)), got %s", luaL_typename(L, 1));
-    luaL_getmetatable(L, FUNCTION_MT);
+    luaL_getmetatable(L, QATLAB_FUNCTION_MT);
     bool ok = lua_rawequal(L, -1, -2);
     lua_pop(L, 2);
     if (!ok) bind_fail("expected a Function (call it as Fn:apply(...) or Fn(...)), got a table");
@@ -424,10 +421,9 @@ std::string hook_label(lua_State * L, int idx) {
 int t_register_hook(lua_State * L) {
     Args a(L);
     at::Tensor & self = a.tensor(1, "self");
-    int fi = a.find(2, "fn");
+    int fi = a.opt_function(2, "fn");
+    if (!fi) a.fail(2, "fn", "expected a function, got nothing");
     a.finish();
-    if (!fi || lua_type(L, fi) != LUA_TFUNCTION)
-        bind_fail("argument #1 (fn): expected a function, got %s", fi ? luaL_typename(L, fi) : "nil");
     if (!self.requires_grad())
         bind_fail("cannot register a hook on a tensor that does not require grad");
     auto fn = std::make_shared<LuaRef>(L, fi);
@@ -451,13 +447,13 @@ int t_register_hook(lua_State * L) {
                                      ", expected " + shape_str(grad.sizes()));
         return *r;
     });
-    udata_new<HookHandle>(L, HOOK_MT, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+    udata_new<HookHandle>(L, QATLAB_GRAD_HOOK_MT, c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
                                           self.getIntrusivePtr()), pos, false);
     return 1;
 }
 
 int hook_remove(lua_State * L) {
-    HookHandle & h = udata_check<HookHandle>(L, 1, HOOK_MT, "a hook handle");
+    HookHandle & h = udata_check<HookHandle>(L, 1, QATLAB_GRAD_HOOK_MT, "a hook handle");
     if (h.removed) return 0;
     h.removed = true;
     auto p = h.tensor.lock();
@@ -600,7 +596,7 @@ void torch_open_autograd(lua_State * L, int torch_table) {
     bind_register(L, ag, "torch.autograd.", autograd_fns);
 
     // Function: methods in __index, Fn(...) as Fn:apply(...)
-    luaL_newmetatable(L, FUNCTION_MT);
+    luaL_newmetatable(L, QATLAB_FUNCTION_MT);
     lua_newtable(L);
     bind_register(L, -1, "Function:", function_methods);
     lua_getfield(L, -1, "apply");
@@ -611,7 +607,7 @@ void torch_open_autograd(lua_State * L, int torch_table) {
     lua_pop(L, 1);
 
     // ctx: the user's fields live in the table; methods and saved_tensors come from __index
-    luaL_newmetatable(L, CTX_MT);
+    luaL_newmetatable(L, QATLAB_CTX_MT);
     static const char ctx_index[] =
         "local methods, saved = ...\n"
         "return function(ctx, k)\n"
@@ -627,7 +623,7 @@ void torch_open_autograd(lua_State * L, int torch_table) {
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
 
-    udata_open_metatable<HookHandle>(L, HOOK_MT, "RemovableHandle", hook_methods);
+    udata_open_metatable<HookHandle>(L, QATLAB_GRAD_HOOK_MT, "RemovableHandle", hook_methods);
     lua_pop(L, 1);
 
     lua_pushlightuserdata(L, &wrap_key);

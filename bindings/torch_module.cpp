@@ -94,6 +94,25 @@ void fill_values(lua_State * L, int idx, const std::vector<int64_t> & shape, siz
         bind_fail("ragged nested table: expected %lld entries at depth %zu, got %s", (long long)shape[d], d + 1,
                   lua_type(L, idx) == LUA_TTABLE ? std::to_string(lua_objlen(L, idx)).c_str() : luaL_typename(L, idx));
     lua_checkstack(L, 4);
+    // {1, nil, 3} has length 1 or 3 depending on how it was built: any key past the length,
+    // or not a positive integer, is an error, never dropped data.
+    int64_t entries = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        double k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+        if (!(k >= 1 && k <= (double)shape[d] && k == (double)(int64_t)k)) {
+            std::string key = lua_type(L, -1) == LUA_TSTRING ? "'" + std::string(lua_tostring(L, -1)) + "'"
+                              : lua_type(L, -1) == LUA_TNUMBER ? std::to_string(k) : luaL_typename(L, -1);
+            lua_pop(L, 1);
+            bind_fail("argument #1 (data): a table at depth %zu has a hole or a non-array key (key %s, length %lld): "
+                      "tables must be arrays without nil", d + 1, key.c_str(), (long long)shape[d]);
+        }
+        entries++;
+    }
+    if (entries != shape[d])
+        bind_fail("argument #1 (data): a table at depth %zu has a hole (nil) among its %lld entries", d + 1,
+                  (long long)shape[d]);
     for (int64_t i = 1; i <= shape[d]; i++) {
         lua_rawgeti(L, idx, (int)i);
         fill_values(L, lua_gettop(L), shape, d + 1, out);
@@ -103,7 +122,7 @@ void fill_values(lua_State * L, int idx, const std::vector<int64_t> & shape, siz
 
 int f_tensor(lua_State * L) {
     Args a(L);
-    int di = a.find(1, "data");
+    int di = a.find(1, "data", true);
     if (!di) bind_fail("argument #1 (data): expected a number or a nested table of numbers");
     if (at::Tensor * t = tensor_test(L, di)) {  // torch.tensor(t): a detached copy
         if (!t->defined()) bind_fail("argument #1 (data): the tensor was freed (t:free() was called on it)");
@@ -275,7 +294,7 @@ std::vector<at::Tensor> tensor_list(lua_State * L, int idx, const char * what) {
 
 int f_cat(lua_State * L, bool stack) {
     Args a(L);
-    int li = a.find(1, "tensors");
+    int li = a.find(1, "tensors", true);
     if (!li) bind_fail("argument #1 (tensors): expected a table of tensors");
     std::vector<at::Tensor> ts = tensor_list(L, li, "tensors");
     if (ts.empty()) bind_fail("tensors: expected a non-empty table of tensors");
@@ -481,14 +500,20 @@ int f_linalg_norm(lua_State * L) {
 // -- files ------------------------------------------------------------------------------------
 
 // torch.save(path, {name = tensor, ...}[, {metadata = {k = 'v'}}])
+// torch.save(path, {name = tensor}[, {metadata = {key = string}}]): a safetensors file.
 int f_save(lua_State * L) {
-    Args a(L, 1);
+    // The tensors table has string keys like options: both positions are read by slot.
     const char * path = arg_string(L, 1, "path");
-    if (lua_type(L, 2) != LUA_TTABLE)
-        bind_fail("argument #2 (tensors): expected a table of tensors, got %s", luaL_typename(L, 2));
+    const int ti = 2;
+    if (lua_type(L, ti) != LUA_TTABLE)
+        bind_fail("argument #2 (tensors): expected a table of tensors, got %s", luaL_typename(L, ti));
+    Args a(L, 3);
+    int mi = a.find(0, "metadata");
+    if (mi && lua_type(L, mi) != LUA_TTABLE) a.fail(0, "metadata", "expected a table {key = string}, got %s", luaL_typename(L, mi));
+    a.finish();
     NamedTensors ts;
     lua_pushnil(L);
-    while (lua_next(L, 2)) {
+    while (lua_next(L, ti)) {
         if (lua_type(L, -2) != LUA_TSTRING) bind_fail("%s: keys must be tensor names (strings), got a %s key", path, luaL_typename(L, -2));
         at::Tensor * t = tensor_test(L, -1);
         if (!t) bind_fail("%s: value of '%s' is %s, expected a Tensor", path, lua_tostring(L, -2), luaL_typename(L, -1));
@@ -497,20 +522,15 @@ int f_save(lua_State * L) {
     }
     std::sort(ts.begin(), ts.end(), [](auto & x, auto & y) { return x.first < y.first; });
     std::map<std::string, std::string> meta;
-    if (lua_gettop(L) >= 3 && lua_type(L, 3) == LUA_TTABLE) {
-        lua_getfield(L, 3, "metadata");
-        if (lua_type(L, -1) == LUA_TTABLE) {
-            int mi = lua_gettop(L);
-            lua_pushnil(L);
-            while (lua_next(L, mi)) {
-                if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
-                    bind_fail("%s: metadata must map strings to strings", path);
-                lua_pushvalue(L, -1);
-                meta[lua_tostring(L, -3)] = lua_tostring(L, -1);
-                lua_pop(L, 2);
-            }
+    if (mi) {
+        lua_pushnil(L);
+        while (lua_next(L, mi)) {
+            if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
+                bind_fail("%s: metadata must map strings to strings", path);
+            lua_pushvalue(L, -1);
+            meta[lua_tostring(L, -3)] = lua_tostring(L, -1);
+            lua_pop(L, 2);
         }
-        lua_pop(L, 1);
     }
     safetensors_save(path, ts, meta);
     return 0;
@@ -595,9 +615,13 @@ bool is_pt_file(const std::string & path) {
 // torch.load(path[, {device=}]): a torch.save (.pt, zip) file → its value (dicts and lists as
 // tables, tensors, numbers, strings, booleans, torch.None); a safetensors file → {name = tensor},
 // metadata. The format is told by the file's first bytes (see is_pt_file).
+// torch.load(path[, {device=}]) -> the file's contents, one value for every format: a .pt
+// file's unpickled object, a safetensors file's {name = tensor}. A safetensors header's
+// metadata is read by torch.load_metadata(path).
 int f_load(lua_State * L) {
-    const char * path = arg_string(L, 1, "path");
-    Args a(L, 2);
+    Args a(L);
+    std::string path = a.opt_string(1, "path", nullptr);
+    if (!a.has(1, "path")) a.fail(1, "path", "expected a file path, got nothing");
     c10::Device dev(at::kCPU);
     bool move = a.opt_device(0, "device", dev);
     a.finish();
@@ -614,12 +638,23 @@ int f_load(lua_State * L) {
         tensor_push(L, move ? t.to(dev) : t);
         lua_setfield(L, -2, name.c_str());
     }
+    return 1;
+}
+
+// torch.load_metadata(path) -> {key = string}: the __metadata__ of a safetensors header.
+int f_load_metadata(lua_State * L) {
+    Args a(L);
+    std::string path = a.opt_string(1, "path", nullptr);
+    if (!a.has(1, "path")) a.fail(1, "path", "expected a file path, got nothing");
+    a.finish();
+    if (is_pt_file(path)) bind_fail("%s: a PyTorch .pt file has no metadata (only safetensors files carry it)", path.c_str());
+    SafetensorsFile f = safetensors_load(path);
     lua_createtable(L, 0, (int)f.metadata.size());
     for (auto & [k, v] : f.metadata) {
         lua_pushlstring(L, v.data(), v.size());
         lua_setfield(L, -2, k.c_str());
     }
-    return 2;
+    return 1;
 }
 
 // torch.load_state_dict(path[, {device=}]) → {name = tensor}: nested dicts of a .pt file are
@@ -832,7 +867,7 @@ const BindFn functions[] = {
     {"set_grad_enabled", f_set_grad_enabled},
     {"autocast", f_autocast}, {"is_autocast_enabled", f_is_autocast_enabled},
     {"get_autocast_dtype", f_get_autocast_dtype},
-    {"save", f_save}, {"load", f_load}, {"load_state_dict", f_load_state_dict}, {"manual_seed", f_manual_seed},
+    {"save", f_save}, {"load", f_load}, {"load_metadata", f_load_metadata}, {"load_state_dict", f_load_state_dict}, {"manual_seed", f_manual_seed},
     {"set_default_device", f_set_default_device}, {"get_default_device", f_get_default_device},
     {"set_default_dtype", f_set_default_dtype}, {"get_default_dtype", f_get_default_dtype},
     {"set_num_threads", f_set_num_threads}, {"get_num_threads", f_get_num_threads},

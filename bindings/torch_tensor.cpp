@@ -20,7 +20,7 @@ void push_size(lua_State * L, at::IntArrayRef s) {
         lua_pushnumber(L, (lua_Number)s[i]);
         lua_rawseti(L, -2, (int)i + 1);
     }
-    luaL_getmetatable(L, "qatlab.Size");
+    luaL_getmetatable(L, QATLAB_SIZE_MT);
     lua_setmetatable(L, -2);
 }
 
@@ -612,7 +612,9 @@ int t_eq(lua_State * L) {
 }
 
 int size_tostring(lua_State * L) {
-    luaL_checktype(L, 1, LUA_TTABLE);  // reachable from scripts through getmetatable(size)
+    // A plain C function (no trampoline): reachable from scripts through getmetatable(size).
+    if (lua_type(L, 1) != LUA_TTABLE)
+        return luaL_error(L, "bad argument #1 to 'Size.__tostring' (expected a torch.Size, got %s)", luaL_typename(L, 1));
     std::string s = "torch.Size([";
     int n = (int)lua_objlen(L, 1);
     for (int i = 1; i <= n; i++) {
@@ -671,7 +673,7 @@ const BindFn metamethods[] = {
 
 // Builds the Tensor metatable: methods table (with the shared ops) as __index upvalue.
 void tensor_open_methods(lua_State * L, int torch_table) {
-    luaL_newmetatable(L, "qatlab.Size");
+    luaL_newmetatable(L, QATLAB_SIZE_MT);
     lua_pushcfunction(L, size_tostring);
     lua_setfield(L, -2, "__tostring");
     lua_pushcfunction(L, size_eq);

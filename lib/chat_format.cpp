@@ -99,7 +99,7 @@ std::string chat_format_qwen3(const std::vector<ChatMessage> & msgs, const ChatF
             out += "\n<tool_response>\n" + m.content + "\n</tool_response>";
             if (i == n - 1 || msgs[i + 1].role != "tool") out += "<|im_end|>\n";
         } else if (m.role != "system") {
-            throw std::runtime_error("chat_format: message " + std::to_string(i + 1) +
+            throw std::runtime_error("message " + std::to_string(i + 1) +
                                      ": role: expected system, user, assistant or tool, found '" + m.role + "'");
         }
     }

@@ -180,7 +180,7 @@ std::vector<std::string> data_alpaca_render(const AlpacaExample & ex, const std:
     if (thinking == "both") return {chat(false), chat(true)};
     if (thinking == "none") return {raw()};
     if (thinking == "all") return {chat(true), chat(false), raw()};
-    throw std::runtime_error("data_alpaca_render: thinking: expected false, true, both, none or all, got '" +
+    throw std::runtime_error("thinking: expected false, true, both, none or all, got '" +
                              thinking + "'");
 }
 
@@ -194,8 +194,8 @@ std::vector<std::string> data_read_alpaca(const std::string & path, const std::s
 // -- packing ---------------------------------------------------------------------------------
 
 at::Tensor data_pack_ids(const std::vector<std::vector<int64_t>> & docs, int64_t L, int64_t eos) {
-    if (L < 1) throw std::runtime_error("data_pack: L: expected >= 1, got " + std::to_string(L));
-    if (eos < 0) throw std::runtime_error("data_pack: eos: expected an id >= 0, got " + std::to_string(eos));
+    if (L < 1) throw std::runtime_error("L: expected >= 1, got " + std::to_string(L));
+    if (eos < 0) throw std::runtime_error("eos: expected an id >= 0, got " + std::to_string(eos));
     int64_t total = 0;
     for (auto & d : docs) total += (int64_t)d.size() + 1;
     int64_t n = total / L;
@@ -215,7 +215,7 @@ at::Tensor data_pack_ids(const std::vector<std::vector<int64_t>> & docs, int64_t
 
 at::Tensor data_pack(const Tokenizer & tk, const std::vector<std::string> & texts, int64_t L, int64_t eos) {
     if (eos < 0) eos = tk.eos_token_id();
-    if (eos < 0) throw std::runtime_error("data_pack: eos: the tokenizer has no eos id; pass one");
+    if (eos < 0) throw std::runtime_error("eos: the tokenizer has no eos id; pass one");
     std::vector<std::vector<int64_t>> docs;
     docs.reserve(texts.size());
     for (auto & t : texts) docs.push_back(tk.encode(t, false));
@@ -233,16 +233,16 @@ std::vector<int64_t> data_permutation(int64_t n, uint64_t seed) {
 }
 
 at::Tensor data_shuffle(const at::Tensor & t, uint64_t seed) {
-    if (t.dim() < 1) throw std::runtime_error("data_shuffle: expected a tensor with at least one dim");
+    if (t.dim() < 1) throw std::runtime_error("expected a tensor with at least one dim");
     auto p = data_permutation(t.size(0), seed);
     at::Tensor idx = at::tensor(p, at::kLong).to(t.device());
     return t.index_select(0, idx);
 }
 
 std::pair<at::Tensor, at::Tensor> data_split(const at::Tensor & t, double fraction, uint64_t seed) {
-    if (t.dim() < 1) throw std::runtime_error("data_split: expected a tensor with at least one dim");
+    if (t.dim() < 1) throw std::runtime_error("expected a tensor with at least one dim");
     if (!(fraction >= 0 && fraction < 1))
-        throw std::runtime_error("data_split: fraction: expected 0 <= fraction < 1, got " + std::to_string(fraction));
+        throw std::runtime_error("fraction: expected 0 <= fraction < 1, got " + std::to_string(fraction));
     int64_t n = t.size(0);
     int64_t held = (int64_t)std::llround(fraction * (double)n);
     if (fraction > 0 && held == 0 && n > 1) held = 1;

@@ -34,6 +34,10 @@ namespace {
     throw std::runtime_error(where + ": " + what);
 }
 
+// A bad option of cache_build / the reader: "<option>: <what>", no C++ function name (the
+// caller's name prefixes it).
+[[noreturn]] void fail_option(const std::string & what) { throw std::invalid_argument(what); }
+
 std::string shard_name(int64_t i) {
     char buf[64];
     std::snprintf(buf, sizeof buf, "shard_%05lld.safetensors", (long long)i);
@@ -157,19 +161,18 @@ uint64_t cache_shard_seed(uint64_t seed, int64_t shard) {
 // -- builder ---------------------------------------------------------------------------------
 
 CacheBuildResult cache_build(DecoderModel & teacher, const at::Tensor & ids_in, const CacheBuildOptions & o) {
-    const std::string fn = "cache_build";
-    if (o.out_dir.empty()) fail(fn, "out: expected an output folder");
+    if (o.out_dir.empty()) fail_option("out: expected an output folder");
     if (!ids_in.defined() || ids_in.dim() != 2 || at::isFloatingType(ids_in.scalar_type()))
-        fail(fn, "data: expected integer token ids (N, L)");
+        fail_option("data: expected integer token ids (N, L)");
     at::Tensor ids = ids_in.to(at::kCPU, at::kLong).contiguous();   // (N, L)
     const int64_t N = ids.size(0), L = ids.size(1), S = L - 1;
     const int64_t V = teacher.config().vocab_size;
-    if (N < 1 || L < 2) fail(fn, "data: expected N >= 1 and L >= 2, got " + shape_str(ids.sizes()));
-    if (o.K < 1 || o.K > V) fail(fn, "K: expected 1 <= K <= vocab_size (" + std::to_string(V) + ")");
-    if (o.R < 0) fail(fn, "R: expected >= 0");
-    if (o.shard_size < 1 || o.batch_size < 1) fail(fn, "shard_size and batch_size: expected >= 1");
+    if (N < 1 || L < 2) fail_option("data: expected N >= 1 and L >= 2, got " + shape_str(ids.sizes()));
+    if (o.K < 1 || o.K > V) fail_option("K: expected 1 <= K <= vocab_size (" + std::to_string(V) + ")");
+    if (o.R < 0) fail_option("R: expected >= 0");
+    if (o.shard_size < 1 || o.batch_size < 1) fail_option("shard_size and batch_size: expected >= 1");
     if (N > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V))
-        fail(fn, "data: token ids outside [0, vocab_size = " + std::to_string(V) + ")");
+        fail_option("data: token ids outside [0, vocab_size = " + std::to_string(V) + ")");
 
     fs::path dir(o.out_dir), meta_path = dir / "meta.json", prog_path = dir / "progress.json";
     fs::create_directories(dir);
@@ -468,7 +471,7 @@ void cache_check_tokenizer(const CacheMeta & meta, const Tokenizer & tk, const s
 // -- reader ----------------------------------------------------------------------------------
 
 CacheReader::CacheReader(const std::string & dir, const CacheReaderOptions & opts) : opts_(opts) {
-    if (opts_.batch_size < 1) fail("cache_reader", "batch_size: expected >= 1");
+    if (opts_.batch_size < 1) fail_option("batch_size: expected >= 1");
     if (opts_.prefetch < 1) opts_.prefetch = 1;
     meta_ = cache_meta_load(dir);
     start();

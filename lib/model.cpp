@@ -32,6 +32,41 @@ namespace {
 
 std::string json_type(const json & v) { return v.type_name(); }
 
+// Keys decoder_config_parse reads. Real configs carry many more (bos_token_id, ...), which are
+// accepted; a key one edit away from one of these is a typo that would silently be ignored.
+const char * const config_keys[] = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "initializer_range",
+    "rope_scaling", "rope_parameters", "rope_theta", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "use_sliding_window", "qk_norm", "norm_weight", "embed_norm", "logit_softcap", "mlp_act", "hidden_act",
+    "torch_dtype", "dtype",
+};
+
+bool one_edit_apart(const std::string & a, const std::string & b) {
+    if (a == b) return false;
+    size_t n = a.size(), m = b.size();
+    if (n > m + 1 || m > n + 1) return false;
+    size_t i = 0;
+    while (i < n && i < m && a[i] == b[i]) i++;
+    if (n == m) {   // one substitution, or one swap of neighbours
+        if (a.compare(i + 1, std::string::npos, b, i + 1, std::string::npos) == 0) return true;
+        return i + 1 < n && a[i] == b[i + 1] && a[i + 1] == b[i] && a.compare(i + 2, std::string::npos, b, i + 2, std::string::npos) == 0;
+    }
+    return n > m ? a.compare(i + 1, std::string::npos, b, i, std::string::npos) == 0
+                 : b.compare(i + 1, std::string::npos, a, i, std::string::npos) == 0;
+}
+
+void config_check_typos(const json & j, const std::string & src) {
+    for (auto it = j.begin(); it != j.end(); ++it) {
+        bool known = false;
+        for (const char * k : config_keys) known = known || it.key() == k;
+        if (known) continue;
+        for (const char * k : config_keys)
+            if (one_edit_apart(it.key(), k))
+                config_fail(src, it.key(), std::string("unknown key, one edit away from '") + k + "' (a typo? it would be ignored)");
+    }
+}
+
 int64_t cfg_int(const json & j, const char * key, const std::string & src, std::optional<int64_t> def = {}) {
     auto it = j.find(key);
     if (it == j.end() || it->is_null()) {
@@ -112,6 +147,7 @@ DecoderConfig decoder_config_parse(const std::string & text, const std::string &
         throw std::runtime_error(src + ": not valid JSON: " + e.what());
     }
     if (!j.is_object()) throw std::runtime_error(src + ": expected a JSON object at the top level");
+    config_check_typos(j, src);
     DecoderConfig c;
     c.json = text;
     c.model_type = cfg_str(j, "model_type", src, "");
@@ -420,10 +456,10 @@ std::shared_ptr<Linear> DecoderModel::get_linear(const std::string & name) const
 }
 
 void DecoderModel::set_linear(const std::string & name, std::shared_ptr<Linear> layer) {
-    if (!layer) throw std::runtime_error("set_linear: " + name + ": null layer");
+    if (!layer) throw std::runtime_error(name + ": null layer");
     auto old = get_linear(name);
     if (old->in_features() != layer->in_features() || old->out_features() != layer->out_features())
-        throw std::runtime_error("set_linear: " + name + ": expected " + std::to_string(old->out_features()) + "x" +
+        throw std::runtime_error(name + ": expected " + std::to_string(old->out_features()) + "x" +
                                  std::to_string(old->in_features()) + ", found " + std::to_string(layer->out_features()) +
                                  "x" + std::to_string(layer->in_features()));
     auto [i, rest] = linear_split(name);
@@ -760,7 +796,7 @@ at::Tensor DecoderModel::layers_from(int64_t first, at::Tensor x, const Aux & au
 }
 
 void DecoderModel::gradient_checkpointing_layers(int64_t n) {
-    if (n < 0) throw std::runtime_error("gradient_checkpointing: expected a layer count >= 0, got " + std::to_string(n));
+    if (n < 0) throw std::runtime_error("expected a layer count >= 0, got " + std::to_string(n));
     ckpt_layers_ = std::min<int64_t>(n, (int64_t)layers_.size());
 }
 
@@ -813,10 +849,10 @@ at::Tensor DecoderModel::forward(const at::Tensor & input_ids, const at::Tensor 
 at::Tensor DecoderModel::forward_from(int64_t first, const at::Tensor & hidden, ForwardOutput out) {
     const int64_t n = (int64_t)layers_.size();
     if (first < 0 || first > n)
-        throw std::runtime_error("forward_from: layer " + std::to_string(first) + " out of range (the model has " +
+        throw std::runtime_error("layer " + std::to_string(first) + " out of range (the model has " +
                                  std::to_string(n) + " layers)");
     if (!hidden.defined() || hidden.dim() != 3 || hidden.size(2) != cfg_.hidden_size)
-        throw std::runtime_error("forward_from: expected hidden states (B, T, " + std::to_string(cfg_.hidden_size) +
+        throw std::runtime_error("expected hidden states (B, T, " + std::to_string(cfg_.hidden_size) +
                                  "), found " + (hidden.defined() ? c10::str(hidden.sizes()) : std::string("nothing")));
     at::Tensor x = hidden.to(device(), dtype());
     at::Tensor pos = at::arange(x.size(1), at::TensorOptions().dtype(at::kLong).device(x.device())).unsqueeze(0)
@@ -828,12 +864,12 @@ at::Tensor DecoderModel::forward_from(int64_t first, const at::Tensor & hidden, 
 
 at::Tensor DecoderModel::forward_cached(const at::Tensor & input_ids, KVCache & cache, const at::Tensor & key_mask_new,
                                         ForwardOutput out) {
-    check_ids(input_ids, "forward_cached: input_ids");
+    check_ids(input_ids, "input_ids");
     at::Tensor ids = input_ids.to(device());
     const int64_t B = ids.size(0), T = ids.size(1);
-    if (B != cache.key_mask.size(0)) throw std::runtime_error("forward_cached: batch does not match the cache");
+    if (B != cache.key_mask.size(0)) throw std::runtime_error("batch does not match the cache");
     if (cache.len + T > cache.max_len)
-        throw std::runtime_error("forward_cached: cache full (" + std::to_string(cache.len) + " + " + std::to_string(T) +
+        throw std::runtime_error("cache full (" + std::to_string(cache.len) + " + " + std::to_string(T) +
                                  " > " + std::to_string(cache.max_len) + ")");
     at::Tensor m = key_mask_new.defined() ? key_mask_new.to(device()).to(at::kBool) : at::ones({B, T}, ids.options().dtype(at::kBool));
     if (key_mask_new.defined()) cache.padded = true;

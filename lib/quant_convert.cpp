@@ -129,7 +129,7 @@ void quant_freeze_q(DecoderModel & m) {
 int64_t quant_set_trainable(DecoderModel & m, const std::string & mode) {
     static const std::set<std::string> modes{"all", "g_only", "mlp", "attn", "frozen_magnitude", "lut"};
     if (!modes.count(mode))
-        throw std::runtime_error("set_trainable: unknown mode '" + mode + "' (expected all, g_only, mlp, attn, frozen_magnitude or lut)");
+        throw std::runtime_error("unknown mode '" + mode + "' (expected all, g_only, mlp, attn, frozen_magnitude or lut)");
     m.requires_grad(false);   // everything starts frozen (§5.3)
     int64_t n = 0;
     auto on = [&](at::Tensor & t) {
@@ -186,7 +186,7 @@ int64_t quant_v1_to_v2(DecoderModel & m, LutForm form, bool ste) {
 
 void quant_enable_recovery_lora(DecoderModel & m, const std::string & name, const RecoveryLoraOptions & o) {
     auto l = std::dynamic_pointer_cast<LutLinearV2>(m.get_linear(name));
-    if (!l) throw std::runtime_error("enable_recovery_lora: layer '" + name + "' is not a V2 (LUT) layer");
+    if (!l) throw std::runtime_error("layer '" + name + "' is not a V2 (LUT) layer");
     v2_enable_lora(*l, o.rank, o.alpha, o.dropout);
     l->train(m.is_training());
 }
@@ -256,9 +256,28 @@ ResnapStats quant_resnap_with_lora(DecoderModel & m) {
 
 int64_t quant_q4_to_q2(DecoderModel & m, int64_t mlp_rank, int64_t attn_rank, int64_t mlp_lut, int64_t attn_lut,
                        uint64_t seed) {
+    auto layers = quant_v2_layers(m);
+    if (layers.empty())
+        throw std::invalid_argument("the model has no V2 (LUT) layers to convert (quant.replace or quant.v1_to_v2 first)");
+    // Every layer is checked before any is touched: an error leaves the model as it was.
+    for (auto & [name, l] : layers) {
+        const bool mlp = quant_is_mlp(name);
+        const char * rk = mlp ? "mlp_rank" : "attn_rank";
+        const char * lk = mlp ? "mlp_lut" : "attn_lut";
+        const int64_t rank = mlp ? mlp_rank : attn_rank, lut = mlp ? mlp_lut : attn_lut;
+        const int64_t cap = std::min(l->out_features(), l->in_features());
+        if (rank < l->rank() || rank > cap)
+            throw std::invalid_argument(std::string(rk) + ": expected " + std::to_string(l->rank()) + ".." +
+                                        std::to_string(cap) + " for " + name + " (rank " + std::to_string(l->rank()) +
+                                        ", min(out, in) = " + std::to_string(cap) + "; the rank can only grow), got " +
+                                        std::to_string(rank));
+        if (lut < 2 || lut > l->lut.numel())
+            throw std::invalid_argument(std::string(lk) + ": expected a LUT size in 2.." + std::to_string(l->lut.numel()) +
+                                        " for " + name + " (the LUT can only shrink), got " + std::to_string(lut));
+    }
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
     int64_t n = 0;
-    for (auto & [name, l] : quant_v2_layers(m)) {
+    for (auto & [name, l] : layers) {
         bool mlp = quant_is_mlp(name);
         v2_convert_rank_lut(*l, mlp ? mlp_rank : attn_rank, mlp ? mlp_lut : attn_lut, gen);
         n++;

@@ -68,9 +68,9 @@ IntNQuantized intn_quantize(const at::Tensor & w, const IntNOptions & opt) {
 }
 
 at::Tensor intn_dequantize(const at::Tensor & q, const at::Tensor & scale, int64_t group_rows, at::ScalarType dtype) {
-    if (!q.defined() || !scale.defined()) throw std::runtime_error("intn_dequantize: undefined tensor");
+    if (!q.defined() || !scale.defined()) throw std::runtime_error("undefined tensor");
     if (q.dim() < 1 || scale.dim() != 1 || group_rows < 1 || q.size(0) != scale.size(0) * group_rows)
-        throw std::runtime_error("intn_dequantize: " + std::to_string(q.dim() ? q.size(0) : 0) + " rows do not match " +
+        throw std::runtime_error("" + std::to_string(q.dim() ? q.size(0) : 0) + " rows do not match " +
                                  std::to_string(scale.numel()) + " scales x group_rows " + std::to_string(group_rows));
     at::Tensor g = q.to(at::kFloat).reshape({scale.size(0), -1}) * scale.to(q.device(), at::kFloat).unsqueeze(1);
     return g.reshape(q.sizes()).to(dtype);
@@ -106,7 +106,7 @@ intn_apply(DecoderModel & m, const IntNOptions & opt, const std::string & filter
     try {
         re = std::regex(filter.empty() ? std::string(".*") : filter);
     } catch (const std::regex_error & e) {
-        throw std::runtime_error("intn_apply: bad filter regular expression '" + filter + "': " + e.what());
+        throw std::runtime_error("filter '" + filter + "' is not a valid C++ std::regex (ECMAScript syntax, not a Lua pattern): " + e.what());
     }
     std::vector<std::pair<std::string, std::shared_ptr<IntNLinear>>> out;
     for (const auto & name : m.linear_names()) {
@@ -122,15 +122,16 @@ intn_apply(DecoderModel & m, const IntNOptions & opt, const std::string & filter
         for (auto & [slot, p] : l->parameter_slots()) {
             if (slot == "weight") w = *p;
             else if (slot == "bias") b = *p;
-            else throw std::runtime_error("intn_apply: " + name + ": cannot wrap a layer with a '" + slot + "' parameter (only weight + bias)");
+            else throw std::runtime_error("" + name + ": cannot wrap a layer with a '" + slot + "' parameter (only weight + bias)");
         }
-        if (!w.defined() || w.dim() != 2) throw std::runtime_error("intn_apply: " + name + ": expected a 2-D weight");
+        if (!w.defined() || w.dim() != 2) throw std::runtime_error("" + name + ": expected a 2-D weight");
         intn_check(w, opt, name);
         auto q = std::make_shared<IntNLinear>(w, b, opt);
         m.set_linear(name, q);
         out.push_back({name, q});
     }
-    if (out.empty()) throw std::runtime_error("intn_apply: filter '" + filter + "' matches no linear layer (see linear_names())");
+    if (out.empty()) throw std::runtime_error("filter '" + filter + "' matches no linear layer (see linear_names()); the filter is a C++ std::regex "
+                                               "(ECMAScript syntax, not a Lua pattern)");
     return out;
 }
 
@@ -265,7 +266,7 @@ Plan plan_for(const std::string & name, const at::Tensor & t, const IntNExportOp
         try {
             match = std::regex_search(name, std::regex(r.pattern));
         } catch (const std::regex_error & e) {
-            throw std::runtime_error("intn_export: rule '" + r.pattern + "': bad regular expression: " + e.what());
+            throw std::runtime_error("rule '" + r.pattern + "': bad regular expression: " + e.what());
         }
         if (!match) continue;
         if (r.bits == 16 || r.bits == 32) {
@@ -290,20 +291,20 @@ Plan plan_for(const std::string & name, const at::Tensor & t, const IntNExportOp
 
 IntNExportStats intn_export(const std::string & path, const NamedTensors & tensors, const IntNExportOptions & opt) {
     if (opt.level < 1 || opt.level > ZSTD_maxCLevel())
-        throw std::runtime_error("intn_export: zstd level must be 1.." + std::to_string(ZSTD_maxCLevel()));
+        throw std::runtime_error("zstd level must be 1.." + std::to_string(ZSTD_maxCLevel()));
     IntNExportStats st;
     json index = json::array();
     std::string blob;
     std::set<std::string> seen;
     for (const auto & [name, t0] : tensors) {
-        if (name.empty() || !seen.insert(name).second) throw std::runtime_error("intn_export: empty or duplicate name '" + name + "'");
+        if (name.empty() || !seen.insert(name).second) throw std::runtime_error("empty or duplicate name '" + name + "'");
         if (!t0.defined() || !dtype_name(t0.scalar_type()))
-            throw std::runtime_error("intn_export: " + name + ": expected a floating tensor (float32/16, bfloat16, float64)");
+            throw std::runtime_error("" + name + ": expected a floating tensor (float32/16, bfloat16, float64)");
         at::Tensor t = t0.detach().to(at::kCPU).contiguous();
         Plan p = plan_for(name, t, opt);
         json e = {{"name", name}, {"shape", t.sizes().vec()}, {"dtype", dtype_name(t.scalar_type())}, {"offset", blob.size()}};
         if (p.intn) {
-            intn_check(t, p.q, "intn_export: " + name);
+            intn_check(t, p.q, "" + name);
             IntNQuantized r = intn_quantize(t, p.q);
             auto packed = intn_pack(r.q.to(at::kLong) + intn_qmax(p.q.bits), p.q.bits);
             at::Tensor s16 = r.scale.to(at::kHalf).contiguous();
@@ -334,7 +335,7 @@ IntNExportStats intn_export(const std::string & path, const NamedTensors & tenso
 
     std::string frame(ZSTD_compressBound(payload.size()), '\0');
     ZSTD_CCtx * cc = ZSTD_createCCtx();
-    if (!cc) throw std::runtime_error("intn_export: out of memory (zstd context)");
+    if (!cc) throw std::runtime_error("out of memory (zstd context)");
     ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, opt.level);
     ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 1);
     ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 1);

@@ -38,7 +38,7 @@ LutPreset lut_preset(const std::string & name) {
 // -- LUTs and STE ----------------------------------------------------------------------------
 
 at::Tensor lut_make(int64_t size, bool include_zero) {
-    if (size < 2 || size > 256) throw std::runtime_error("lut_make: size must be in 2..256, got " + std::to_string(size));
+    if (size < 2 || size > 256) throw std::runtime_error("LUT size must be in 2..256, got " + std::to_string(size));
     auto h = at::TensorOptions().dtype(at::kHalf);   // fp16 on the CPU, as make_lut (§1.3)
     if (!include_zero || size % 2) return at::linspace(-1, 1, size, h).to(at::kFloat);
     at::Tensor neg = at::linspace(-1, 0, size / 2 + 1, h).narrow(0, 0, size / 2);
@@ -117,7 +117,7 @@ at::Tensor lut_kmeans_reduce(const at::Tensor & lut, int64_t k, int64_t n_iter) 
     at::NoGradGuard ng;
     at::Tensor v = lut.detach().to(at::kCPU, at::kFloat).reshape({-1}).contiguous();
     const int64_t n = v.numel();
-    if (k < 1 || k > n) throw std::runtime_error("lut_kmeans_reduce: k must be in 1.." + std::to_string(n));
+    if (k < 1 || k > n) throw std::runtime_error("LUT size must be in 1.." + std::to_string(n));
     at::Tensor sorted = std::get<0>(v.sort());
     at::Tensor q = at::linspace(0, 1, k + 2).narrow(0, 1, k);                    // quantiles
     at::Tensor c = sorted.index_select(0, (q * (double)(n - 1)).floor().to(at::kLong)).clone();

@@ -338,7 +338,7 @@ function Trainer:write_state(dir, light)
   torch.save(dir .. '/model.safetensors', self.model:state_dict())
   if not light then
     local sd = self.optimizer:state_dict()
-    torch.save(dir .. '/optim.safetensors', sd.tensors, { metadata = { meta = sd.meta_json } })
+    torch.save(dir .. '/optim.safetensors', sd.tensors, { metadata = { meta = json.encode(sd.meta) } })
     if self.ema then
       local t = {}
       for i, sh_t in ipairs(self.ema.shadow) do t['shadow.' .. i] = sh_t end
@@ -388,9 +388,9 @@ function Trainer:restore()
   local dir = self.out .. '/ckpt_' .. k
   local text = read_file(dir .. '/trainer.json')
   local st = json.decode(text or error(('trainer: %s/trainer.json is missing'):format(dir), 0))
-  self.model:load_state_dict((torch.load(dir .. '/model.safetensors')))
-  local ot, meta = torch.load(dir .. '/optim.safetensors')
-  self.optimizer:load_state_dict{ tensors = ot, meta = meta.meta }
+  self.model:load_state_dict(torch.load(dir .. '/model.safetensors'))
+  local ot, meta = torch.load(dir .. '/optim.safetensors'), torch.load_metadata(dir .. '/optim.safetensors')
+  self.optimizer:load_state_dict{ tensors = ot, meta = json.decode(meta.meta) }
   if self.ema then
     local et = torch.load(dir .. '/ema.safetensors')
     local shadow = {}

@@ -80,9 +80,9 @@ describe('KD pipeline on real text', function()
       if not b then break end
       batches[#batches + 1] = b
     end
-    local from_list = kd.evaluate(student, batches, {n = 12})
+    local from_list = kd.evaluate(student, batches, {examples = 12})
     r:reset(0)
-    local from_reader, n = kd.evaluate(student, r, {n = 12})
+    local from_reader, n = kd.evaluate(student, r, {examples = 12})
     assert.are.equal(12, n)
     assert.is_true(math.abs(from_list - from_reader) < 1e-12)
     r:close()

@@ -164,7 +164,7 @@ describe('kd end to end on tiny models', function()
   it('evaluate: T²·KL averaged over the first n examples, batches or an iterator', function()
     local teacher, student = tiny(0), tiny(1)
     local batch = cache_batch(teacher, ids, 8)
-    local v, n = kd.evaluate(teacher, {batch}, {n = 40})
+    local v, n = kd.evaluate(teacher, {batch}, {examples = 40})
     assert.are.equal(2, n)
     assert.is_true(math.abs(v) < 1e-10)
     -- per example: kd.loss_model with B = 1 and no hard terms
@@ -175,14 +175,46 @@ describe('kd end to end on tiny models', function()
       per[i] = kd.loss_model(student, one, {hard_top1 = 0, hard_full = 0}):item()
     end
     student:train()
-    local v2 = kd.evaluate(student, {batch}, {n = 40})
+    local v2 = kd.evaluate(student, {batch}, {examples = 40})
     assert.is_true(math.abs(v2 - (per[1] + per[2]) / 2) < 1e-10)
     assert.is_true(student.training)   -- the mode is restored
     local i = 0
-    local v1, n1 = kd.evaluate(student, function() i = i + 1; if i == 1 then return batch end end, {n = 1})
+    local v1, n1 = kd.evaluate(student, function() i = i + 1; if i == 1 then return batch end end, {examples = 1})
     assert.are.equal(1, n1)
     assert.is_true(math.abs(v1 - per[1]) < 1e-10)
     assert.truthy(errmsg(kd.evaluate, student, function() error('boom') end):find('boom', 1, true))
+  end)
+
+  it('evaluate: the count is named for what it counts (examples or batches); n alone is an error', function()
+    local teacher, student = tiny(0), tiny(1)
+    local batch = cache_batch(teacher, ids, 8)   -- 2 examples
+    local per = {}
+    for i = 1, 2 do
+      local one = {}
+      for k, t in pairs(batch) do one[k] = t:narrow(1, i, 1) end
+      per[i] = kd.loss_model(student, one, {hard_top1 = 0, hard_full = 0}):item()
+    end
+    -- two batches of 2 examples: batches = 1 scores 2 examples, examples = 1 scores one
+    local v, n = kd.evaluate(student, {batch, batch}, {batches = 1})
+    assert.are.equal(2, n)
+    assert.is_true(math.abs(v - (per[1] + per[2]) / 2) < 1e-10)
+    local v3, n3 = kd.evaluate(student, {batch, batch}, {batches = 2})
+    assert.are.equal(4, n3)
+    assert.is_true(math.abs(v3 - (per[1] + per[2]) / 2) < 1e-10)
+    local v1, n1 = kd.evaluate(student, {batch, batch}, {examples = 1})
+    assert.are.equal(1, n1)
+    assert.is_true(math.abs(v1 - per[1]) < 1e-10)
+    local _, nd = kd.evaluate(student, {batch}, {})   -- {} is an empty options table
+    assert.are.equal(2, nd)
+    local e = errmsg(kd.evaluate, student, {batch}, {n = 2})
+    assert.truthy(e:find("bad argument #3 to 'kd.evaluate' (option 'n': ambiguous count", 1, true), e)
+    assert.truthy(e:find('examples = N', 1, true) and e:find('batches = N', 1, true), e)
+    e = errmsg(kd.evaluate, student, {batch}, {examples = 1, batches = 1})
+    assert.truthy(e:find('not both', 1, true), e)
+    e = errmsg(kd.evaluate, student, {batch}, {batches = 0})
+    assert.truthy(e:find("option 'batches': expected >= 1, got 0", 1, true), e)
+    e = errmsg(kd.evaluate, student, {batch}, {exemples = 1})
+    assert.truthy(e:find("unknown option 'exemples' (did you mean 'examples'?)", 1, true), e)
   end)
 
   it('untied lm_head and models with a softcap', function()

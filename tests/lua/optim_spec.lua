@@ -4,6 +4,7 @@ local torch = require 'torch'
 local optim = require 'optim'
 local nn = require 'nn'
 local h = require 'helper'
+local json = require 'json'
 
 local function errmsg(f, ...)
   local ok, err = pcall(f, ...)
@@ -96,15 +97,18 @@ describe('optim', function()
     assert.are.equal(10, sd.meta.state[1].step)
     assert.is_true(torch.is_tensor(sd.tensors['state.0.exp_avg']))
     local dir = h.tmpdir()
-    torch.save(dir .. '/opt.safetensors', sd.tensors)
+    torch.save(dir .. '/opt.safetensors', sd.tensors, {metadata = {meta = json.encode(sd.meta)}})
     local o2 = optim.AdamW({W2, b2}, {lr = 0.5})
-    o2:load_state_dict({tensors = torch.load(dir .. '/opt.safetensors'), meta = sd.meta_json})
+    o2:load_state_dict({tensors = torch.load(dir .. '/opt.safetensors'), meta = json.decode(torch.load_metadata(dir .. '/opt.safetensors').meta)})
     assert.are.equal(0.01, o2:param_groups()[1].lr)
     train(o1, X, Y, W1, b1, 5)
     train(o2, X, Y, W2, b2, 5)
     h.close(W2, W1, 0, 0)
     h.close(b2, b1, 0, 0)
-    -- meta as a Lua table works as well
+    -- state_dict() is the one form load_state_dict takes; a JSON string is not it
+    assert.is_nil(sd.meta_json)
+    assert.truthy(errmsg(function() o1:load_state_dict({tensors = sd.tensors, meta = json.encode(sd.meta)}) end)
+                  :find("field 'meta': expected a table", 1, true))
     local o3 = optim.AdamW({W2, b2})
     o3:load_state_dict(o2:state_dict())
     assert.are.equal(15, o3:state_dict().meta.state[2].step)

@@ -161,7 +161,7 @@ describe('torch.load_state_dict', function()
     torch.save(d .. '/w.safetensors', {w = torch.arange(3)}, {metadata = {format = 'pt'}})
     local sd = torch.load_state_dict(d .. '/w.safetensors')
     assert.are.same({0, 1, 2}, sd.w:totable())
-    local ts, meta = torch.load(d .. '/w.safetensors')
+    local ts, meta = torch.load(d .. '/w.safetensors'), torch.load_metadata(d .. '/w.safetensors')
     assert.are.same({0, 1, 2}, ts.w:totable())
     assert.are.equal('pt', meta.format)
     -- told by content, not name: a safetensors file named .pt still loads as one

@@ -88,7 +88,7 @@ describe('recovery LoRA', function()
     end
     -- bad input names the option / the layer
     assert.has_error(function() quant.enable_recovery_lora_all(m2, {rank = 0}) end,
-                     "quant.enable_recovery_lora_all: option 'rank': expected >= 1, got 0")
+                     "bad argument #2 to 'quant.enable_recovery_lora_all' (option 'rank': expected >= 1, got 0)")
     assert.has_error(function() quant.enable_recovery_lora_all(m2, {rnak = 4}) end)
     local ok, err = pcall(quant.enable_recovery_lora, tiny(), UP, {rank = 2})   -- a dense layer
     assert.is_false(ok)

@@ -115,7 +115,8 @@ describe('torch.save / torch.load', function()
     local path = dir .. '/roundtrip.safetensors'
     local ts = sample()
     torch.save(path, ts, {metadata = META})
-    local got, meta = torch.load(path)
+    local got, meta = torch.load(path), torch.load_metadata(path)
+    assert.are.equal(1, select('#', torch.load(path)))   -- one result, metadata apart
     local n = 0
     for name, t in pairs(ts) do
       n = n + 1
@@ -139,7 +140,7 @@ describe('torch.save / torch.load', function()
   it('gives an empty metadata table when there is none, and the loaded tensors are independent of the file', function()
     local path = dir .. '/plain.safetensors'
     torch.save(path, {a = torch.ones(3)})
-    local got, meta = torch.load(path)
+    local got, meta = torch.load(path), torch.load_metadata(path)
     assert.are.same({}, meta)
     os.remove(path)                       -- the data must not depend on the file any more
     torch.save(path, {a = torch.zeros(3)})
@@ -168,7 +169,7 @@ describe('interoperability with the safetensors Python package', function()
 
   it('a file written by Python reads with torch.load with the same dtypes, shapes and values', function()
     local p = python()
-    local got, meta = torch.load(py_file)
+    local got, meta = torch.load(py_file), torch.load_metadata(py_file)
     local n = 0
     for name, want in pairs(p.py) do
       n = n + 1
