@@ -89,7 +89,7 @@ local function evaluate(m)
     return m:perplexity(held_ids, {max_length = cfg.window, stride = cfg.stride})
   end)
   local reader = kd.open_cache(held_cache, {batch_size = 1, shuffle = false, device = qatlab.device})
-  local kl = kd.evaluate(m, reader, {n = cfg.held_blocks, T = cfg.T})
+  local kl = kd.evaluate(m, reader, {examples = cfg.held_blocks, T = cfg.T})
   reader:close()
   local bpw = quant.bits_per_weight(m)
   if #quant.layers(m) == 0 then bpw = {quantized = 16, model = 16} end   -- a float model, counted as fp16
