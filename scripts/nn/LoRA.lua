@@ -8,7 +8,8 @@ local LoRA = Module:extend('nn.LoRA')
 -- LoRA(base, {rank = 8, alpha = rank, dropout = 0, freeze_base = true}). base: any module with
 -- forward(x), in_features and out_features (an nn.Linear, or a model projection wrapped in one).
 function LoRA:__init(base, opts)
-  opts = require('opts').check(opts, {rank = 'integer', alpha = 'number', dropout = 'number', freeze_base = 'boolean'}, 'nn.LoRA', 4)
+  opts = require('opts').check(opts, {rank = 'integer', alpha = 'number', dropout = 'number', freeze_base = 'boolean'},
+                                'nn.LoRA', 4)
   if type(base) ~= 'table' or type(base.forward) ~= 'function' or not base.in_features or not base.out_features then
     error('nn.LoRA: argument #1 (base): expected a module with forward, in_features and out_features', 3)
   end

@@ -7,7 +7,8 @@ local RMSNorm = Module:extend('nn.RMSNorm')
 
 -- RMSNorm(dim, {eps = 1e-6, elementwise_affine = true, dtype =, device =})
 function RMSNorm:__init(dim, opts)
-  opts = require('opts').check(opts, {eps = 'number', elementwise_affine = 'boolean', dtype = 'string', device = 'string'}, 'nn.RMSNorm', 4)
+  opts = require('opts').check(opts, {eps = 'number', elementwise_affine = 'boolean', dtype = 'string',
+                                      device = 'string'}, 'nn.RMSNorm', 4)
   if type(dim) ~= 'number' or dim < 1 or dim % 1 ~= 0 then
     error(('nn.RMSNorm: argument #1 (dim): expected a positive integer, got %s'):format(tostring(dim)), 3)
   end
