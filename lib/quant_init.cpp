@@ -5,12 +5,16 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include "lib/logging.h"
 
 #include <chrono>
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <mutex>
+#include <vector>
 #include <set>
 #include <stdexcept>
 
@@ -86,6 +90,85 @@ double werr(const at::Tensor & W, const at::Tensor & S, const at::Tensor & lut, 
     return (e.pow(2) * d).sum().to(at::kDouble).item<double>();
 }
 
+// The weighted init's inner step in one read of W and S (CPU, float32): S floored at `floor` with
+// its sign kept (floor_abs), idx = the nearest entry of the sorted LUT to W / S by
+// lut_nearest_long's rule (least float distance, ties and equal entries to the lowest index, NaN
+// to entry 0), and err = Σ d_i (lut[idx] S - W)² in float64. Elsewhere (CUDA, other dtypes) the
+// same from tensor operations. Some thirty full-size tensor passes become one.
+struct QuantPass {
+    at::Tensor idx;    // (out, in) int64
+    double err = 0;
+};
+
+QuantPass quant_pass(const at::Tensor & W, const at::Tensor & S, const at::Tensor & lut, const at::Tensor & dd, double floor) {
+    if (!W.is_cpu() || W.scalar_type() != at::kFloat || S.scalar_type() != at::kFloat || lut.scalar_type() != at::kFloat) {
+        at::Tensor Sf = floor_abs(S, floor);
+        at::Tensor idx = nearest_sorted(W / Sf, lut);
+        return {idx, werr(W, Sf, lut, idx, dd)};
+    }
+    const int64_t out = W.size(0), in = W.size(1);
+    at::Tensor Wc = W.contiguous(), Sc = S.contiguous(), dc = dd.reshape({-1}).to(at::kFloat).contiguous();
+    at::Tensor lc = lut.contiguous();
+    const float * w = Wc.data_ptr<float>(), * sp = Sc.data_ptr<float>(), * d = dc.data_ptr<float>(), * lv = lc.data_ptr<float>();
+    const int64_t L = lc.numel();
+    const float f = (float)floor, lo = lv[0], hi = lv[L - 1];
+    // midpoints, and for each entry the first index holding the same value (equal entries: lowest)
+    std::vector<float> mid(std::max<int64_t>(0, L - 1));
+    std::vector<int64_t> first(L);
+    for (int64_t j = 0; j + 1 < L; j++) mid[j] = (lv[j] + lv[j + 1]) * 0.5f;
+    for (int64_t j = 0; j < L; j++) first[j] = (j > 0 && lv[j] == lv[j - 1]) ? first[j - 1] : j;
+    at::Tensor idx = at::empty({out, in}, W.options().dtype(at::kLong));
+    int64_t * q = idx.data_ptr<int64_t>();
+    double total = 0;
+    std::mutex mu;
+    at::parallel_for(0, out, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in)), [&](int64_t r0, int64_t r1) {
+        std::vector<float> xs(in), svs(in);
+        std::vector<int32_t> ks(in);
+        double part = 0;
+        for (int64_t r = r0; r < r1; r++) {
+            const float * wr = w + r * in, * sr = sp + r * in;
+            int64_t * qr = q + r * in;
+            for (int64_t i = 0; i < in; i++) {   // scale floored, ratio clamped into the LUT's range
+                const float a = std::fabs(sr[i]);
+                const float sv = (sr[i] < 0 ? -1.0f : 1.0f) * (a < f ? f : a);
+                const float x = wr[i] / sv;
+                svs[i] = sv;
+                xs[i] = x < lo ? lo : (x > hi ? hi : x);   // NaN stays NaN
+                ks[i] = 0;
+            }
+            if (L <= 32) {   // candidate = how many midpoints lie below x (vectorizes over i)
+                for (int64_t j = 0; j + 1 < L; j++) {
+                    const float m = mid[j];
+                    for (int64_t i = 0; i < in; i++) ks[i] += xs[i] > m ? 1 : 0;
+                }
+            } else {
+                for (int64_t i = 0; i < in; i++)
+                    ks[i] = (int32_t)(std::lower_bound(mid.begin(), mid.end(), xs[i]) - mid.begin());
+            }
+            double rowe = 0;
+            for (int64_t i = 0; i < in; i++) {
+                const float x = xs[i];
+                int64_t k = ks[i];
+                if (std::isnan(x)) {
+                    k = 0;
+                } else {   // the exact rule among the neighbours: least float distance, ties down
+                    float dk = std::fabs(x - lv[k]);
+                    if (k > 0 && std::fabs(x - lv[k - 1]) <= dk) k = k - 1;
+                    else if (k + 1 < L && std::fabs(x - lv[k + 1]) < dk) k = k + 1;
+                    k = first[k];
+                }
+                qr[i] = k;
+                const float e = lv[k] * svs[i] - wr[i];
+                rowe += (double)(e * e) * d[i];
+            }
+            part += rowe;
+        }
+        std::lock_guard<std::mutex> g(mu);
+        total += part;
+    });
+    return {idx, total};
+}
+
 // Least squares per row: a_o = argmin Σ_i w_oi (a·b_i - t_oi)², given wt = w ⊙ t; w, wt (n, in),
 // B (r, in) → (n, r). Normal equations per row, a tiny ridge keeps empty rows solvable; the
 // Gram matrices come from one GEMM, or row chunks when r² · in is large (memory near 64 MB).
@@ -93,9 +176,18 @@ at::Tensor ls_rows(const at::Tensor & w, const at::Tensor & wt, const at::Tensor
     const int64_t n = w.size(0), r = B.size(0), in = B.size(1);
     at::Tensor G;
     at::Tensor Bt = B.t().contiguous();   // (in, r)
-    if (r * r * in <= (int64_t(1) << 24)) {   // one GEMM: G = w (b_i b_i^T)_i, (n, in) @ (in, r²)
-        at::Tensor BB = (Bt.unsqueeze(2) * Bt.unsqueeze(1)).reshape({in, r * r});
-        G = at::matmul(w, BB).view({n, r, r});
+    if (r * r * in <= (int64_t(1) << 24)) {
+        // One GEMM over the r(r+1)/2 distinct products: G[:, a, b] = w (b_ia b_ib)_i for a <= b,
+        // (n, in) @ (in, P), then mirrored: half the work of the full (in, r²).
+        auto lopt = at::TensorOptions().dtype(at::kLong).device(w.device());
+        at::Tensor iu = at::triu_indices(r, r, 0, lopt);               // (2, P)
+        at::Tensor ia = iu[0], ib = iu[1];
+        at::Tensor BB = Bt.index_select(1, ia) * Bt.index_select(1, ib);   // (in, P)
+        at::Tensor Gu = at::matmul(w, BB);                                  // (n, P)
+        G = at::empty({n, r * r}, w.options());
+        G.index_copy_(1, ia * r + ib, Gu);
+        G.index_copy_(1, ib * r + ia, Gu);
+        G = G.view({n, r, r});
     } else {
         G = at::empty({n, r, r}, w.options());
         const int64_t c = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, r * in));
@@ -199,8 +291,7 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
         double best = std::numeric_limits<double>::infinity(), ba = 1.0;
         for (int a = 0; a <= 20; a++) {
             double alpha = 0.3 + 0.05 * a;
-            at::Tensor Sa = floor_abs(S * alpha, 1e-4);
-            double e = werr(Ws, Sa, lut, nearest_sorted(Ws / Sa, lut), dd);
+            double e = quant_pass(Ws, S * alpha, lut, dd, 1e-4).err;
             if (e < best) best = e, ba = alpha;
         }
         A = A * ba;
@@ -210,20 +301,22 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
         A = (s.A_dir * s.g).to(at::kFloat);
         B = s.B_dir.to(at::kFloat).contiguous();
     }
-    at::Tensor S = floor_abs(at::matmul(A, B), 1e-4);
-    at::Tensor idx = nearest_sorted(W / S, lut);
+    at::Tensor S = at::matmul(A, B);                                   // floored inside quant_pass
+    QuantPass qp = quant_pass(W, S, lut, dd, 1e-4);
+    at::Tensor idx = qp.idx;
     // Weighted 1-D k-means of W / S (weights d S²) on sampled rows (about 128k weights: the
     // centres are means, a sample pins them), then Q again for every weight.
     const int64_t kstride = std::max<int64_t>(1, out * in / 131072);
     at::Tensor krows = at::arange(0, out, kstride, at::TensorOptions().dtype(at::kLong).device(W.device()));
     at::Tensor Wk = W.index_select(0, krows);
     auto lut_step = [&]() {
-        at::Tensor Sk = S.index_select(0, krows);
+        at::Tensor Sk = floor_abs(S.index_select(0, krows), 1e-4);
         lut = lut_weighted_kmeans(Wk / Sk, dd * Sk.pow(2), lut, 5);
-        idx = nearest_sorted(W / S, lut);
+        qp = quant_pass(W, S, lut, dd, 1e-4);
+        idx = qp.idx;
     };
     if (rc.kmeans) lut_step();
-    double best = werr(W, S, lut, idx, dd);
+    double best = qp.err;
     at::Tensor bA = A, bB = B, bl = lut;
     for (int64_t it = 0; it < o.refine; it++) {
         // Scales given Q: a weighted least squares in S with weights d Q² and target W / Q
@@ -232,10 +325,14 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
         at::Tensor w = dd * Q.pow(2), wt = dd * Q * W;
         A = ls_rows(w, wt, B);
         B = ls_rows(w.t().contiguous(), wt.t().contiguous(), A.t().contiguous()).t().contiguous();
-        S = floor_abs(at::matmul(A, B), 1e-4);
-        if (rc.kmeans) lut_step();                                     // LUT, then Q given both
-        else idx = nearest_sorted(W / S, lut);                         // Q given the scales
-        double e = werr(W, S, lut, idx, dd);
+        S = at::matmul(A, B);
+        if (rc.kmeans) {
+            lut_step();                                                // LUT, then Q given both
+        } else {
+            qp = quant_pass(W, S, lut, dd, 1e-4);                      // Q given the scales
+            idx = qp.idx;
+        }
+        double e = qp.err;
         if (!(e < best)) break;                                        // no progress (or NaN): keep the best
         best = e, bA = A, bB = B, bl = lut;
     }
@@ -252,8 +349,7 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
     l.set_baked(false);
     // Q from the scales exactly as the forward forms them (tighten_q).
     at::Tensor Sf = v2_full_scales(l);
-    l.indices = nearest_sorted(l.w.to(Sf.scalar_type()) / floor_abs(Sf, 1e-4), l.lut.to(Sf.scalar_type()))
-                    .to(at::kByte);
+    l.indices = quant_pass(l.w.to(Sf.scalar_type()), Sf, l.lut.to(Sf.scalar_type()), dd, 1e-4).idx.to(at::kByte);
     l.w.requires_grad_(false);
 }
 

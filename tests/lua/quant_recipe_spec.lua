@@ -251,4 +251,27 @@ describe('quant recipes', function()
     assert.is_true(torch.no_grad(function() return other(ids) end):equal(y))
     os.execute('rm -rf ' .. h.q(dir))
   end)
+
+  it('the init\'s fused nearest-entry pass agrees with tighten_q (uniform, k-means, 256 entries)', function()
+    local function indices(m)
+      local t = {}
+      for _, p in ipairs(m:named_parameters()) do
+        if p[1]:find('_indices$') then t[p[1]] = p[2]:clone() end
+      end
+      return t
+    end
+    for _, o in ipairs({{preset = 'q4a4'}, {preset = 'q2a4', lut = 'kmeans'}, {recipe = {mlp = {lut = 256, rank = 2}}}}) do
+      local m = tiny()
+      o.init, o.refine = 'weighted', 2
+      quant.replace(m, o)
+      local before = indices(m)
+      quant.tighten_q(m)   -- the tensor-operation rule (lut_nearest_indices) on the same scales
+      local n = 0
+      for k, v in pairs(indices(m)) do
+        assert.is_true(v:equal(before[k]), k)
+        n = n + 1
+      end
+      assert.is_true(n > 0)
+    end
+  end)
 end)
