@@ -222,13 +222,18 @@ int optim_clip_grad_norm(lua_State * L) {
 
 // -- methods ------------------------------------------------------------------------------------------
 
+// Methods read their arguments after self (stack slot 2 on).
 int m_step(lua_State * L) {
-    optim_check(L, 1).step();
+    Optimizer & o = optim_check(L, 1);
+    Args(L, 2).finish();
+    o.step();
     return 0;
 }
 
 int m_zero_grad(lua_State * L) {
-    optim_check(L, 1).zero_grad();
+    Optimizer & o = optim_check(L, 1);
+    Args(L, 2).finish();
+    o.zero_grad();
     return 0;
 }
 
@@ -239,6 +244,7 @@ void num_set(lua_State * L, const char * k, double v) {
 
 int m_param_groups(lua_State * L) {
     Optimizer & o = optim_check(L, 1);
+    Args(L, 2).finish();
     const auto & gs = o.param_groups();
     lua_createtable(L, (int)gs.size(), 0);
     for (size_t i = 0; i < gs.size(); i++) {
@@ -275,34 +281,42 @@ int m_param_groups(lua_State * L) {
     return 1;
 }
 
-// The 0-based group of optional argument `pos` (1-based in Lua); -1 (all) when absent.
-int group_arg(lua_State * L, Optimizer & o, int pos) {
-    if (lua_isnoneornil(L, pos)) return -1;
-    if (lua_type(L, pos) != LUA_TNUMBER) bind_fail("argument #%d (group): expected a number, got %s", pos - 1, luaL_typename(L, pos));
-    int g = (int)lua_tointeger(L, pos);
-    if (g < 1 || g > (int)o.param_groups().size())
-        bind_fail("argument #%d (group): %d is out of range (the optimizer has %d groups)", pos - 1, g, (int)o.param_groups().size());
-    return g - 1;
+// The 0-based group of optional argument `pos` (1-based in Lua, after self); -1 (all) when absent.
+int group_arg(Args & a, Optimizer & o, int pos) {
+    int64_t g = a.opt_integer(pos, "group", 0);
+    if (!a.has(pos, "group")) return -1;
+    if (g < 1 || g > (int64_t)o.param_groups().size())
+        a.fail(pos, "group", "%lld is out of range (the optimizer has %d groups)", (long long)g, (int)o.param_groups().size());
+    return (int)g - 1;
 }
 
+// opt:set_lr(lr[, group]) / opt:set_momentum(m[, group]): every group, or the given one.
 int m_set_lr(lua_State * L) {
     Optimizer & o = optim_check(L, 1);
-    if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #1 (lr): expected a number, got %s", luaL_typename(L, 2));
-    o.set_lr(lua_tonumber(L, 2), group_arg(L, o, 3));
+    Args a(L, 2);
+    double lr = a.number(1, "lr");
+    int g = group_arg(a, o, 2);
+    a.finish();
+    o.set_lr(lr, g);
     return 0;
 }
 
 int m_set_momentum(lua_State * L) {
     Optimizer & o = optim_check(L, 1);
-    if (lua_type(L, 2) != LUA_TNUMBER) bind_fail("argument #1 (momentum): expected a number, got %s", luaL_typename(L, 2));
-    o.set_momentum(lua_tonumber(L, 2), group_arg(L, o, 3));
+    Args a(L, 2);
+    double m = a.number(1, "momentum");
+    int g = group_arg(a, o, 2);
+    a.finish();
+    o.set_momentum(m, g);
     return 0;
 }
 
 // opt:state_dict() -> {tensors = {name = tensor}, meta = table}: the one form load_state_dict
 // takes (a file keeps meta as json.encode(meta) in its metadata; json.decode it back).
 int m_state_dict(lua_State * L) {
-    OptimStateDict sd = optim_check(L, 1).state_dict();
+    Optimizer & o = optim_check(L, 1);
+    Args(L, 2).finish();
+    OptimStateDict sd = o.state_dict();
     lua_createtable(L, 0, 3);
     lua_createtable(L, 0, (int)sd.tensors.size());
     for (auto & [k, t] : sd.tensors) {
@@ -318,7 +332,9 @@ int m_state_dict(lua_State * L) {
 // sd: {tensors = {name = tensor}, meta = table}, as state_dict() gives
 int m_load_state_dict(lua_State * L) {
     Optimizer & o = optim_check(L, 1);
+    // The state dict has string keys like options: it is read by slot, nothing may follow it.
     if (!lua_istable(L, 2)) bind_fail("argument #1 (state_dict): expected a table {tensors=, meta=}, got %s", luaL_typename(L, 2));
+    Args(L, 3).finish();
     OptimStateDict sd;
     lua_getfield(L, 2, "meta");
     if (lua_istable(L, -1)) sd.meta = json_from_lua(L, -1, "meta", true).dump();

@@ -68,6 +68,9 @@ describe('argument errors in Lua\'s own form', function()
     has(errmsg(torch.sum, torch.ones(2), 1, false, 'float32', 'x'), "bad argument #5 to 'torch.sum' (unexpected extra argument")
     has(errmsg(torch.save, os.tmpname() .. '.safetensors', {a = torch.ones(1)}, 'x'),
         "bad argument #3 to 'torch.save' (expected options {...} or nothing, got string 'x')")
+    local o = optim.SGD({torch.zeros(1, {requires_grad = true})}, {lr = 1})
+    has(errmsg(function() o:step(1) end), "bad argument #1 to 'Optimizer:step' (unexpected extra argument (number)")
+    has(errmsg(function() o:set_lr(0.1, 1, 'x') end), "bad argument #3 to 'Optimizer:set_lr' (unexpected extra argument")
     -- trailing nils are no arguments
     assert.are.equal(6, torch.ones(2, 3):sum(nil, nil):item())
   end)
