@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -169,6 +170,54 @@ QuantPass quant_pass(const at::Tensor & W, const at::Tensor & S, const at::Tenso
     return {idx, total};
 }
 
+// G x = b for a batch of small symmetric positive definite systems, G (n, r, r), b (n, r), float64
+// (the normal equations above, ridge included). On the CPU a Cholesky factorisation per system in
+// one loop: LAPACK through linalg_solve pays a call and checks per 4x4..64x64 system, which
+// dominated the refinement. A system that is not positive definite numerically, and other devices,
+// go to linalg_solve.
+at::Tensor spd_solve(const at::Tensor & G_, const at::Tensor & b_) {
+    if (!G_.is_cpu()) return at::linalg_solve(G_, b_.unsqueeze(2)).squeeze(2);
+    at::Tensor G = G_.contiguous(), x = b_.contiguous().clone();
+    const int64_t n = G.size(0), r = G.size(1);
+    const double * g = G.data_ptr<double>();
+    double * xp = x.data_ptr<double>();
+    std::atomic<bool> failed{false};
+    at::parallel_for(0, n, 64, [&](int64_t s0, int64_t s1) {
+        std::vector<double> Lm(r * r);
+        for (int64_t s = s0; s < s1; s++) {
+            const double * A = g + s * r * r;
+            double * y = xp + s * r;
+            for (int64_t i = 0; i < r; i++) {   // A = L L^T, row by row
+                for (int64_t j = 0; j <= i; j++) {
+                    double v = A[i * r + j];
+                    for (int64_t k = 0; k < j; k++) v -= Lm[i * r + k] * Lm[j * r + k];
+                    if (i == j) {
+                        if (!(v > 0)) {
+                            failed = true;
+                            return;
+                        }
+                        Lm[i * r + i] = std::sqrt(v);
+                    } else {
+                        Lm[i * r + j] = v / Lm[j * r + j];
+                    }
+                }
+            }
+            for (int64_t i = 0; i < r; i++) {   // L z = b
+                double v = y[i];
+                for (int64_t k = 0; k < i; k++) v -= Lm[i * r + k] * y[k];
+                y[i] = v / Lm[i * r + i];
+            }
+            for (int64_t i = r - 1; i >= 0; i--) {   // L^T x = z
+                double v = y[i];
+                for (int64_t k = i + 1; k < r; k++) v -= Lm[k * r + i] * y[k];
+                y[i] = v / Lm[i * r + i];
+            }
+        }
+    });
+    if (failed) return at::linalg_solve(G_, b_.unsqueeze(2)).squeeze(2);
+    return x;
+}
+
 // Least squares per row: a_o = argmin Σ_i w_oi (a·b_i - t_oi)², given wt = w ⊙ t; w, wt (n, in),
 // B (r, in) → (n, r). Normal equations per row, a tiny ridge keeps empty rows solvable; the
 // Gram matrices come from one GEMM, or row chunks when r² · in is large (memory near 64 MB).
@@ -200,8 +249,8 @@ at::Tensor ls_rows(const at::Tensor & w, const at::Tensor & wt, const at::Tensor
     at::Tensor rhs = at::matmul(wt, Bt);                                   // (n, r)
     at::Tensor lam = G.diagonal(0, 1, 2).mean(1, true).clamp_min(1e-20) * 1e-6;   // (n, 1)
     G = G + at::diag_embed(lam.expand({n, r}));
-    at::Tensor x = at::linalg_solve(G.to(at::kDouble), rhs.unsqueeze(2).to(at::kDouble));
-    return x.squeeze(2).to(w.scalar_type());
+    at::Tensor x = spd_solve(G.to(at::kDouble), rhs.to(at::kDouble));
+    return x.to(w.scalar_type());
 }
 
 at::Tensor fp16_round(const at::Tensor & t) { return t.to(at::kHalf).to(t.scalar_type()); }
