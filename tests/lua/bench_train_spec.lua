@@ -216,6 +216,27 @@ describe('bench_train', function()
     end
   end)
 
+  it('the shapes are the real models\' dims; a bad shape is an error naming the known ones', function()
+    -- Qwen3-0.6B's config.json (hand-copied: 28 layers, hidden 1024, 16/8 heads x 128, inter 3072, vocab 151936)
+    assert.same({layers = 28, hidden = 1024, inter = 3072, heads = 16, kv_heads = 8, head_dim = 128, vocab = 151936},
+      lib.dims({shape = 'qwen3'}))
+    assert.same(lib.dims({shape = 'qwen3'}), lib.dims({full = true}))
+    assert.are.equal(64, lib.dims({shape = 'smollm2', hidden = 64}).hidden)
+    -- SmolLM2-135M: against the GGUF the set-up fetches, when it is there
+    local path = h.source_dir .. '/.cache/models/smollm2-135m-instruct-q4_1.gguf'
+    if io.open(path) then
+      local _, c = require('gguf').load(path)
+      local d = lib.dims({shape = 'smollm2'})
+      assert.same({c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                   c.num_key_value_heads, c.vocab_size},
+                  {d.layers, d.hidden, d.inter, d.heads, d.kv_heads, d.vocab})
+      assert.are.equal(c.hidden_size / c.num_attention_heads, d.head_dim)
+    end
+    local ok, err = pcall(lib.dims, {shape = 'smollm3'})
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find('shape: expected one of qwen3, smoke, smollm2, tiny, got "smollm3"', 1, true), err)
+  end)
+
   it('refuses a bad batch list with a clear error', function()
     local rc, _, err = h.sh(('%s run --device cpu %s --set batches=0,x --out %s'):format(h.q(h.bin), h.q(SCRIPT),
       h.q(dir .. '/bad')))
