@@ -73,6 +73,7 @@ local function child(variant, measure, n)
   local out = sh(cmd .. ' 2>&1')
   local t, mem, loss = out:match('RESULT %S+ (%S+) (%S+) (%S+)')
   if not t then error(('child %s N=%d failed:\n%s'):format(variant, n, out), 0) end
+  io.stderr:write(('[bench_kd_loss]   %s N=%d (%s): %s s, %s bytes\n'):format(variant, n, measure, t, mem))
   return tonumber(t), tonumber(mem), tonumber(loss)
 end
 
