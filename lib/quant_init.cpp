@@ -101,6 +101,43 @@ struct QuantPass {
     double err = 0;
 };
 
+// One row of quant_pass (see there), written for the compiler to vectorize: an AVX2 clone is
+// chosen at run time where the CPU has it (the build targets plain x86-64).
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+double quant_row(const float * wr, const float * sr, const float * d, int64_t in, const float * lv, int64_t L,
+                 const float * mid, const int32_t * first, float f, float * xs, float * svs, int32_t * ks, int64_t * qr) {
+    const float lo = lv[0], hi = lv[L - 1];
+    for (int64_t i = 0; i < in; i++) {   // scale floored, ratio clamped into the LUT's range
+        const float a = std::fabs(sr[i]);
+        const float sv = (sr[i] < 0 ? -1.0f : 1.0f) * (a < f ? f : a);
+        const float x = wr[i] / sv;
+        svs[i] = sv;
+        xs[i] = x < lo ? lo : (x > hi ? hi : x);   // NaN stays NaN
+        ks[i] = 0;
+    }
+    if (L <= 32) {   // candidate = how many midpoints lie below x
+        for (int64_t j = 0; j + 1 < L; j++) {
+            const float m = mid[j];
+            for (int64_t i = 0; i < in; i++) ks[i] += xs[i] > m ? 1 : 0;
+        }
+    } else {
+        for (int64_t i = 0; i < in; i++) ks[i] = (int32_t)(std::lower_bound(mid, mid + L - 1, xs[i]) - mid);
+    }
+    double rowe = 0;
+    const int32_t Lm1 = (int32_t)L - 1;
+    for (int64_t i = 0; i < in; i++) {   // the exact rule among the neighbours: least float distance, ties down
+        const float x = xs[i];
+        const int32_t k = ks[i], km = k > 0 ? k - 1 : 0, kp = k < Lm1 ? k + 1 : k;
+        const float dk = std::fabs(x - lv[k]), dm = std::fabs(x - lv[km]), dp = std::fabs(x - lv[kp]);
+        int32_t c = dm <= dk ? km : (dp < dk ? kp : k);
+        c = x != x ? 0 : first[c];   // NaN: entry 0
+        qr[i] = c;
+        const float e = lv[c] * svs[i] - wr[i];
+        rowe += (double)(e * e) * d[i];
+    }
+    return rowe;
+}
+
 QuantPass quant_pass(const at::Tensor & W, const at::Tensor & S, const at::Tensor & lut, const at::Tensor & dd, double floor) {
     if (!W.is_cpu() || W.scalar_type() != at::kFloat || S.scalar_type() != at::kFloat || lut.scalar_type() != at::kFloat) {
         at::Tensor Sf = floor_abs(S, floor);
@@ -112,12 +149,12 @@ QuantPass quant_pass(const at::Tensor & W, const at::Tensor & S, const at::Tenso
     at::Tensor lc = lut.contiguous();
     const float * w = Wc.data_ptr<float>(), * sp = Sc.data_ptr<float>(), * d = dc.data_ptr<float>(), * lv = lc.data_ptr<float>();
     const int64_t L = lc.numel();
-    const float f = (float)floor, lo = lv[0], hi = lv[L - 1];
+    const float f = (float)floor;
     // midpoints, and for each entry the first index holding the same value (equal entries: lowest)
     std::vector<float> mid(std::max<int64_t>(0, L - 1));
-    std::vector<int64_t> first(L);
+    std::vector<int32_t> first(L);
     for (int64_t j = 0; j + 1 < L; j++) mid[j] = (lv[j] + lv[j + 1]) * 0.5f;
-    for (int64_t j = 0; j < L; j++) first[j] = (j > 0 && lv[j] == lv[j - 1]) ? first[j - 1] : j;
+    for (int64_t j = 0; j < L; j++) first[j] = (j > 0 && lv[j] == lv[j - 1]) ? first[j - 1] : (int32_t)j;
     at::Tensor idx = at::empty({out, in}, W.options().dtype(at::kLong));
     int64_t * q = idx.data_ptr<int64_t>();
     double total = 0;
@@ -129,39 +166,7 @@ QuantPass quant_pass(const at::Tensor & W, const at::Tensor & S, const at::Tenso
         for (int64_t r = r0; r < r1; r++) {
             const float * wr = w + r * in, * sr = sp + r * in;
             int64_t * qr = q + r * in;
-            for (int64_t i = 0; i < in; i++) {   // scale floored, ratio clamped into the LUT's range
-                const float a = std::fabs(sr[i]);
-                const float sv = (sr[i] < 0 ? -1.0f : 1.0f) * (a < f ? f : a);
-                const float x = wr[i] / sv;
-                svs[i] = sv;
-                xs[i] = x < lo ? lo : (x > hi ? hi : x);   // NaN stays NaN
-                ks[i] = 0;
-            }
-            if (L <= 32) {   // candidate = how many midpoints lie below x (vectorizes over i)
-                for (int64_t j = 0; j + 1 < L; j++) {
-                    const float m = mid[j];
-                    for (int64_t i = 0; i < in; i++) ks[i] += xs[i] > m ? 1 : 0;
-                }
-            } else {
-                for (int64_t i = 0; i < in; i++)
-                    ks[i] = (int32_t)(std::lower_bound(mid.begin(), mid.end(), xs[i]) - mid.begin());
-            }
-            double rowe = 0;
-            for (int64_t i = 0; i < in; i++) {
-                const float x = xs[i];
-                int64_t k = ks[i];
-                if (std::isnan(x)) {
-                    k = 0;
-                } else {   // the exact rule among the neighbours: least float distance, ties down
-                    float dk = std::fabs(x - lv[k]);
-                    if (k > 0 && std::fabs(x - lv[k - 1]) <= dk) k = k - 1;
-                    else if (k + 1 < L && std::fabs(x - lv[k + 1]) < dk) k = k + 1;
-                    k = first[k];
-                }
-                qr[i] = k;
-                const float e = lv[k] * svs[i] - wr[i];
-                rowe += (double)(e * e) * d[i];
-            }
+            double rowe = quant_row(wr, sr, d, in, lv, L, mid.data(), first.data(), f, xs.data(), svs.data(), ks.data(), qr);
             part += rowe;
         }
         std::lock_guard<std::mutex> g(mu);
@@ -333,8 +338,9 @@ void v2_init(LutLinearV2 & l, const at::Tensor & d_, const LayerRecipe & rc, con
             B.narrow(0, k, r - k).fill_(1e-3);
         }
         // One global factor: max-abs scales clip nothing, the error-optimal ones clip a little.
-        // Chosen on a sample of rows (about 64k weights): the grid costs little next to the fit.
-        const int64_t stride = std::max<int64_t>(1, out * in / 65536);
+        // Chosen on a sample of rows (about 16k weights): one scalar per layer needs no more,
+        // and the 21-point grid on 64k cost as much as the rest of the fit.
+        const int64_t stride = std::max<int64_t>(1, out * in / 16384);
         at::Tensor rows = at::arange(0, out, stride, at::TensorOptions().dtype(at::kLong).device(W.device()));
         at::Tensor S = at::matmul(A.index_select(0, rows), B), Ws = W.index_select(0, rows);
         double best = std::numeric_limits<double>::infinity(), ba = 1.0;
