@@ -665,7 +665,18 @@ int f_load_state_dict(lua_State * L) {
     c10::Device dev(at::kCPU);
     bool move = a.opt_device(0, "device", dev);
     a.finish();
-    NamedTensors ts = is_pt_file(path) ? pt_state_dict(pt_load(path)) : safetensors_load(path).tensors;
+    NamedTensors ts;
+    if (is_pt_file(path)) {
+        try {   // the pickle reader names the file; the state-dict walk does not know it
+            ts = pt_state_dict(pt_load(path));
+        } catch (const std::exception & e) {
+            std::string m = e.what();
+            if (m.rfind(path, 0) != 0) m = std::string(path) + ": " + m;
+            throw std::runtime_error(m);
+        }
+    } else {
+        ts = safetensors_load(path).tensors;
+    }
     lua_createtable(L, 0, (int)ts.size());
     for (auto & [name, t] : ts) {
         lua_pushlstring(L, name.data(), name.size());
