@@ -75,6 +75,10 @@ int64_t cfg_int(const json & j, const char * key, const std::string & src, std::
     }
     if (!it->is_number_integer() && !(it->is_number_float() && std::floor(it->get<double>()) == it->get<double>()))
         config_fail(src, key, "expected an integer, found " + json_type(*it) + " " + it->dump());
+    // A whole float or an unsigned beyond int64 (3.2e63 as found by tools/fuzz): casting it is undefined.
+    if ((it->is_number_float() && !(std::fabs(it->get<double>()) < 9223372036854775808.0)) ||
+        (it->is_number_unsigned() && it->get<uint64_t>() > uint64_t(INT64_MAX)))
+        config_fail(src, key, "expected an integer below 2^63, found " + it->dump());
     int64_t v = it->is_number_integer() ? it->get<int64_t>() : (int64_t)it->get<double>();
     if (v < 0) config_fail(src, key, "expected a non-negative integer, found " + std::to_string(v));
     return v;

@@ -248,4 +248,9 @@ def pb_bytes(field, payload):  # a length-delimited protobuf field (lengths < 12
 unk = pb_bytes(1, b'<unk>') + b'\x15\x00\x00\x00\x00' + b'\x18\x02'   # piece, score 0, type UNKNOWN
 put('sp', 'regress_nul_piece', pb_bytes(1, unk) + pb_bytes(1, pb_bytes(1, b'\x00')))
 
+# A whole number beyond int64 written without a decimal point (JSON parses it as a float): config.json's
+# integer reader cast it to int64, which is undefined (UBSan in fuzz_config).
+put('config', 'regress_huge_int', '{"model_type": "qwen3", "vocab_size": 97, "hidden_size": ' + '3' + '25' * 31 + ', '
+    '"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}')
+
 shutil.rmtree(tmp, ignore_errors=True)
