@@ -18,6 +18,10 @@ inline const std::string & scratch_dir() {
         std::string d = std::string(base) + "/qatlab-fuzz-" + std::to_string(getpid());
         std::string cmd = "mkdir -p '" + d + "'";
         if (std::system(cmd.c_str()) != 0) std::abort();
+        // Removed at exit; the command is kept in a plain buffer: the string is destroyed first.
+        static char rm[512];
+        std::snprintf(rm, sizeof rm, "rm -rf '%s'", d.c_str());
+        std::atexit([] { if (std::system(rm) != 0) {} });
         return d;
     }();
     return dir;
