@@ -119,7 +119,10 @@ local function finish(name, label, m, extra)
   rec.stage, rec.label = name, label
   for k, v in pairs(extra or {}) do rec[k] = v end
   if m ~= teacher then
-    quant.save_checkpoint(m, stage_dir(name) .. '/checkpoint')
+    quant.save_checkpoint(m, stage_dir(name) .. '/checkpoint')   -- compact: indices, scales, no float copy
+    local f = assert(io.open(stage_dir(name) .. '/checkpoint/model.safetensors', 'rb'))
+    rec.checkpoint_bytes = f:seek('end')
+    f:close()
     rec.compact_bytes = quant.export_compact(m, stage_dir(name) .. '/model_compact.safetensors')
   end
   save_record(name, rec)
@@ -215,15 +218,16 @@ local md = {
   ('training: %d blocks of %d tokens, batch %d, top-%d KD cache; device %s.'):format(cfg.train_blocks, cfg.L, cfg.batch,
     cfg.K, qatlab.device),
   '',
-  '| stage | perplexity | × teacher | KD loss | bits/weight (quantized layers) | bits/weight (model) | compact MB | s '
-    .. '| sample answer |',
-  '|---|---:|---:|---:|---:|---:|---:|---:|---|',
+  '| stage | perplexity | × teacher | KD loss | bits/weight (quantized layers) | bits/weight (model) | compact MB '
+    .. '| checkpoint MB | s | sample answer |',
+  '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|',
 }
 for _, name in ipairs(order) do
   local r = records[name]
   if r then
-    md[#md + 1] = ('| %s | %.2f | %.3f | %.4f | %.3f | %.3f | %s | %s | %s |'):format(r.label, r.ppl, r.ppl / tp,
-      r.kd_loss, r.bits_quantized, r.bits_model, r.compact_bytes and ('%.1f'):format(r.compact_bytes / 2 ^ 20) or '',
+    local function mb(b) return b and ('%.1f'):format(b / 2 ^ 20) or '' end
+    md[#md + 1] = ('| %s | %.2f | %.3f | %.4f | %.3f | %.3f | %s | %s | %s | %s |'):format(r.label, r.ppl, r.ppl / tp,
+      r.kd_loss, r.bits_quantized, r.bits_model, mb(r.compact_bytes), mb(r.checkpoint_bytes),
       r.seconds and ('%.0f'):format(r.seconds) or '', (r.sample or ''):gsub('|', '/'):sub(1, 80))
   end
 end
