@@ -561,7 +561,7 @@ TEST(QuantLut, ReplaceTrainableAndExport) {
         }
     EXPECT_EQ(st.metadata["model.layers.0.self_attn.q_proj.bits"], "4");
     // our checkpoint round trip (safetensors + seed-style config.json)
-    quant_save_checkpoint(m, (d / "ckpt").string());
+    quant_save_checkpoint(m, (d / "ckpt").string(), true);   // with float weights: loads into any model
     std::ifstream cf(d / "ckpt" / "config.json");
     std::string cj((std::istreambuf_iterator<char>(cf)), {});
     LutPreset p = quant_seed_config_parse(cj, "config.json");
@@ -579,6 +579,15 @@ TEST(QuantLut, ReplaceTrainableAndExport) {
     EXPECT_EQ(quant_v2_layers(m3).size(), 14u);
     m3.train(false);
     EXPECT_LT(maxdiff(m3.forward(ids), y), 1e-5);
+    // compact (no float weights): into the float model it came from, not into another one
+    quant_save_checkpoint(m, (d / "compact").string());
+    DecoderModel m4(tiny_config(2));
+    EXPECT_THROW(quant_load_checkpoint(m4, (d / "compact").string()), std::runtime_error);
+    at::manual_seed(0);
+    DecoderModel m5(tiny_config(2));   // the weights m had before quant_replace
+    EXPECT_TRUE(quant_load_checkpoint(m5, (d / "compact").string()).empty());
+    m5.train(false);
+    EXPECT_LT(maxdiff(m5.forward(ids), y), 1e-5);
     fs::remove_all(d);
 }
 
@@ -627,7 +636,7 @@ TEST(QuantLut, TrainedLut16CheckpointRoundTrip) {
     at::Tensor ids = at::randint(0, 40, {1, 6}, at::kLong);
     at::Tensor y = m.forward(ids).detach();
     fs::path d = tmp_dir("lut16");
-    quant_save_checkpoint(m, d.string());
+    quant_save_checkpoint(m, d.string(), true);   // loaded into another random model below
     DecoderModel m2(tiny_config(1));
     m2.train(false);
     EXPECT_TRUE(quant_load_checkpoint(m2, d.string()).empty());
