@@ -60,7 +60,7 @@ int f_read_jsonl(lua_State * L) {
     return 1;
 }
 
-// data.read_alpaca(path, {thinking='false'}) -> {text, ...} (Qwen3 chat format, §4.1 modes)
+// data.read_alpaca(path, {thinking='false'}) -> {text, ...} (Qwen3 chat format, docs/formulas.md §10 modes)
 int f_read_alpaca(lua_State * L) {
     Args a(L);
     std::string p = a.string(1, "path");

@@ -1,5 +1,5 @@
-// kd: the KD loss (lib/kd_loss, anemll §6) for Lua: kd.loss on hidden states, kd.loss_model on
-// a model, kd.evaluate (§6.2) and the unfused kd.loss_reference; the cache functions join the table.
+// kd: the KD loss (lib/kd_loss, docs/formulas.md §6) for Lua: kd.loss on hidden states, kd.loss_model on
+// a model, kd.evaluate (docs/formulas.md §6) and the unfused kd.loss_reference; the cache functions join the table.
 #include "bindings/bind.h"
 #include "lib/kd_loss.h"
 #include "lib/model.h"
@@ -112,7 +112,7 @@ at::Tensor model_head_weight(DecoderModel & m) {
     bind_fail("the model has no model.embed_tokens.weight");
 }
 
-// §6.1.1: an all-ones mask is passed as none (plain causal attention).
+// docs/formulas.md §6: an all-ones mask is passed as none (plain causal attention).
 at::Tensor model_hidden(DecoderModel & m, const at::Tensor & ids_in, const at::Tensor & mask_in) {
     at::Tensor ids = ids_in.to(m.device(), at::kLong), mask;
     if (mask_in.defined() && !(mask_in != 0).all().item<bool>()) mask = mask_in.to(m.device());

@@ -689,7 +689,7 @@ int q_enable_lut_training(lua_State * L) {
     return 1;
 }
 
-// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+// -- recovery LoRA (docs/formulas.md §2.7) -------------------------------------------------------------------
 
 RecoveryLoraOptions lora_options(Args & a, bool all) {
     RecoveryLoraOptions o;

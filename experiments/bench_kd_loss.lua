@@ -1,4 +1,4 @@
--- bench_kd_loss: peak memory and time of the KD loss (anemll §6.1, defaults T=2, hard 0.2 + 0.00005)
+-- bench_kd_loss: peak memory and time of the KD loss (docs/formulas.md §6, defaults T=2, hard 0.2 + 0.00005)
 -- forward + backward w.r.t. h, fused and chunked (kd.loss) vs unfused (kd.loss_reference), at a
 -- Qwen3-like vocabulary (V 151936, H 1024, K 32) on the CPU. A benchmark, not a test.
 --

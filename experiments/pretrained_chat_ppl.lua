@@ -31,7 +31,7 @@ local cfg = config.merge({
   seed = 0,
   text = '/usr/share/common-licenses/GPL-3',
   max_tokens = 2048,    -- perplexity on the first max_tokens tokens of the text (0: all)
-  max_length = 1024,    -- the seed's sliding-window protocol (anemll_spec §9.1)
+  max_length = 1024,    -- the seed's sliding-window protocol (docs/formulas.md §9)
   stride = 512,
   dtype = 'float32',
 }, args)

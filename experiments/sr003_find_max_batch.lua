@@ -2,7 +2,7 @@
 -- without activation checkpointing, and the throughput at each tried batch, in the seed's table
 -- (| Batch | Step(s) | Memory | t/s | Loss | Status |). A Qwen3-shaped model with V2 LUT layers
 -- (quant.replace) trains on random tokens; on the CPU a memory budget (peak RSS) plays the GPU.
--- loss=ce: next-token cross-entropy. loss=kd: the seed's train_e2e loss (anemll §6.1: KD at T=2 on a teacher's
+-- loss=ce: next-token cross-entropy. loss=kd: the seed's train_e2e loss (docs/formulas.md §6: KD at T=2 on a teacher's
 -- top-K cache plus the full-vocabulary CE at weight hard_full), the cache written by the float model before
 -- quantization (the seed's student starts as a quantized copy of its teacher), or read from --set cache=DIR.
 --

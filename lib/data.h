@@ -27,7 +27,7 @@ struct AlpacaExample {
 // A JSON array of objects (the alpaca_data.json layout) or JSONL; `input` may be absent.
 std::vector<AlpacaExample> data_read_alpaca_examples(const std::string & path);
 
-// The seed's texts for one example (anemll_spec §4.1, build_alpaca_messages + _chat_text_variants):
+// The seed's texts for one example (docs/formulas.md §10, build_alpaca_messages + _chat_text_variants):
 // user = instruction (+ "\n\n" + input when the input is non-empty), assistant = output stripped,
 // rendered with the Qwen3 chat format, no generation prompt. thinking:
 //   "false": enable_thinking=False, then <think>…</think> blocks and the whitespace after
@@ -61,7 +61,7 @@ at::Tensor data_shuffle(const at::Tensor & t, uint64_t seed);
 // (at least one row when fraction > 0 and N > 1; never all rows).
 std::pair<at::Tensor, at::Tensor> data_split(const at::Tensor & t, double fraction, uint64_t seed);
 
-// -- parameter-golf token shards (golf_nanochat.md §1.2) ------------------------------------------
+// -- parameter-golf token shards (docs/formulas.md §10) ------------------------------------------
 // Header: 256 little-endian int32, [0] = 20240520 (magic), [1] = 1 (version), [2] = token count;
 // then the tokens as little-endian uint16. File size = 1024 + 2 * count.
 constexpr int32_t GOLF_SHARD_MAGIC = 20240520;

@@ -1,4 +1,4 @@
-// kd_cache: the seed's KD top-k cache (anemll_spec §4): a resumable builder writing safetensors shards
+// kd_cache: the seed's KD top-k cache (docs/formulas.md §5): a resumable builder writing safetensors shards
 // with the seed's tensor names, dtypes and meta.json, and a prefetching reader of ours and the seed's .pt.
 #pragma once
 #include <ATen/core/Tensor.h>

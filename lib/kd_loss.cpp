@@ -1,4 +1,4 @@
-// kd_loss: anemll §6 KD loss (V2 §6.1, legacy §6.3, evaluate §6.2) as a fused, chunked autograd
+// kd_loss: docs/formulas.md §6 KD loss (V2 docs/formulas.md §6, legacy docs/formulas.md §6, evaluate docs/formulas.md §6) as a fused, chunked autograd
 // Function that forms each chunk's logits once (gradients taken in forward), plus an unfused reference.
 #include "lib/kd_loss.h"
 
@@ -126,7 +126,7 @@ KDPrep kd_prepare(const at::Tensor & h_in, const at::Tensor & W, const KDBatch &
     p.y = topk.select(2, 0).reshape({N});
     const at::Tensor zero = at::zeros({N}, at::TensorOptions().dtype(p.acc).device(dev));
     if (!o.legacy) {
-        // §6.1: T²·KL over top-K; (hard_top1 + hard_full)·CE_full, one CE reused; sampled CE.
+        // docs/formulas.md §6: T²·KL over top-K; (hard_top1 + hard_full)·CE_full, one CE reused; sampled CE.
         p.cand = topk.reshape({N, K});
         p.tk = topl.reshape({N, K});
         p.mk = K;
@@ -147,7 +147,7 @@ KDPrep kd_prepare(const at::Tensor & h_in, const at::Tensor & W, const KDBatch &
         p.wf = p.af != 0 ? w_mean : zero;
         p.dense_full = p.af != 0;
     } else {
-        // §6.3: KL and candidate NLL over [top-K ‖ rand]; full CE at the last non-pad position.
+        // docs/formulas.md §6: KL and candidate NLL over [top-K ‖ rand]; full CE at the last non-pad position.
         p.cand = topk.reshape({N, K});
         p.tk = topl.reshape({N, K});
         if (randi.defined()) {
@@ -368,7 +368,7 @@ KDEvalResult kd_evaluate(const KDHiddenFn & hidden, const at::Tensor & W, const 
     at::NoGradGuard no_grad;
     KDOptions o;
     o.temperature = temperature;
-    o.hard_top1 = o.hard_full = 0.0;   // §6.2: pure T²·KL
+    o.hard_top1 = o.hard_full = 0.0;   // docs/formulas.md §6: pure T²·KL
     o.sampled_ce = 0.0;
     KDEvalResult r;
     double sum = 0;
@@ -384,7 +384,7 @@ KDEvalResult kd_evaluate(const KDHiddenFn & hidden, const at::Tensor & W, const 
             e.topk_logits = row(b.topk_logits);
             at::Tensor ids = row(b.input_ids).to(W.device(), at::kLong);
             at::Tensor mask = row(b.attention_mask);
-            if (mask.defined() && (mask != 0).all().item<bool>()) mask = at::Tensor();   // §6.1.1: all ones → None
+            if (mask.defined() && (mask != 0).all().item<bool>()) mask = at::Tensor();   // docs/formulas.md §6: all ones → None
             if (mask.defined()) mask = mask.to(W.device());
             at::Tensor h = hidden(ids, mask);   // (1, L, H)
             sum += kd_loss_fused(h, W, e, o).loss.item<double>();

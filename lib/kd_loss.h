@@ -1,4 +1,4 @@
-// kd_loss: the seed's knowledge-distillation loss (anemll §6) over cached teacher top-k logits,
+// kd_loss: the seed's knowledge-distillation loss (docs/formulas.md §6) over cached teacher top-k logits,
 // fused with the lm_head and chunked over positions so no (N, V) or (N, K, H) tensor lives whole.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -11,7 +11,7 @@
 
 namespace qatlab {
 
-// One batch of the KD cache (anemll §4.2). S = L - 1 predicted positions.
+// One batch of the KD cache (docs/formulas.md §5.2). S = L - 1 predicted positions.
 struct KDBatch {
     at::Tensor input_ids;        // (B, L) int32/int64; only kd_evaluate reads it
     at::Tensor attention_mask;   // (B, L) or undefined (= all ones)
@@ -29,7 +29,7 @@ struct KDOptions {
                                       // legacy: full-vocab CE at the last non-pad position only
     double sampled_ce = 0.0;          // V2: weight of CE over [top-K ‖ negatives], target index 0
     int64_t sampled_negatives = 64;   // on-the-fly negatives when the batch has no rand_idx
-    bool legacy = false;              // §6.3: KL over [top-K ‖ rand], masked by attention_mask[:, 1:]
+    bool legacy = false;              // docs/formulas.md §6: KL over [top-K ‖ rand], masked by attention_mask[:, 1:]
     double distill_weight = 1.0;      // legacy: factor on T²·KL
     bool masked = false;              // V2 extension: average over attention_mask[:, 1:] like legacy
                                       // (the seed's V2 loss is an unmasked mean over B·S positions)
@@ -53,7 +53,7 @@ KDResult kd_loss_fused(const at::Tensor & h, const at::Tensor & W, const KDBatch
 // The same loss with straightforward ops under autograd: materializes (N, V) and (N, M, H).
 KDResult kd_loss_reference(const at::Tensor & h, const at::Tensor & W, const KDBatch & batch, const KDOptions & opt);
 
-// evaluate_kd_loss (§6.2): examples one at a time (B = 1) in the order the batches come, no grad,
+// evaluate_kd_loss (docs/formulas.md §6): examples one at a time (B = 1) in the order the batches come, no grad,
 // T²·KL only (hard weights 0), averaged over the first n examples (fewer if the batches run out).
 // hidden(input_ids (1, L) int64, attention_mask (1, L) or undefined when all ones) -> (1, L, H).
 // next(batch) fills the next batch and returns false at the end.

@@ -236,7 +236,7 @@ public:
     KVCache kvcache_init(int64_t batch, int64_t max_len);
     // input_ids (B, P) int64 prompts of equal length (or (P)); one row per prompt x sample.
     GenerateResult generate(const at::Tensor & input_ids, const GenerateOptions & opt);
-    // Sliding-window perplexity of one id sequence (T) (anemll §9.1); bits per byte if bytes > 0.
+    // Sliding-window perplexity of one id sequence (T) (docs/formulas.md §9); bits per byte if bytes > 0.
     PerplexityResult perplexity(const at::Tensor & ids, int64_t max_length = 1024, int64_t stride = 512,
                                 int64_t bytes = 0);
 

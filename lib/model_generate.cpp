@@ -1,5 +1,5 @@
 // model_generate: KV-cache decoding (prefill once, one token per step, independent samples from
-// one prefill as nanochat's engine, left-padded prompt batches) and the sliding-window perplexity of anemll §9.1.
+// one prefill as nanochat's engine, left-padded prompt batches) and the sliding-window perplexity of docs/formulas.md §9.
 #include "lib/model.h"
 
 #include <ATen/ATen.h>

@@ -130,7 +130,7 @@ int64_t quant_set_trainable(DecoderModel & m, const std::string & mode) {
     static const std::set<std::string> modes{"all", "g_only", "mlp", "attn", "frozen_magnitude", "lut"};
     if (!modes.count(mode))
         throw std::runtime_error("unknown mode '" + mode + "' (expected all, g_only, mlp, attn, frozen_magnitude or lut)");
-    m.requires_grad(false);   // everything starts frozen (§5.3)
+    m.requires_grad(false);   // everything starts frozen (docs/formulas.md §11)
     int64_t n = 0;
     auto on = [&](at::Tensor & t) {
         t.requires_grad_(true);
@@ -182,7 +182,7 @@ int64_t quant_v1_to_v2(DecoderModel & m, LutForm form, bool ste) {
     return n;
 }
 
-// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+// -- recovery LoRA (docs/formulas.md §2.7) -------------------------------------------------------------------
 
 void quant_enable_recovery_lora(DecoderModel & m, const std::string & name, const RecoveryLoraOptions & o) {
     auto l = std::dynamic_pointer_cast<LutLinearV2>(m.get_linear(name));
@@ -680,12 +680,12 @@ std::vector<std::string> quant_load_checkpoint(DecoderModel & m, const std::stri
         } else {
             v2_freeze_q(*l);
         }
-        if (raw.defined()) {   // a trained LUT16 that was saved without baking (§1.10)
+        if (raw.defined()) {   // a trained LUT16 that was saved without baking (docs/formulas.md §2.8)
             if (raw.numel() != 8 || lut.numel() != 16)
                 ck_fail(src, name + "._lut_raw_deltas", "expected 8 deltas for a 16-entry LUT, found " + shape_str(raw.sizes()));
             l->lut_raw = raw.to(so).reshape({8}).contiguous();
         }
-        if (lA.defined() || lB.defined()) {   // recovery LoRA (§1.11): both or neither
+        if (lA.defined() || lB.defined()) {   // recovery LoRA (docs/formulas.md §2.7): both or neither
             if (!lA.defined() || !lB.defined())
                 ck_fail(src, name + (lA.defined() ? ".lora_B" : ".lora_A"), "missing (recovery LoRA needs lora_A and lora_B)");
             const int64_t rl = lA.dim() == 2 ? lA.size(0) : -1;

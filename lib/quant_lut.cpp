@@ -1,6 +1,6 @@
 // quant_lut: LUTs, STE-FP16, the V2 layer (scales, Q, the three forward forms), init,
 // freeze_Q, trainable LUT16, snapping and the Q4→Q2 layer conversion; the V1 layer and V1→V2.
-// Formulas follow the seed's V2/V1 specification, §1-§3 (section numbers in comments).
+// Formulas follow the seed's V2/V1 specification, docs/formulas.md §1-§4 (section numbers in comments).
 #include "lib/quant_lut.h"
 #include "lib/quant_init.h"
 
@@ -39,7 +39,7 @@ LutPreset lut_preset(const std::string & name) {
 
 at::Tensor lut_make(int64_t size, bool include_zero) {
     if (size < 2 || size > 256) throw std::runtime_error("LUT size must be in 2..256, got " + std::to_string(size));
-    auto h = at::TensorOptions().dtype(at::kHalf);   // fp16 on the CPU, as make_lut (§1.3)
+    auto h = at::TensorOptions().dtype(at::kHalf);   // fp16 on the CPU, as make_lut (docs/formulas.md §1)
     if (!include_zero || size % 2) return at::linspace(-1, 1, size, h).to(at::kFloat);
     at::Tensor neg = at::linspace(-1, 0, size / 2 + 1, h).narrow(0, 0, size / 2);
     at::Tensor pos = at::linspace(0, 1, size / 2, h);
@@ -164,7 +164,7 @@ void slot_set(at::Tensor & slot, const at::Tensor & v) {
     if (rg && slot.is_floating_point()) slot.requires_grad_(true);
 }
 
-at::Tensor half_cpu(const at::Tensor & t) {   // fp16 casts go through the CPU (§1.9)
+at::Tensor half_cpu(const at::Tensor & t) {   // fp16 casts go through the CPU (docs/formulas.md §2.6)
     return t.detach().to(at::kCPU).to(at::kHalf).to(t.device());
 }
 } // namespace
@@ -218,7 +218,7 @@ void LutLinearV2::set_baked(bool on) {
 }
 
 V2Scales v2_scales(LutLinearV2 & l) {
-    if (l.baked()) return {l.scale_A, l.scale_B, l.rank_magnitude};   // raw, no eps, no STE (§1.5)
+    if (l.baked()) return {l.scale_A, l.scale_B, l.rank_magnitude};   // raw, no eps, no STE (docs/formulas.md §2.3)
     const auto & c = l.cfg;
     at::Tensor A = l.scale_A, B = l.scale_B;
     if (c.force_positive_scales) {
@@ -357,7 +357,7 @@ at::Tensor v2_forward_base(LutLinearV2 & l, const at::Tensor & x, LutForm form) 
     }
     at::Tensor Q = st(v2_q(l, dt));   // [out,in] in the compute dtype (the seed's Q.to(x.dtype))
     if (form == LutForm::loop) {
-        // §1.7 loop: per rank b = st(B_k), a = st(g_k A_k), u = st(x ⊙ b), v = st(u Q^T), y = st(y + a ⊙ v).
+        // docs/formulas.md §2.4 loop: per rank b = st(B_k), a = st(g_k A_k), u = st(x ⊙ b), v = st(u Q^T), y = st(y + a ⊙ v).
         auto sizes = x.sizes().vec();
         sizes.back() = l.out_features();
         y = at::zeros(sizes, x.options());
@@ -369,7 +369,7 @@ at::Tensor v2_forward_base(LutLinearV2 & l, const at::Tensor & x, LutForm form) 
             y = st(y + ak * v);
         }
     } else {
-        // §1.7 batched: X = st(x[..., None, :] ⊙ Bm), Y = st(X Q^T), y = st(Σ_r Y ⊙ Am).
+        // docs/formulas.md §2.4 batched: X = st(x[..., None, :] ⊙ Bm), Y = st(X Q^T), y = st(Σ_r Y ⊙ Am).
         at::Tensor Bm = st(s.B_dir).to(dt);                                       // [r,in]
         at::Tensor Am = st((s.A_dir * s.g).t()).to(dt);                           // [r,out]
         at::Tensor X = st(x.unsqueeze(-2) * Bm);                                  // [..., r, in]
@@ -399,7 +399,7 @@ at::Tensor LutLinearV2::weight() {
     return W.to(w.scalar_type());
 }
 
-// -- recovery LoRA (§1.11) -------------------------------------------------------------------
+// -- recovery LoRA (docs/formulas.md §2.7) -------------------------------------------------------------------
 
 void v2_enable_lora(LutLinearV2 & l, int64_t rank, std::optional<double> alpha, double dropout) {
     const std::string who = l.module_name.empty() ? std::string("V2 layer") : l.module_name;
@@ -454,7 +454,7 @@ int64_t v2_resnap_with_lora(LutLinearV2 & l) {
 }
 
 namespace {
-// §1.4 steps 1-2: group max-abs per G input columns, expanded per weight: [out, padded_in].
+// docs/formulas.md §2.2 steps 1-2: group max-abs per G input columns, expanded per weight: [out, padded_in].
 at::Tensor group_maxabs_full(const at::Tensor & W, int64_t G) {
     const int64_t out = W.size(0), in = W.size(1), pad = (G - in % G) % G;
     at::Tensor Wp = pad ? at::constant_pad_nd(W, {0, pad}) : W;
@@ -494,7 +494,7 @@ void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W_, bool round_g_fp
 void v2_freeze_q(LutLinearV2 & l) {
     at::NoGradGuard ng;
     at::Tensor S = v2_full_scales(l);
-    l.indices = lut_nearest_indices(l.w.to(S.scalar_type()) / S, l.lut);   // no epsilon (§1.6)
+    l.indices = lut_nearest_indices(l.w.to(S.scalar_type()) / S, l.lut);   // no epsilon (docs/formulas.md §2.3)
     l.w.requires_grad_(false);
 }
 
@@ -518,7 +518,7 @@ void v2_enable_lut_training(LutLinearV2 & l, double max_abs) {
     l.lut_raw = lut16_raw_init(l.lut, max_abs).to(l.lut.device()).requires_grad_(true);
 }
 
-// -- snapping (§1.9) -------------------------------------------------------------------------
+// -- snapping (docs/formulas.md §2.6) -------------------------------------------------------------------------
 
 namespace {
 void bake_lut_raw(LutLinearV2 & l) {   // trained LUT16 → lut (scripts/bake_lut.py)
@@ -584,7 +584,7 @@ void v2_convert_to_fp16(LutLinearV2 & l) {
     }
 }
 
-// -- Q4 → Q2 (§3) ----------------------------------------------------------------------------
+// -- Q4 → Q2 (docs/formulas.md §4) ----------------------------------------------------------------------------
 
 void v2_convert_rank_lut(LutLinearV2 & l, int64_t new_rank, int64_t new_lut, std::optional<at::Generator> gen) {
     at::NoGradGuard ng;
@@ -608,7 +608,7 @@ void v2_convert_rank_lut(LutLinearV2 & l, int64_t new_rank, int64_t new_lut, std
     v2_freeze_q(l);   // indices are recomputed, not remapped
 }
 
-// -- V1 layer (§2.1) -------------------------------------------------------------------------
+// -- V1 layer (docs/formulas.md §3) -------------------------------------------------------------------------
 
 LutLinearV1::LutLinearV1(int64_t out, int64_t in, int64_t Lq, int64_t rank, int64_t G, const at::TensorOptions & opts,
                          bool has_bias)

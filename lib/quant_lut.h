@@ -1,4 +1,4 @@
-// quant_lut: the seed's LUT-quantized linear layers (anemll_spec.md §1-§3): V2 (frozen LUT
+// quant_lut: the seed's LUT-quantized linear layers (docs/formulas.md §1-§4): V2 (frozen LUT
 // indices Q, low-rank scales S = (A_dir ⊙ g) B_dir, W_eff = Q ⊙ S), V1 (fake-quant with
 // A@B scales), STE-FP16, init, freeze_Q, snapping, V1→V2 and Q4→Q2 conversions, export,
 // replacement on a DecoderModel and the seed's checkpoint key layout.
@@ -27,10 +27,10 @@ struct LutConfig {
     std::string magnitude_activation = "identity";   // "identity", "softplus" or "abs"
     double magnitude_eps = 1e-6;            // added to g even for identity
     double norm_eps = 1e-6;                 // clamp of column/row norms
-    bool use_ste_fp16 = false;              // STE-FP16 in forward (§1.8)
+    bool use_ste_fp16 = false;              // STE-FP16 in forward (docs/formulas.md §2.5)
 };
 
-// Forward forms (§1.7): one GEMM with W_eff = Q ⊙ S (default, fast), the seed's per-rank loop,
+// Forward forms (docs/formulas.md §2.4): one GEMM with W_eff = Q ⊙ S (default, fast), the seed's per-rank loop,
 // the seed's batched einsum. Without STE they agree to float rounding.
 enum class LutForm { materialized, loop, batched };
 LutForm lut_form_parse(const std::string & s);       // "materialized" | "loop" | "batched"
@@ -57,7 +57,7 @@ at::Tensor ste_fp16(const at::Tensor & x, bool saturate = true);
 // sorted values' quantile positions floor(linspace(0,1,k+2)[1:k+1]·(n-1)), n_iter fixed
 // iterations, ties to the first centre, empty clusters keep their centre), sorted, fp32.
 at::Tensor lut_kmeans_reduce(const at::Tensor & lut, int64_t k, int64_t n_iter = 20);
-// Trainable symmetric LUT16 (§1.10): raw [8] → LUT [16]. snap=false skips the final fp16 STE
+// Trainable symmetric LUT16 (docs/formulas.md §2.8): raw [8] → LUT [16]. snap=false skips the final fp16 STE
 // (for finite-difference checks).
 at::Tensor lut16_from_raw(const at::Tensor & raw, double max_abs = 1.0, bool snap = true);
 at::Tensor lut16_raw_init(const at::Tensor & lut, double max_abs = 1.0);   // [16] → raw [8]
@@ -77,7 +77,7 @@ struct LutLinearV2 : Linear {
     at::Tensor baked_flag;       // "_scales_baked_flag" int8 scalar: 1 = use raw A, B, g
     at::Tensor lut_raw;          // "_lut_raw_deltas" [8] when the LUT16 is trainable, else undefined
     double lut_max_abs = 1.0;
-    // Recovery LoRA (§1.11), undefined when off: y = V2(x) + (alpha/r_l)·(dropout(x) A^T) B^T.
+    // Recovery LoRA (docs/formulas.md §2.7), undefined when off: y = V2(x) + (alpha/r_l)·(dropout(x) A^T) B^T.
     at::Tensor lora_A;           // "lora_A" [r_l,in] fp32, N(0, 0.02) at start
     at::Tensor lora_B;           // "lora_B" [out,r_l] fp32, zero at start (the output is unchanged)
     double lora_alpha = 0.0, lora_dropout = 0.0;
@@ -104,7 +104,7 @@ private:
     bool flag_value_ = false;
 };
 
-// S's factors as the forward sees them (§1.5): A_dir [out,r], B_dir [r,in], g [r] (with eps,
+// S's factors as the forward sees them (docs/formulas.md §2.3): A_dir [out,r], B_dir [r,in], g [r] (with eps,
 // activation, STE on g when enabled), or the raw tensors when baked.
 struct V2Scales {
     at::Tensor A_dir, B_dir, g;
@@ -116,20 +116,20 @@ at::Tensor v2_q(LutLinearV2 & l, at::ScalarType dt);     // Q = lut[idx] (or LUT
 // recovery LoRA's term when it is enabled.
 at::Tensor v2_forward(LutLinearV2 & l, const at::Tensor & x, LutForm form);
 
-// Init from a float weight W [out,in] (§1.4): group max-abs (group_size), rank-r SVD, floor on g;
+// Init from a float weight W [out,in] (docs/formulas.md §2.2): group max-abs (group_size), rank-r SVD, floor on g;
 // round_g_fp16 mirrors replace_linear_with_anemll_v2. Leaves indices undefined. svd: "exact"
 // (the full thin SVD), "randomized" or "auto" (exact for small matrices; see svd_lowrank).
 void v2_init_from_weight(LutLinearV2 & l, const at::Tensor & W, bool round_g_fp16 = true,
                          const std::string & svd = "auto", uint64_t seed = 0);
-// freeze_Q (§1.6): indices = nearest LUT entry of W / S, as uint8; weight frozen.
+// freeze_Q (docs/formulas.md §2.3): indices = nearest LUT entry of W / S, as uint8; weight frozen.
 void v2_freeze_q(LutLinearV2 & l);
 // A V2 layer from a dense weight: init + optional freeze.
 std::shared_ptr<LutLinearV2> v2_from_dense(const at::Tensor & W, const at::Tensor & bias, const LutConfig & c,
                                            bool freeze = true);
-// Trainable LUT16 (§1.10): requires Lq = 16 and indices.
+// Trainable LUT16 (docs/formulas.md §2.8): requires Lq = 16 and indices.
 void v2_enable_lut_training(LutLinearV2 & l, double max_abs = 1.0);
 
-// Recovery LoRA (§1.11). enable: lora_A ~ N(0, 0.02) (the global generator), lora_B = 0, fp32,
+// Recovery LoRA (docs/formulas.md §2.7). enable: lora_A ~ N(0, 0.02) (the global generator), lora_B = 0, fp32,
 // both trainable; alpha defaults to rank; a layer that has LoRA already is left as it is (as the
 // seed does). The term: scaling·(dropout(x) A^T) B^T, STE-FP16 on A, B, the hidden and the term
 // when the layer's STE is on. lora_delta: scaling·B A [out,in] (fp32+). resnap: Q = nearest LUT
@@ -140,13 +140,13 @@ at::Tensor v2_lora_forward(LutLinearV2 & l, const at::Tensor & x);   // (..., in
 at::Tensor v2_lora_delta(LutLinearV2 & l);
 int64_t v2_resnap_with_lora(LutLinearV2 & l);
 
-// Snapping (§1.9). snap_for_export: bake (A_dir·g, B_dir, g=1). snap_for_ane: fp16 everything;
+// Snapping (docs/formulas.md §2.6). snap_for_export: bake (A_dir·g, B_dir, g=1). snap_for_ane: fp16 everything;
 // with recompute_indices, indices from fp16(W) / S16 and baked scales. convert_to_fp16: fp16
 // weight and scales, the LUT re-created by lut_make in fp16 (as the seed does).
 void v2_snap_for_export(LutLinearV2 & l);
 void v2_snap_for_ane(LutLinearV2 & l, bool recompute_indices = true);
 void v2_convert_to_fp16(LutLinearV2 & l);
-// Q4→Q2 (§3): k-means LUT reduction when the size shrinks, rank expansion with 0.01·N(0,1)
+// Q4→Q2 (docs/formulas.md §4): k-means LUT reduction when the size shrinks, rank expansion with 0.01·N(0,1)
 // new directions and g = 0.01 for new ranks, indices recomputed by freeze_Q.
 void v2_convert_rank_lut(LutLinearV2 & l, int64_t new_rank, int64_t new_lut_size,
                          std::optional<at::Generator> gen = std::nullopt);
@@ -169,9 +169,9 @@ struct LutLinearV1 : Linear {
     int64_t out_features() const override { return w.size(0); }
 };
 at::Tensor v1_scales(LutLinearV1 & l);                   // clamp(A@B, 1e-8)[:, :in] [out,in]
-at::Tensor v1_fake_quant(LutLinearV1 & l);               // W_q with the §2.1 STE rule [out,in]
+at::Tensor v1_fake_quant(LutLinearV1 & l);               // W_q with the docs/formulas.md §3 STE rule [out,in]
 void v1_init_from_weight(LutLinearV1 & l, const at::Tensor & W);
-// V1→V2 (§2.2): A_dir, B_dir unit; g = |A_k|·|B_k| so that (A_dir ⊙ g) B_dir = A @ B; then freeze_Q.
+// V1→V2 (docs/formulas.md §3): A_dir, B_dir unit; g = |A_k|·|B_k| so that (A_dir ⊙ g) B_dir = A @ B; then freeze_Q.
 std::shared_ptr<LutLinearV2> v1_to_v2(LutLinearV1 & v1, LutConfig c, bool freeze = true);
 
 // -- models ----------------------------------------------------------------------------------
@@ -196,14 +196,14 @@ std::vector<std::pair<std::string, std::shared_ptr<LutLinearV2>>> quant_v2_layer
 std::vector<std::pair<std::string, std::shared_ptr<LutLinearV1>>> quant_v1_layers(DecoderModel & m);
 void quant_set_form(DecoderModel & m, LutForm form, std::optional<bool> ste_fp16 = std::nullopt);
 void quant_freeze_q(DecoderModel & m);
-// Trainable subsets (train_v2_simple §5.3); everything else is frozen:
+// Trainable subsets (train_v2_simple docs/formulas.md §11); everything else is frozen:
 // "all" (A, B, g), "g_only", "mlp", "attn", "frozen_magnitude" (A, B; g fp16-snapped, frozen),
 // "lut" (the LUT16 raw deltas only). Returns the number of trainable tensors.
 int64_t quant_set_trainable(DecoderModel & m, const std::string & mode);
 void quant_snap_for_ane(DecoderModel & m, bool recompute_indices = true);
 void quant_snap_for_export(DecoderModel & m);
 void quant_convert_to_fp16(DecoderModel & m);
-// Recovery LoRA on a model (§1.11). enable_all: every V2 layer but k_proj (skip_k_proj) and,
+// Recovery LoRA on a model (docs/formulas.md §2.7). enable_all: every V2 layer but k_proj (skip_k_proj) and,
 // with mlp_only, the attention ones; returns the names enabled. One layer: an error unless `name`
 // is a V2 layer. freeze_for_recovery: only lora_A/lora_B train (norms, embeddings, lm_head on
 // request); returns the number of trainable tensors. resnap: every LoRA'd layer (see

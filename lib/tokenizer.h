@@ -141,7 +141,7 @@ struct SentencePieceTrainOptions {
     std::map<std::string, std::string> extra;
 };
 
-// The SentencePiece kwargs of parameter-golf's tokenizer_specs (golf_nanochat.md §1.2):
+// The SentencePiece kwargs of parameter-golf's tokenizer_specs (docs/formulas.md §10):
 // bpe, character_coverage 0.999, byte_fallback, split_digits, nmt_nfkc, no dummy prefix,
 // pad 0 / bos 1 / eos 2 / unk 3, hard_vocab_limit false. Merge into `extra`.
 std::map<std::string, std::string> sentencepiece_golf_options();
@@ -160,7 +160,7 @@ struct ChatMessage {
 
 struct ChatFormatOptions {
     bool add_generation_prompt = false;
-    // false: the seed's cache builder (anemll_spec §4.1): the template is rendered, then every
+    // false: the seed's cache builder (docs/formulas.md §10): the template is rendered, then every
     // <think>…</think> block and the whitespace after it is removed; a generation prompt gets
     // the empty "<think>\n\n</think>\n\n" block, as Qwen3's template does.
     bool enable_thinking = false;

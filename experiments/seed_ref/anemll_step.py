@@ -1,5 +1,5 @@
-# anemll_step: the seed's V2-KD training step in plain PyTorch, written from anemll_spec.md §1.5-§1.8,
-# §5.4, §6.1 (rank-by-rank V2 forward, unfused KD loss, AdamW); times it or replays a saved init.
+# anemll_step: the seed's V2-KD training step in plain PyTorch, written from docs/formulas.md §2.3-§2.5,
+# docs/formulas.md §11, docs/formulas.md §6 (rank-by-rank V2 forward, unfused KD loss, AdamW); times it or replays a saved init.
 #
 #   python3 experiments/seed_ref/anemll_step.py --layers 2 --hidden 128 --vocab 4096 --L 64 --batch 8
 #   python3 experiments/seed_ref/anemll_step.py --init init.safetensors --batch-file batch.safetensors \
@@ -25,14 +25,14 @@ PRESETS = {  # train_v2_simple CONFIG_PRESETS: (mlp lut, mlp rank, attn lut, att
 
 
 def ste_fp16(x):
-    # §1.8: forward value fp16(clamp(x)), backward identity; fp16 input passes through.
+    # docs/formulas.md §2.5: forward value fp16(clamp(x)), backward identity; fp16 input passes through.
     if x.dtype == torch.float16:
         return x
     return x + (x.clamp(-65504, 65504).to(torch.float16).to(x.dtype) - x).detach()
 
 
 def make_lut(n):
-    # §1.3: linspace(-1, 1, n) built in fp16 on the CPU, then upcast.
+    # docs/formulas.md §1: linspace(-1, 1, n) built in fp16 on the CPU, then upcast.
     return torch.linspace(-1, 1, n, dtype=torch.float16).float()
 
 
@@ -51,7 +51,7 @@ class V2Linear(nn.Module):
         self.batched = rank >= 16   # the seed's default use_batched_forward = (scale_rank >= 16)
 
     def scales(self):
-        # §1.5: unit columns of A, unit rows of B (norm clamp 1e-6), g + 1e-6 (identity activation).
+        # docs/formulas.md §2.3: unit columns of A, unit rows of B (norm clamp 1e-6), g + 1e-6 (identity activation).
         A_dir = self.scale_A / self.scale_A.norm(dim=0, keepdim=True).clamp(min=1e-6)
         B_dir = self.scale_B / self.scale_B.norm(dim=1, keepdim=True).clamp(min=1e-6)
         g = self.rank_magnitude + 1e-6
@@ -61,14 +61,14 @@ class V2Linear(nn.Module):
         st = ste_fp16 if self.ste else (lambda t: t)
         A_dir, B_dir, g = self.scales()
         Q = st(self._Q.to(x.dtype))
-        if self.batched:   # §1.7 batched: X (..., r, in), Y (..., r, out)
+        if self.batched:   # docs/formulas.md §2.4 batched: X (..., r, in), Y (..., r, out)
             Bm = st(B_dir)
             Am = st((A_dir * g).t())
             X = st(x.unsqueeze(-2) * Bm)
             Y = st(torch.einsum('...ri,oi->...ro', X, Q))
             return st((Y * Am).sum(-2))
         y = torch.zeros(*x.shape[:-1], Q.shape[0], dtype=x.dtype, device=x.device)
-        for k in range(A_dir.shape[1]):   # §1.7 loop: r full GEMMs, the accumulator rounded every rank
+        for k in range(A_dir.shape[1]):   # docs/formulas.md §2.4 loop: r full GEMMs, the accumulator rounded every rank
             b = st(B_dir[k])
             a = st(g[k] * A_dir[:, k])
             v = st(F.linear(st(x * b), Q))
@@ -177,7 +177,7 @@ class Student(nn.Module):
 
 
 def kd_loss(model, batch, T, hard):
-    # §6.1 compute_kd_loss_batch: top-K gather logits (materializes (N, K, H)), T²-scaled KL over
+    # docs/formulas.md §6 compute_kd_loss_batch: top-K gather logits (materializes (N, K, H)), T²-scaled KL over
     # the K candidates, plus (hard_top1 + hard_full) × full-vocabulary CE on the teacher argmax ((N, V)).
     h = model.hidden(batch['input_ids'])[:, :-1]                       # (B, S, H)
     H = h.shape[-1]

@@ -1,4 +1,4 @@
-// test_kd_loss: the KD loss (anemll §6) against hand values and explicit double loops; fused vs
+// test_kd_loss: the KD loss (docs/formulas.md §6) against hand values and explicit double loops; fused vs
 // unfused values and gradients, finite differences, masking, variants, bf16, errors, evaluate.
 #include "lib/kd_loss.h"
 
@@ -56,7 +56,7 @@ double kl_loop(const std::vector<double> & t, const std::vector<double> & z, dou
     return kl;
 }
 
-// The loss of §6.1 / §6.3 with explicit loops in double; negatives = the batch's rand_idx.
+// The loss of docs/formulas.md §6 / docs/formulas.md §6 with explicit loops in double; negatives = the batch's rand_idx.
 KDResult loop_loss(const Case & c, const KDOptions & o) {
     const int64_t B = c.h.size(0), S = c.b.topk_idx.size(1), H = c.h.size(2), V = c.W.size(0);
     const int64_t K = c.b.topk_idx.size(2), R = c.b.rand_idx.defined() ? c.b.rand_idx.size(2) : 0;

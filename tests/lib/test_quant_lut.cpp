@@ -1,4 +1,4 @@
-// quant_lut: the seed's V2/V1 LUT layers (anemll_spec.md §1-§3) pinned on small hand-computable
+// quant_lut: the seed's V2/V1 LUT layers (docs/formulas.md §1-§4) pinned on small hand-computable
 // layers, gradients against float64 central finite differences, the three forward forms, the
 // k-means example, snapping, V1→V2, export, and a .pt checkpoint written by real PyTorch.
 #include "lib/quant_init.h"
@@ -721,7 +721,7 @@ for name, (o, i) in shapes.items():
         S = (Ad * (g + 1e-6)) @ Bd
     x = torch.randn(3, i)
     refs[name] = (x, x @ (lut[idx] * S).t())
-    if name == 'mlp.up_proj':   # the seed's STE-FP16 loop and batched forms (§1.7, §1.8)
+    if name == 'mlp.up_proj':   # the seed's STE-FP16 loop and batched forms (docs/formulas.md §2.4, docs/formulas.md §2.5)
         def st(t): return t + (t.clamp(-65504, 65504).half().float() - t).detach()
         Q, gs = st(lut[idx]), st(g + 1e-6)
         y = torch.zeros(3, o)

@@ -1,4 +1,4 @@
-// quant recovery LoRA (anemll_spec.md §1.11) on V2 layers: the forward against the plain formula
+// quant recovery LoRA (docs/formulas.md §2.7) on V2 layers: the forward against the plain formula
 // V2(x) + (alpha/r)·x A^T B^T, gradients by finite differences, resnap_with_lora, model-level helpers.
 #include "lib/quant_lut.h"
 #include "lib/safetensors.h"

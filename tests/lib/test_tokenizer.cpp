@@ -712,7 +712,7 @@ TEST(ChatFormat, Qwen3MatchesJinjaTemplate) {
         }
         cases.push_back(msgs);
     }
-    // Jinja renders the template; the seed's regexes strip the "off" variant (anemll_spec §4.1).
+    // Jinja renders the template; the seed's regexes strip the "off" variant (docs/formulas.md §10).
     const char * script = R"PY(
 import json, re, sys
 try:

@@ -30,7 +30,7 @@ local function problem(B, S, H, V, K, seed)
   return hs, W, {topk_idx = idx:int(), topk_logits = vals:half()}
 end
 
--- §6.1 with Lua loops: T²·mean KL over the K candidates + w·mean CE_full on the teacher top-1.
+-- docs/formulas.md §6 with Lua loops: T²·mean KL over the K candidates + w·mean CE_full on the teacher top-1.
 local function loop_loss(hs, W, batch, T, w)
   local B, S, H, V, K = hs:size(1), hs:size(2), hs:size(3), W:size(1), batch.topk_idx:size(3)
   local idx, tl = batch.topk_idx:long(), batch.topk_logits:double()
@@ -67,7 +67,7 @@ local function tiny(seed, extra)
   return nn.from_config(cfg, {dtype = 'float64'})
 end
 
--- A synthetic cache batch from a teacher model's own logits (B, L-1, K), like the writer (§4.1).
+-- A synthetic cache batch from a teacher model's own logits (B, L-1, K), like the writer (docs/formulas.md §10).
 local function cache_batch(teacher, ids, K)
   local L = ids:size(2)
   local logits = torch.no_grad(function() return teacher:forward(ids) end):narrow(2, 1, L - 1)
