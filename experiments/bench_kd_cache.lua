@@ -15,7 +15,7 @@ local cfg = config.merge({
   n = 512, L = 64, K = 32, R = 0, shard_size = 128, batch_size = 16, read_batch = 32, epochs = 3,
   hidden = 64, layers = 2, out = '', device = '',
   text = '',   -- a text file instead of the KJV (data.kjv_text needs Debian's bible-kjv)
-  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer',   -- scripts/fetch_test_data.sh
+  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer',   -- tools/fetch_test_data.sh
 }, args)
 
 -- Data: the KJV (or --set text=) packed with the real Qwen3 tokenizer; ids folded into the tiny teacher's vocab.

@@ -13,7 +13,7 @@ local sh = bench.sh
 
 local cfg = config.merge({
   mb = 4, repeats = 3, corpus = '',
-  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer',   -- scripts/fetch_test_data.sh
+  tokenizer = qatlab.scripts_dir .. '/../.cache/data/qwen3-tokenizer',   -- tools/fetch_test_data.sh
   python = os.getenv('QATLAB_PYTHON') or 'python3',
 }, args)
 

@@ -118,7 +118,7 @@ if cfg.real and exists(cfg.gguf) then
   print(('SmolLM2-135M: %d V2 projections in Lua, logits rel. diff %.2e, A/B/g grads %.2e (%.1f s)'):format(
     #names, dy, dg, qatlab.time() - t0))
 elseif cfg.real then
-  print('SmolLM2-135M not fetched (scripts/fetch_smollm2.sh): equality checked on the benchmark shape only')
+  print('SmolLM2-135M not fetched (tools/fetch_smollm2.sh): equality checked on the benchmark shape only')
 end
 
 -- 2. a Qwen3-0.6B decoder layer: equality and step time --------------------------------------

@@ -1,5 +1,5 @@
 -- pretrained_chat_ppl: loads a real pretrained model (a Hugging Face directory, or the
--- SmolLM2-135M-Instruct GGUF fetched by scripts/fetch_smollm2.sh), chats from a prompt in the
+-- SmolLM2-135M-Instruct GGUF fetched by tools/fetch_smollm2.sh), chats from a prompt in the
 -- model's own chat template with the KV-cache generator (more prompts, given, run as one padded
 -- batch), and measures perplexity and bits per byte on a text file; with --out, the answers and
 -- the numbers also go to results.json.
@@ -45,7 +45,7 @@ if cfg.dir ~= '' then
 else
   local f = io.open(cfg.gguf, 'rb')
   if not f then
-    error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
+    error(('no model at %s: run tools/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(cfg.gguf), 0)
   end
   f:close()
   local tensors, hf_config = gguf.load(cfg.gguf)

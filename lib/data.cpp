@@ -321,7 +321,7 @@ std::string data_kjv_path(const std::string & cache_dir) {
     int rc = pclose(p);
     if (rc != 0 || line.size() < 1000000)
         fail(out.string(), "the KJV text needs the Debian package bible-kjv (`apt-get install bible-kjv`; "
-                           "scripts/setup.sh installs it): `bible -f Gen1:1-Rev22:21` failed");
+                           "tools/setup.sh installs it): `bible -f Gen1:1-Rev22:21` failed");
     // Drop the "Ge1:1 " reference at the start of each verse line.
     text.reserve(line.size());
     std::istringstream ss(line);

@@ -74,7 +74,7 @@ at::Tensor data_shard_read(const std::string & path);
 
 // -- the King James Bible ----------------------------------------------------------------------
 // The default real corpus: the Debian package `bible-kjv` (public domain text; installed by
-// scripts/setup.sh). Its `bible` CLI prints every verse with `bible -f "Gen1:1-Rev22:21"`, one
+// tools/setup.sh). Its `bible` CLI prints every verse with `bible -f "Gen1:1-Rev22:21"`, one
 // verse per line as "Ge1:1 In the beginning ..."; the reference is removed here, leaving one
 // verse per line (~4.3 MB, 31,102 lines). The text is cached at <cache_dir>/kjv.txt (written to
 // a temporary name and renamed) and read from there afterwards. Returns the path of the text.

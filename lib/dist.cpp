@@ -198,7 +198,7 @@ bool dist_nccl_compiled() {
 
 const char * dist_missing_hint() {
     return "this qatlab was built without distributed support: install the Gloo headers "
-           "(apt-get install libgloo-dev, or bash scripts/setup.sh build) and re-run cmake";
+           "(apt-get install libgloo-dev, or bash tools/setup.sh build) and re-run cmake";
 }
 
 bool dist_initialized() { return state().initialized; }

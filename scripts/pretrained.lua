@@ -9,7 +9,7 @@ local qatlab = require 'qatlab'
 
 local M = {}
 
--- The GGUF scripts/fetch_smollm2.sh puts in the checkout.
+-- The GGUF tools/fetch_smollm2.sh puts in the checkout.
 M.SMOLLM2 = qatlab.scripts_dir .. '/../.cache/models/smollm2-135m-instruct-q4_1.gguf'
 
 -- The options rule of the toolkit (opts.check): a typo names the closest known option.
@@ -33,7 +33,7 @@ function M.load(o)
     end
   else
     local f = io.open(path, 'rb')
-    if not f then error(('no model at %s: run scripts/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(path), 0) end
+    if not f then error(('no model at %s: run tools/fetch_smollm2.sh, or pass --set dir=HF_DIR'):format(path), 0) end
     f:close()
     local tensors
     tensors, r.config = gguf.load(path)

@@ -57,7 +57,7 @@ TEST(Data, PackHandComputed) {
 }
 
 TEST(Data, PackWithTokenizer) {
-    std::string dir = std::string(QATLAB_SOURCE_DIR) + "/.cache/data/gpt2-bpe";   // scripts/fetch_test_data.sh
+    std::string dir = std::string(QATLAB_SOURCE_DIR) + "/.cache/data/gpt2-bpe";   // tools/fetch_test_data.sh
     if (!fs::exists(dir + "/encoder.json")) GTEST_SKIP() << "no GPT-2 files";
     auto tk = BpeTokenizer::from_gpt2_files(dir + "/encoder.json", dir + "/vocab.bpe");
     std::vector<std::string> texts = {"Hello world, this is a test.", "Second document here", "x"};

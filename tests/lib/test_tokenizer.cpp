@@ -26,7 +26,7 @@ using namespace qatlab;
 
 namespace {
 
-// The real tokenizers scripts/fetch_test_data.sh puts in the checkout (not in the repository).
+// The real tokenizers tools/fetch_test_data.sh puts in the checkout (not in the repository).
 std::string data_dir() { return std::string(QATLAB_SOURCE_DIR) + "/.cache/data"; }
 std::string qwen_dir() { return data_dir() + "/qwen3-tokenizer"; }
 std::string gpt2_enc() { return data_dir() + "/gpt2-bpe/encoder.json"; }

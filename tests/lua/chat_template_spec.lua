@@ -5,7 +5,7 @@ local json = require 'json'
 local h = require 'helper'
 
 local gguf_path = h.source_dir .. '/.cache/models/smollm2-135m-instruct-q4_1.gguf'
-local qwen_dir = h.test_data .. '/qwen3-tokenizer'   -- scripts/fetch_test_data.sh
+local qwen_dir = h.test_data .. '/qwen3-tokenizer'   -- tools/fetch_test_data.sh
 
 local function exists(p)
   local f = io.open(p, 'rb')
@@ -95,7 +95,7 @@ end
 
 describe('SmolLM2 (ChatML, from the GGUF)', function()
   if not exists(gguf_path) then
-    pending('model not fetched: run scripts/fetch_smollm2.sh')
+    pending('model not fetched: run tools/fetch_smollm2.sh')
     return
   end
   local tk = tokenizers.from_gguf(gguf_path)
@@ -123,7 +123,7 @@ end)
 
 describe('Qwen3 (tokenizer_config.json)', function()
   if not exists(qwen_dir .. '/tokenizer_config.json') then
-    pending('no Qwen3 tokenizer in .cache/data (scripts/fetch_test_data.sh)')
+    pending('no Qwen3 tokenizer in .cache/data (tools/fetch_test_data.sh)')
     return
   end
   local tk = tokenizers.from_file(qwen_dir)
@@ -184,7 +184,7 @@ end)
 
 describe('templates found with a tokenizer', function()
   if not exists(qwen_dir .. '/tokenizer.json') then
-    pending('no Qwen3 tokenizer in .cache/data (scripts/fetch_test_data.sh)')
+    pending('no Qwen3 tokenizer in .cache/data (tools/fetch_test_data.sh)')
     return
   end
 

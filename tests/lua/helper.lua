@@ -7,7 +7,7 @@ local M = {}
 M.bin = os.getenv('QATLAB_BIN') or 'qatlab'
 M.python = os.getenv('QATLAB_PYTHON') or 'python3'
 M.source_dir = os.getenv('QATLAB_SOURCE_DIR') or '.'
--- The real tokenizers scripts/fetch_test_data.sh puts in the checkout (Qwen3, GPT-2; not in the repository).
+-- The real tokenizers tools/fetch_test_data.sh puts in the checkout (Qwen3, GPT-2; not in the repository).
 M.test_data = M.source_dir .. '/.cache/data'
 
 -- assert that a and b (tensors, or a tensor and a nested table) agree within atol + rtol*|b|.

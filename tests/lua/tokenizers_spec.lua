@@ -4,7 +4,7 @@ local torch = require 'torch'
 local tokenizers = require 'tokenizers'
 local h = require 'helper'
 
-local data = h.test_data   -- scripts/fetch_test_data.sh
+local data = h.test_data   -- tools/fetch_test_data.sh
 local qwen_dir = data .. '/qwen3-tokenizer'
 
 local qwen

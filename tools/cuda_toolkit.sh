@@ -2,7 +2,7 @@
 # cuda_toolkit: a CUDA toolkit folder assembled from NVIDIA's pip packages, for building against a
 # CUDA torch wheel where no toolkit is installed (LibTorch's CMake insists on a working nvcc).
 #
-#   bash scripts/cuda_toolkit.sh PYTHON DIR      builds DIR (bin/nvcc, include, lib64, nvvm), prints it
+#   bash tools/cuda_toolkit.sh PYTHON DIR      builds DIR (bin/nvcc, include, lib64, nvvm), prints it
 #
 # PYTHON imports the CUDA torch. nvcc, nvvm, crt and cccl of torch.version.cuda's release are
 # pip-installed into PYTHON's environment when missing (network needed once). Headers and

