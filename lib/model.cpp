@@ -131,7 +131,13 @@ void write_file_atomic(const std::string & path, const std::string & text) {
         if (!f) throw std::runtime_error(tmp + ": cannot create (" + std::strerror(errno) + ")");
         f << text;
         f.flush();
-        if (!f) throw std::runtime_error(tmp + ": write failed");
+        if (!f) {
+            std::string why = std::strerror(errno);
+            f.close();
+            std::error_code ec;
+            fs::remove(tmp, ec);   // nothing half-written is left behind
+            throw std::runtime_error(tmp + ": write failed (" + why + ")");
+        }
     }
     std::error_code ec;
     fs::rename(tmp, path, ec);
@@ -1020,22 +1026,48 @@ void DecoderModel::save_pretrained(const std::string & dir, int64_t max_shard_by
     }
     const std::map<std::string, std::string> meta{{"format", "pt"}};
     fs::path single = d / "model.safetensors", index = d / "model.safetensors.index.json";
-    if (shards.size() == 1) {
-        safetensors_save(single.string(), shards[0], meta);
-        fs::remove(index, ec);   // a stale index from an earlier sharded save
-    } else {
-        json wm = json::object();
-        char name[64];
-        for (size_t s = 0; s < shards.size(); s++) {
-            snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
-            safetensors_save((d / name).string(), shards[s], meta);
-            for (auto & [n, t] : shards[s]) wm[n] = name;
+    // Every file is written under a temporary name first; only when all are written are they
+    // renamed into place (config.json last): a failing write leaves the previous save whole.
+    const std::string sfx = ".tmp." + std::to_string(getpid());
+    std::vector<std::pair<fs::path, fs::path>> staged;   // temporary -> final
+    auto stage = [&](const fs::path & final) {
+        fs::path t = final;
+        t += sfx;
+        staged.push_back({t, final});
+        return t.string();
+    };
+    auto drop_staged = [&]() {
+        for (auto & [t, f] : staged) fs::remove(t, ec);
+    };
+    try {
+        if (shards.size() == 1) {
+            safetensors_save(stage(single), shards[0], meta);
+        } else {
+            json wm = json::object();
+            char name[64];
+            for (size_t s = 0; s < shards.size(); s++) {
+                snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
+                safetensors_save(stage(d / name), shards[s], meta);
+                for (auto & [n, t] : shards[s]) wm[n] = name;
+            }
+            json j = {{"metadata", {{"total_size", total}}}, {"weight_map", wm}};
+            write_file_atomic(stage(index), j.dump(2) + "\n");
         }
-        json j = {{"metadata", {{"total_size", total}}}, {"weight_map", wm}};
-        write_file_atomic(index.string(), j.dump(2) + "\n");
-        fs::remove(single, ec);   // transformers prefers model.safetensors over the index
+        write_file_atomic(stage(d / "config.json"), decoder_config_dump(cfg_));
+    } catch (...) {
+        drop_staged();
+        throw;
     }
-    write_file_atomic((d / "config.json").string(), decoder_config_dump(cfg_));
+    for (auto & [t, f] : staged) {
+        fs::rename(t, f, ec);
+        if (ec) {
+            std::string why = ec.message();
+            drop_staged();
+            throw std::runtime_error(f.string() + ": rename failed: " + why);
+        }
+    }
+    if (shards.size() == 1) fs::remove(index, ec);   // a stale index from an earlier sharded save
+    else fs::remove(single, ec);                     // transformers prefers model.safetensors over the index
 }
 
 } // namespace qatlab

@@ -270,6 +270,8 @@ torch.save(out .. '/' .. args.which .. '_' .. args.seed .. '.safetensors', m:sta
 
   for _, case in ipairs({
     { 'save_pretrained', { path = '*/pre/model.safetensors*', after = 300 }, 'pre/model.safetensors' },
+    -- config.json is written after the weights: the new weights must not stay beside the old config
+    { 'save_pretrained', { path = '*/pre/config.json*', after = 10 }, 'pre/config.json' },
     { 'export_hf', { path = '*/hf.tmp*/model.safetensors*', after = 300 }, 'model.safetensors' },
     { 'export_hf', { path = '*/hf', op = 'rename', errno = 'EIO' }, '/hf' },
     { 'export_compact', { path = '*/compact.safetensors*', after = 300 }, 'compact.safetensors' },
