@@ -228,8 +228,8 @@ public:
     static std::shared_ptr<DecoderModel> from_pretrained(const std::string & dir,
                                                          std::optional<c10::Device> device = {},
                                                          std::optional<at::ScalarType> dtype = {});
-    // Writes config.json + model.safetensors (sharded with an index above max_shard_bytes)
-    // into a temporary directory, then renames it over `dir`.
+    // Writes config.json + model.safetensors (sharded with an index above max_shard_bytes) into
+    // `dir`, each under a temporary name first, renamed into place once every file is written.
     void save_pretrained(const std::string & dir, int64_t max_shard_bytes = 5LL << 30);
 
     // KV-cache decoding (lib/model_generate.cpp).
